@@ -1,0 +1,78 @@
+"""The one dtype table: safetensors tag <-> torch.dtype <-> item size.
+
+The tags are safetensors' own, so the weights section stays a file that
+``safetensors.torch.load_file`` reads. Every dtype that ``safetensors.torch`` maps is here;
+a tag missing from this table is rejected by name (never guessed).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import torch
+
+from mettaformat.errors import HeaderError, WriteError
+
+__all__ = ["DTYPE_TAGS", "dtype_from_tag", "itemsize", "tag_from_dtype"]
+
+_TABLE: Final[tuple[tuple[str, str, int], ...]] = (
+    # tag, torch attribute, item size in bytes
+    ("BOOL", "bool", 1),
+    ("U8", "uint8", 1),
+    ("I8", "int8", 1),
+    ("I16", "int16", 2),
+    ("U16", "uint16", 2),
+    ("I32", "int32", 4),
+    ("U32", "uint32", 4),
+    ("I64", "int64", 8),
+    ("U64", "uint64", 8),
+    ("F16", "float16", 2),
+    ("BF16", "bfloat16", 2),
+    ("F32", "float32", 4),
+    ("F64", "float64", 8),
+    ("C64", "complex64", 8),
+    ("F8_E4M3", "float8_e4m3fn", 1),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz", 1),
+    ("F8_E5M2", "float8_e5m2", 1),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz", 1),
+)
+
+# Older torch builds lack some dtypes (uint16/32/64 before 2.3); those tags are then unknown.
+_TAG_TO_DTYPE: Final[dict[str, torch.dtype]] = {
+    tag: getattr(torch, attr) for tag, attr, _ in _TABLE if isinstance(getattr(torch, attr, None), torch.dtype)
+}
+_DTYPE_TO_TAG: Final[dict[torch.dtype, str]] = {d: t for t, d in _TAG_TO_DTYPE.items()}
+_ITEMSIZE: Final[dict[str, int]] = {tag: size for tag, _, size in _TABLE if tag in _TAG_TO_DTYPE}
+
+#: Every tag this reader understands.
+DTYPE_TAGS: Final = tuple(_TAG_TO_DTYPE)
+
+
+def dtype_from_tag(tag: str, *, path: str | None = None) -> torch.dtype:
+    """The torch dtype for a safetensors tag.
+
+    Raises:
+        HeaderError: the tag is unknown (or unsupported by this torch build).
+    """
+    try:
+        return _TAG_TO_DTYPE[tag]
+    except (KeyError, TypeError):
+        raise HeaderError(f"unknown dtype {tag!r}; this reader knows {', '.join(DTYPE_TAGS)}", path=path) from None
+
+
+def tag_from_dtype(dtype: torch.dtype, *, name: str | None = None) -> str:
+    """The safetensors tag for a torch dtype.
+
+    Raises:
+        WriteError: the dtype cannot be stored in a safetensors stream (complex128, quantized...).
+    """
+    try:
+        return _DTYPE_TO_TAG[dtype]
+    except KeyError:
+        where = f" (tensor {name!r})" if name is not None else ""
+        raise WriteError(f"dtype {dtype} cannot be stored in a safetensors stream{where}") from None
+
+
+def itemsize(tag: str) -> int:
+    """Bytes per element of a (known) tag."""
+    return _ITEMSIZE[tag]

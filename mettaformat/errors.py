@@ -1,0 +1,181 @@
+"""The whole exception tree of mettaformat, and nothing else.
+
+Every failure the library reports is a :class:`MettaFormatError`. Subclasses carry
+structured attributes (``region``, ``offset``, ``name``, ``limit``) so that callers and
+tools such as ``mettaformat validate`` can say *where* a file is damaged without parsing
+messages.
+
+::
+
+    MettaFormatError
+    ├── FormatError (ValueError)            the bytes are not a valid checkpoint
+    │   ├── BadMagicError                   not a mettaformat file at all
+    │   ├── UnsupportedVersionError         a format version this reader does not support
+    │   ├── HeaderError                     the msgpack header is malformed or violates the schema
+    │   ├── LayoutError                     offsets, lengths, alignment, truncation
+    │   ├── LimitExceededError              a size or count above a named limit
+    │   ├── UnknownCodecError               a codec this reader does not implement
+    │   └── CodecError                      a compressed frame that does not decode as declared
+    ├── IntegrityError (ValueError)         a checksum does not match
+    ├── TensorNotFoundError (KeyError)      no tensor of that name
+    ├── WriteError                          saving failed; the previous file is untouched
+    ├── LegacyImportError                   a legacy torch pickle could not be imported safely
+    │   └── UnsafeContentError              the pickle asks for something we never do
+    ├── ModelReconstructionError            no registered builder can rebuild the model
+    ├── CompatibilityError                  a checkpoint this runtime must refuse
+    └── StoreError                          PolicyStore failures (missing policies, bad URIs)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadMagicError",
+    "CodecError",
+    "CompatibilityError",
+    "FormatError",
+    "HeaderError",
+    "IntegrityError",
+    "LayoutError",
+    "LegacyImportError",
+    "LimitExceededError",
+    "MettaFormatError",
+    "ModelReconstructionError",
+    "StoreError",
+    "TensorNotFoundError",
+    "UnknownCodecError",
+    "UnsafeContentError",
+    "UnsupportedVersionError",
+    "WriteError",
+]
+
+
+class MettaFormatError(Exception):
+    """Root of every error raised by mettaformat.
+
+    Attributes:
+        region: the part of the file concerned (``"preamble"``, ``"header"``,
+            ``"section model"``, ``"tensor 'fc.weight'"``, ``"data.pkl"``...), if known.
+        offset: the absolute byte offset concerned, if known.
+    """
+
+    def __init__(self, message: str, *, region: str | None = None, offset: int | None = None) -> None:
+        self.message = message
+        self.region = region
+        self.offset = offset
+        where = []
+        if region is not None:
+            where.append(region)
+        if offset is not None:
+            where.append(f"offset {offset}")
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+
+
+class FormatError(MettaFormatError, ValueError):
+    """The bytes are not a valid mettaformat (or legacy) checkpoint."""
+
+
+class BadMagicError(FormatError):
+    """The file does not start with the mettaformat magic."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file's format version (or a required feature) is not supported by this reader.
+
+    Attributes:
+        found: the version found in the file, as ``(major, minor)`` or a legacy integer.
+        supported: a description of what this reader supports.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        found: object = None,
+        supported: object = None,
+        region: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.found = found
+        self.supported = supported
+        super().__init__(message, region=region, offset=offset)
+
+
+class HeaderError(FormatError):
+    """The msgpack header is malformed or violates the schema.
+
+    Attributes:
+        path: the dotted field path inside the header (``"sections[0].tensors[3].shape"``).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, region: str | None = "header") -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message, region=region)
+
+
+class LayoutError(FormatError):
+    """Offsets, lengths or alignment are inconsistent, or the file is truncated or extended."""
+
+
+class LimitExceededError(FormatError):
+    """A declared size or count exceeds a named limit.
+
+    Attributes:
+        value: the declared value.
+        limit: the limit it exceeded.
+    """
+
+    def __init__(self, what: str, value: int, limit: int, *, region: str | None = None, offset: int | None = None) -> None:
+        self.value = value
+        self.limit = limit
+        super().__init__(f"{what} {value} exceeds the limit {limit}", region=region, offset=offset)
+
+
+class UnknownCodecError(FormatError):
+    """A section uses a codec this reader does not implement."""
+
+
+class CodecError(FormatError):
+    """A compressed frame is malformed or does not decode to what the index declares."""
+
+
+class IntegrityError(MettaFormatError, ValueError):
+    """Stored bytes do not match their checksum."""
+
+
+class TensorNotFoundError(MettaFormatError, KeyError):
+    """No tensor of that name exists in the checkpoint.
+
+    Attributes:
+        name: the name that was asked for.
+    """
+
+    def __init__(self, name: str, *, region: str | None = None) -> None:
+        self.name = name
+        super().__init__(f"no tensor named {name!r}", region=region)
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return Exception.__str__(self)
+
+
+class WriteError(MettaFormatError):
+    """A save failed. The target path still holds its previous content (or nothing)."""
+
+
+class LegacyImportError(MettaFormatError):
+    """A legacy torch checkpoint could not be imported."""
+
+
+class UnsafeContentError(LegacyImportError):
+    """A legacy pickle asks for something the importer never does (run code, nested pickles...)."""
+
+
+class ModelReconstructionError(MettaFormatError):
+    """No registered model builder can rebuild the model stored in a checkpoint."""
+
+
+class CompatibilityError(MettaFormatError):
+    """The checkpoint is incompatible with this runtime and must not be loaded."""
+
+
+class StoreError(MettaFormatError):
+    """A PolicyStore operation failed (no policies found, bad URI, unknown selector)."""
