@@ -1,0 +1,68 @@
+"""The codec contract: how a section's safetensors stream is written to and read from the file.
+
+A codec writes a planned stream at a file offset and reports what the index must record
+(length, per-tensor checksums, codec tables). On the read side it validates the index at
+open time, then produces the bytes of one tensor, either as a zero-copy view of the mapped
+file or by decoding into a caller-provided destination.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from mettaformat.container.header import SectionEntry, TensorEntry
+from mettaformat.container.stream import StreamPlan
+
+__all__ = ["Codec", "SectionReader", "WrittenStream", "pwrite_all"]
+
+
+@dataclass
+class WrittenStream:
+    length: int
+    checksums: dict[str, int]
+    frames: bytes = b""
+    configuration: dict[str, Any] = field(default_factory=dict)
+
+
+class SectionReader(Protocol):
+    """Read access to one validated section of an open file."""
+
+    #: True when :meth:`view` returns zero-copy views of the mapped file.
+    zero_copy: bool
+
+    def stream_header(self, source: memoryview) -> bytes:
+        """The section's safetensors header bytes (length prefix included)."""
+
+    def view(self, source: memoryview, entry: TensorEntry) -> memoryview:
+        """Zero-copy view of a tensor's stored bytes (only when ``zero_copy``)."""
+
+    def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
+        """Independent jobs that together fill ``out`` (uint8, ``entry.nbytes`` long)."""
+
+
+class Codec(Protocol):
+    name: ClassVar[str]
+
+    def write(self, fd: int, offset: int, plan: StreamPlan, pool: Executor) -> WrittenStream:
+        """Write ``plan`` at ``offset`` of ``fd``; return what the index records."""
+
+    def open_section(self, section: SectionEntry) -> SectionReader:
+        """Validate codec-specific index fields and return a reader.
+
+        Raises:
+            FormatError subclasses naming the section and frame.
+        """
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """``os.pwrite`` until everything is written (Linux writes at most 2 GiB per call)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

@@ -1,0 +1,346 @@
+"""The msgpack header: strict decoding with limits, schema validation, and encoding.
+
+Decoding follows msgpack-python's advice for untrusted input: one ``unpackb`` call per parse
+(never a reused ``Unpacker``), size limits derived from the input, ``strict_map_key``,
+duplicate keys rejected, and every ext type rejected. The decoded value is then validated
+field by field; errors name the field path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from mettaformat.constants import (
+    CHECKSUM_NAMES,
+    MAX_NAME_BYTES,
+    MAX_RANK,
+    MAX_SECTIONS,
+    MAX_STREAM_HEADER_SIZE,
+    MAX_TENSOR_BYTES,
+    MAX_TENSORS_PER_SECTION,
+    RESERVED_NAMES,
+    STREAM_DATA_ALIGNMENT,
+)
+from mettaformat.dtypes import dtype_from_tag, itemsize
+from mettaformat.errors import HeaderError, LayoutError, LimitExceededError, UnsupportedVersionError
+
+__all__ = ["Header", "SectionEntry", "TensorEntry", "decode_msgpack", "encode_msgpack", "parse_header", "parse_index"]
+
+#: Extensions this reader implements; a file listing anything else in must_understand is refused.
+KNOWN_EXTENSIONS: Final[frozenset[str]] = frozenset()
+
+
+# -- msgpack ------------------------------------------------------------------------------------
+def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise HeaderError(f"map key {key!r} is not a string")
+        if key in out:
+            raise HeaderError(f"duplicate map key {key!r}")
+        out[key] = value
+    return out
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    raise HeaderError(f"msgpack ext type {code} is not allowed")
+
+
+def decode_msgpack(data: bytes | memoryview, *, region: str) -> Any:
+    """Decode one msgpack value that must fill ``data`` exactly.
+
+    Raises:
+        HeaderError: malformed, truncated or trailing data, nesting too deep, non-string or
+            duplicate keys, ext types, or invalid UTF-8.
+    """
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True,
+            object_pairs_hook=_pairs_hook, ext_hook=_ext_hook,
+        )
+    except HeaderError as e:
+        raise HeaderError(e.message, path=e.path, region=region) from None
+    except msgpack.ExtraData as e:
+        raise HeaderError(f"{len(e.extra)} trailing bytes after the msgpack value", region=region) from None
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        raise HeaderError(f"invalid msgpack: {e}", region=region) from None
+
+
+def encode_msgpack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True, strict_types=False)  # type: ignore[no-any-return]
+
+
+# -- schema -------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class TensorEntry:
+    """One tensor of a section. ``begin``/``end`` are offsets inside the stream's data region."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    checksum: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True, kw_only=True)
+class SectionEntry:
+    """One section: a safetensors byte stream stored with a codec."""
+
+    name: str
+    offset: int
+    length: int
+    codec: str
+    configuration: dict[str, Any]
+    stream_length: int
+    stream_header_length: int
+    stream_header_checksum: int
+    tensors: tuple[TensorEntry, ...]
+    #: alias name -> name of the tensor it shares storage with (tied weights).
+    aliases: dict[str, str]
+    #: every name in its original order (tensors and aliases interleaved as saved).
+    order: tuple[str, ...]
+    frames: bytes = b""
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def by_name(self) -> dict[str, TensorEntry]:
+        return {t.name: t for t in self.tensors}
+
+    def to_msgpack(self) -> dict[str, Any]:
+        entries: list[dict[str, Any]] = []
+        by_name = self.by_name()
+        for name in self.order:
+            if name in self.aliases:
+                entries.append({"name": name, "alias": self.aliases[name]})
+                continue
+            t = by_name[name]
+            entries.append({"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end],
+                            "checksum": t.checksum.to_bytes(8, "little")})
+        out: dict[str, Any] = {
+            "name": self.name, "offset": self.offset, "length": self.length,
+            "codec": {"name": self.codec, "configuration": self.configuration},
+            "stream": {"length": self.stream_length, "header_length": self.stream_header_length,
+                       "header_checksum": self.stream_header_checksum.to_bytes(8, "little")},
+            "tensors": entries,
+        }
+        if self.frames:
+            out["frames"] = self.frames
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Header:
+    """The decoded header. ``metadata`` and ``trees`` are still in tagged (encoded) form."""
+
+    file_length: int
+    checksum: str
+    sections: tuple[SectionEntry, ...]
+    metadata: Any = None
+    trees: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> SectionEntry | None:
+        for s in self.sections:
+            if s.name == name:
+                return s
+        return None
+
+    def index_msgpack(self) -> dict[str, Any]:
+        """What the trailer repeats: everything needed to find and check the tensors."""
+        return {"file_length": self.file_length, "checksum": self.checksum,
+                "sections": [s.to_msgpack() for s in self.sections]}
+
+    def to_msgpack(self) -> dict[str, Any]:
+        out = self.index_msgpack()
+        out["metadata"] = self.metadata
+        out["trees"] = self.trees
+        return out
+
+
+class _Fields:
+    """Typed access to a decoded map, with the field path in every error."""
+
+    def __init__(self, value: Any, path: str, region: str) -> None:
+        if not isinstance(value, dict):
+            raise HeaderError(f"expected a map, found {type(value).__name__}", path=path, region=region)
+        self.d, self.path, self.region = value, path, region
+
+    def err(self, key: str, message: str) -> HeaderError:
+        return HeaderError(message, path=f"{self.path}.{key}", region=self.region)
+
+    def get(self, key: str, kind: type, *, required: bool = True, default: Any = None) -> Any:
+        if key not in self.d:
+            if required:
+                raise self.err(key, "required field missing")
+            return default
+        v = self.d[key]
+        # bool is an int subclass: a bool where an int is expected is a schema violation.
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise self.err(key, f"expected {kind.__name__}, found {type(v).__name__}")
+        return v
+
+    def uint(self, key: str) -> int:
+        v: int = self.get(key, int)
+        if not 0 <= v < 1 << 63:
+            raise self.err(key, f"{v} is not a non-negative 63-bit integer")
+        return v
+
+    def checksum(self, key: str) -> int:
+        v: bytes = self.get(key, bytes)
+        if len(v) != 8:
+            raise self.err(key, f"checksum must be 8 bytes, found {len(v)}")
+        return int.from_bytes(v, "little")
+
+
+def _check_name(name: str, path: str, region: str) -> None:
+    if not name or len(name.encode()) > MAX_NAME_BYTES or "\x00" in name or name in RESERVED_NAMES:
+        raise HeaderError(f"invalid tensor name {name!r} (empty, NUL, reserved or over {MAX_NAME_BYTES} bytes)",
+                          path=path, region=region)
+
+
+def _parse_shape(f: _Fields, tag: str) -> tuple[tuple[int, ...], int]:
+    shape = f.get("shape", list)
+    if len(shape) > MAX_RANK:
+        raise LimitExceededError("tensor rank", len(shape), MAX_RANK, region=f.region)
+    nbytes = itemsize(tag)
+    for i, dim in enumerate(shape):
+        if type(dim) is not int or dim < 0:
+            raise f.err(f"shape[{i}]", f"dimension {dim!r} is not a non-negative integer")
+        nbytes *= dim  # Python ints cannot overflow; bound the product instead
+        if nbytes > MAX_TENSOR_BYTES:
+            raise f.err("shape", f"tensor size overflows the {MAX_TENSOR_BYTES}-byte limit")
+    return tuple(shape), nbytes
+
+
+def _parse_tensors(raw: list[Any], path: str, region: str) -> tuple[list[TensorEntry], dict[str, str], list[str]]:
+    if len(raw) > MAX_TENSORS_PER_SECTION:
+        raise LimitExceededError("tensor count", len(raw), MAX_TENSORS_PER_SECTION, region=region)
+    tensors: list[TensorEntry] = []
+    aliases: dict[str, str] = {}
+    order: list[str] = []
+    for i, item in enumerate(raw):
+        f = _Fields(item, f"{path}[{i}]", region)
+        name = f.get("name", str)
+        _check_name(name, f"{path}[{i}].name", region)
+        if name in order:
+            raise HeaderError(f"duplicate tensor name {name!r}", path=f"{path}[{i}].name", region=region)
+        order.append(name)
+        if "alias" in f.d:
+            aliases[name] = f.get("alias", str)
+            continue
+        tag = f.get("dtype", str)
+        dtype_from_tag(tag, path=f"{path}[{i}].dtype")
+        shape, nbytes = _parse_shape(f, tag)
+        offsets = f.get("offsets", list)
+        if len(offsets) != 2 or not all(type(o) is int and 0 <= o < 1 << 63 for o in offsets):
+            raise f.err("offsets", "expected [begin, end] non-negative integers")
+        begin, end = offsets
+        if end - begin != nbytes:
+            raise f.err("offsets", f"[{begin}, {end}] holds {end - begin} bytes, shape and dtype need {nbytes}")
+        if begin % itemsize(tag):
+            raise f.err("offsets", f"begin {begin} is not aligned to the {itemsize(tag)}-byte element size")
+        tensors.append(TensorEntry(name=name, dtype=tag, shape=shape, begin=begin, end=end,
+                                   checksum=f.checksum("checksum")))
+    data_names = {t.name for t in tensors}
+    for alias, target in aliases.items():
+        if target not in data_names:
+            raise HeaderError(f"alias {alias!r} points to {target!r}, which is not a stored tensor", path=path,
+                              region=region)
+    return tensors, aliases, order
+
+
+def _check_coverage(tensors: list[TensorEntry], data_length: int, path: str, region: str) -> list[TensorEntry]:
+    """Tensors must tile the data region exactly: no overlap (tied data is an alias), no holes."""
+    ordered = sorted(tensors, key=lambda t: (t.begin, t.end))
+    position = 0
+    for t in ordered:
+        if t.begin != position:
+            kind = "overlaps the previous tensor" if t.begin < position else f"leaves a hole after offset {position}"
+            raise LayoutError(f"tensor {t.name!r} at [{t.begin}, {t.end}] {kind}", region=region)
+        position = t.end
+    if position != data_length:
+        raise LayoutError(f"tensors cover {position} bytes of a {data_length}-byte data region", region=region)
+    return ordered
+
+
+def _parse_section(raw: Any, path: str) -> SectionEntry:
+    f = _Fields(raw, path, "header")
+    name = f.get("name", str)
+    region = f"section {name!r}"
+    if not name or len(name.encode()) > MAX_NAME_BYTES:
+        raise f.err("name", "section name must be 1 to 4096 bytes")
+    codec = _Fields(f.get("codec", dict), f"{path}.codec", region)
+    stream = _Fields(f.get("stream", dict), f"{path}.stream", region)
+    header_length = stream.uint("header_length")
+    if not 8 < header_length <= MAX_STREAM_HEADER_SIZE + 8 or header_length % STREAM_DATA_ALIGNMENT:
+        raise stream.err("header_length", f"{header_length} is not a multiple of {STREAM_DATA_ALIGNMENT} "
+                                          f"in (8, {MAX_STREAM_HEADER_SIZE + 8}]")
+    stream_length = stream.uint("length")
+    if stream_length < header_length:
+        raise stream.err("length", f"stream length {stream_length} is shorter than its header ({header_length})")
+    tensors, aliases, order = _parse_tensors(f.get("tensors", list), f"{path}.tensors", region)
+    ordered = _check_coverage(tensors, stream_length - header_length, path, region)
+    return SectionEntry(
+        name=name, offset=f.uint("offset"), length=f.uint("length"),
+        codec=codec.get("name", str), configuration=codec.get("configuration", dict, required=False, default={}),
+        stream_length=stream_length, stream_header_length=header_length,
+        stream_header_checksum=stream.checksum("header_checksum"),
+        tensors=tuple(ordered), aliases=aliases, order=tuple(order),
+        frames=f.get("frames", bytes, required=False, default=b""),
+    )
+
+
+def _parse_sections(f: _Fields) -> tuple[int, str, tuple[SectionEntry, ...]]:
+    file_length = f.uint("file_length")
+    algorithm = f.get("checksum", str)
+    if algorithm not in CHECKSUM_NAMES:
+        raise f.err("checksum", f"unknown checksum algorithm {algorithm!r}; known: {', '.join(CHECKSUM_NAMES)}")
+    raw_sections = f.get("sections", list)
+    if len(raw_sections) > MAX_SECTIONS:
+        raise LimitExceededError("section count", len(raw_sections), MAX_SECTIONS, region=f.region)
+    sections = tuple(_parse_section(s, f"{f.path}.sections[{i}]") for i, s in enumerate(raw_sections))
+    names = [s.name for s in sections]
+    if len(set(names)) != len(names):
+        raise f.err("sections", "duplicate section names")
+    return file_length, algorithm, sections
+
+
+def parse_header(data: bytes | memoryview) -> Header:
+    """Decode and validate the header bytes (after their checksum was verified).
+
+    Raises:
+        HeaderError, LimitExceededError, LayoutError, UnsupportedVersionError.
+    """
+    f = _Fields(decode_msgpack(data, region="header"), "header", "header")
+    must = f.get("must_understand", list, required=False, default=[])
+    unknown = [m for m in must if m not in KNOWN_EXTENSIONS]
+    if unknown:
+        raise UnsupportedVersionError(f"file requires extensions this reader lacks: {unknown}", found=unknown,
+                                      supported=sorted(KNOWN_EXTENSIONS), region="header")
+    file_length, algorithm, sections = _parse_sections(f)
+    trees = f.get("trees", dict, required=False, default={})
+    return Header(file_length=file_length, checksum=algorithm, sections=sections, metadata=f.d.get("metadata"),
+                  trees=trees)
+
+
+def parse_index(data: bytes | memoryview) -> Header:
+    """Decode the trailer's copy of the section index (a header without metadata or trees)."""
+    f = _Fields(decode_msgpack(data, region="trailer index"), "index", "trailer index")
+    file_length, algorithm, sections = _parse_sections(f)
+    return Header(file_length=file_length, checksum=algorithm, sections=sections)
+
+
+def iter_regions(header: Header) -> Iterator[tuple[str, int, int]]:
+    """(region, start, end) of every section, in file order."""
+    for s in sorted(header.sections, key=lambda s: s.offset):
+        yield f"section {s.name!r}", s.offset, s.end

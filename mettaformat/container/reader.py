@@ -1,0 +1,371 @@
+"""Lazy, memory-mapped container reader.
+
+Opening reads three small regions with ``pread``: the preamble, the header and the trailer
+tail. Nothing else is read until a tensor is asked for. Raw sections come back as zero-copy
+views of a private (copy-on-write) mapping that lives as long as any tensor views it; zstd
+sections decode only the frames of the requested tensor.
+
+The file size is checked at open and again before every mapped access, so a file truncated
+under us raises :class:`LayoutError` instead of killing the process with SIGBUS (a hostile
+process that shrinks the file *between* the check and the access can still do that; see
+``docs/SECURITY.md``).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import torch
+
+from mettaformat._torch import buffer_tensor, tensor_bytes
+from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
+from mettaformat.container.codecs import SectionReader, get_codec
+from mettaformat.container.header import Header, SectionEntry, TensorEntry, encode_msgpack, parse_header, parse_index
+from mettaformat.container.layout import Preamble, TrailerTail, checksum
+from mettaformat.container.stream import check_stream_header
+from mettaformat.container.tree import decode_tree
+from mettaformat.dtypes import dtype_from_tag
+from mettaformat.errors import FormatError, IntegrityError, LayoutError, MettaFormatError, TensorNotFoundError
+
+__all__ = ["LazyCheckpoint", "load_file", "open"]
+
+#: Zero padding allowed between regions (alignment plus the header's reserved space).
+MAX_PADDING: Final = 1 << 20
+
+
+def open(path: str | os.PathLike[str], *, verify: bool = True) -> LazyCheckpoint:  # noqa: A001
+    """Open a container lazily: only the preamble, header and trailer tail are read.
+
+    Args:
+        path: a ``.mfmt`` file.
+        verify: check each tensor's checksum when it is read (reads the whole tensor once).
+
+    Returns:
+        A :class:`LazyCheckpoint`, usable as a context manager.
+
+    Raises:
+        FormatError: not a container, an unsupported version, a malformed header or index.
+        IntegrityError: the header checksum does not match.
+        OSError: the file cannot be opened.
+
+    Example:
+        >>> with mettaformat.open("model.mfmt") as ckpt:
+        ...     w = ckpt.get_tensor("fc.weight")
+    """
+    return LazyCheckpoint(path, verify=verify)
+
+
+def load_file(path: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True
+              ) -> dict[str, torch.Tensor]:
+    """Load the model state dict of a container.
+
+    Raw sections map zero-copy; zstd frames decode on all cores straight into their
+    destination tensors. With ``verify`` every checksum and the file structure are checked.
+
+    Raises:
+        FormatError, IntegrityError: the file is malformed or damaged (the error names where).
+    """
+    with LazyCheckpoint(path, verify=verify) as ckpt:
+        return ckpt.load_section("model", device=device)
+
+
+class LazyCheckpoint:
+    """An open container. See :func:`open`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.verify = verify
+        self._device: torch.device = torch.device("cpu")
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self._open()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._map: mmap.mmap | None = None
+        self._source: memoryview | None = None
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    # -- opening ---------------------------------------------------------------------------
+    def _pread(self, length: int, offset: int, region: str) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise LayoutError(f"file ended after {len(data)} of {length} bytes", region=region, offset=offset)
+        return data
+
+    def _open(self) -> None:
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{self.path} is not a regular file")
+        self.file_size = size = st.st_size
+        preamble = Preamble.unpack(self._pread(min(size, PREAMBLE_SIZE), 0, "preamble"), size)
+        self.preamble = preamble
+        self.tail = TrailerTail.unpack(self._pread(TRAILER_TAIL_SIZE, size - TRAILER_TAIL_SIZE, "trailer"), size)
+        header_bytes = self._pread(preamble.header_length, PREAMBLE_SIZE, "header")
+        if checksum(header_bytes) != preamble.header_checksum:
+            raise IntegrityError("header checksum mismatch", region="header", offset=PREAMBLE_SIZE)
+        self.header = parse_header(header_bytes)
+        if self.header.file_length != size:
+            raise LayoutError(f"header says the file has {self.header.file_length} bytes, it has {size}",
+                              region="header")
+        self._check_regions(PREAMBLE_SIZE + preamble.header_length)
+        self._readers: dict[str, SectionReader] = {
+            s.name: get_codec(s.codec, region=f"section {s.name!r}").open_section(s) for s in self.header.sections
+        }
+        if preamble.minor > MFMT_VERSION_MINOR:
+            warnings.warn(f"{self.path} uses format 3.{preamble.minor}, newer than this reader's "
+                          f"3.{MFMT_VERSION_MINOR}; fields added since are ignored", stacklevel=3)
+
+    def _check_regions(self, header_end: int) -> None:
+        """Sections are aligned, ordered, non-overlapping, and separated only by bounded padding."""
+        position = header_end
+        for s in sorted(self.header.sections, key=lambda s: s.offset):
+            region = f"section {s.name!r}"
+            if s.offset % MFMT_DEFAULT_ALIGNMENT:
+                raise LayoutError(f"offset {s.offset} is not aligned to {MFMT_DEFAULT_ALIGNMENT}", region=region)
+            if s.offset < position:
+                raise LayoutError(f"starts at {s.offset}, inside the previous region (ends {position})", region=region)
+            if s.offset - position > MAX_PADDING:
+                raise LayoutError(f"{s.offset - position} bytes of padding before it", region=region)
+            position = s.end
+        index_offset = self.tail.index_offset
+        if not 0 <= index_offset - position <= MAX_PADDING:
+            raise LayoutError(f"trailer index at {index_offset} does not follow the data (ends {position})",
+                              region="trailer")
+        self._data_end = position
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> LazyCheckpoint:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the file. Tensors already returned stay valid (they keep the mapping alive)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._source = None
+        self._map = None  # the mapping closes when the last tensor viewing it is freed
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The checkpoint metadata (a decoded object tree)."""
+        value = decode_tree(self.header.metadata, path="header.metadata")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.header.sections)
+
+    def keys(self, section: str = "model") -> list[str]:
+        """Tensor names of ``section`` in the order they were saved (aliases included)."""
+        s = self.header.section(section)
+        return list(s.order) if s is not None else []
+
+    def tree(self, name: str) -> Any:
+        """Decode the object tree ``name``; its tensor references are loaded."""
+        if name not in self.header.trees:
+            raise TensorNotFoundError(name, region="trees")
+        return decode_tree(self.header.trees[name], lambda sec, n: self.get_tensor(n, section=sec),
+                           path=f"header.trees.{name}")
+
+    @property
+    def tree_names(self) -> tuple[str, ...]:
+        return tuple(self.header.trees)
+
+    def to(self, device: str | torch.device) -> LazyCheckpoint:
+        """Place tensors read from now on on ``device``."""
+        self._device = torch.device(device)
+        return self
+
+    # -- tensors -----------------------------------------------------------------------------
+    def _entry(self, name: str, section: str) -> tuple[SectionEntry, TensorEntry]:
+        s = self.header.section(section)
+        if s is None:
+            raise TensorNotFoundError(name, region=f"section {section!r} (no such section)")
+        target = s.aliases.get(name, name)
+        for t in s.tensors:
+            if t.name == target:
+                return s, t
+        raise TensorNotFoundError(name, region=f"section {section!r}")
+
+    def _mapped(self) -> memoryview:
+        if self._fd < 0:
+            raise MettaFormatError(f"{self.path} is closed")
+        size = os.fstat(self._fd).st_size
+        if size != self.file_size:
+            raise LayoutError(f"file changed size from {self.file_size} to {size} while open", region="file")
+        if self._source is None:
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+            self._source = memoryview(self._map)
+        return self._source
+
+    def get_tensor(self, name: str, *, section: str = "model") -> torch.Tensor:
+        """Read one tensor (zero-copy for raw sections), verifying its checksum if ``verify``.
+
+        Raises:
+            TensorNotFoundError: no such tensor.
+            IntegrityError: the stored bytes do not match their checksum.
+            CodecError, LayoutError: the file is damaged or changed while open.
+        """
+        s, entry = self._entry(name, section)
+        key = (s.name, entry.name)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        tensor = self._read(s, entry)
+        if self._device.type != "cpu":
+            tensor = tensor.to(self._device)
+        self._cache[key] = tensor
+        return tensor
+
+    def _read(self, s: SectionEntry, entry: TensorEntry, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
+        source = self._mapped()
+        reader = self._readers[s.name]
+        dtype = dtype_from_tag(entry.dtype)
+        if reader.zero_copy:
+            view = reader.view(source, entry)
+            self._check(entry, s, view)
+            assert self._map is not None
+            return buffer_tensor(self._map, s.offset + s.stream_header_length + entry.begin, entry.nbytes, dtype,
+                                 entry.shape)
+        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+        tasks = reader.decode_tasks(source, entry, out)
+        _run(tasks, pool)
+        self._check(entry, s, tensor_bytes(out))
+        return out.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
+
+    def _check(self, entry: TensorEntry, s: SectionEntry, data: memoryview) -> None:
+        if self.verify and checksum(data) != entry.checksum:
+            raise IntegrityError(f"checksum mismatch in tensor {entry.name!r}", region=f"section {s.name!r}",
+                                 offset=s.offset + s.stream_header_length + entry.begin if s.codec == "raw" else None)
+
+    def get_slice(self, name: str, *, section: str = "model") -> TensorSlice:
+        """A handle whose ``[...]`` reads part of a tensor (only the pages touched, for raw sections)."""
+        s, entry = self._entry(name, section)
+        return TensorSlice(self, s, entry)
+
+    def state_dict(self, section: str = "model") -> LazyStateDict:
+        """A mapping of ``section``'s tensors that reads each one on first access."""
+        return LazyStateDict(self, section)
+
+    def load_section(self, section: str = "model", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Read every tensor of ``section`` (decoding frames on all cores); verify the structure too."""
+        s = self.header.section(section)
+        if s is None:
+            return {}
+        if self.verify:
+            self.verify_structure()
+        out: dict[str, torch.Tensor] = {}
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            for entry in s.tensors:
+                out[entry.name] = self._read(s, entry, pool)
+        target = torch.device(device)
+        result: dict[str, torch.Tensor] = {}
+        for name in s.order:
+            tensor = out[s.aliases.get(name, name)]
+            if target.type != "cpu":
+                moved = result.get(s.aliases.get(name, name))
+                tensor = moved if moved is not None else tensor.to(target)
+            result[name] = tensor
+        return result
+
+    # -- whole-file checks -------------------------------------------------------------------
+    def verify_structure(self) -> None:
+        """Check what open does not read: padding, the trailer index, each embedded safetensors header.
+
+        Raises:
+            LayoutError, IntegrityError, HeaderError: naming the damaged region.
+        """
+        source = self._mapped()
+        header_end = PREAMBLE_SIZE + self.preamble.header_length
+        gaps = []
+        position = header_end
+        for s in sorted(self.header.sections, key=lambda s: s.offset):
+            gaps.append((position, s.offset))
+            position = s.end
+        gaps.append((position, self.tail.index_offset))
+        for start, end in gaps:
+            if any(source[start:end]):
+                raise IntegrityError("non-zero bytes in padding", region="padding", offset=start)
+        index = bytes(source[self.tail.index_offset:self.tail.index_offset + self.tail.index_length])
+        self.tail.verify_index(index)
+        if parse_index(index).index_msgpack() != self.header.index_msgpack() or \
+                encode_msgpack(parse_index(index).index_msgpack()) != index:
+            raise IntegrityError("trailer index differs from the header's", region="trailer index",
+                                 offset=self.tail.index_offset)
+        for s in self.header.sections:
+            stream_header = self._readers[s.name].stream_header(source)
+            if checksum(stream_header) != s.stream_header_checksum:
+                raise IntegrityError("safetensors header checksum mismatch", region=f"section {s.name!r}",
+                                     offset=s.offset)
+            check_stream_header(s, stream_header)
+
+
+def _run(tasks: list[Callable[[], None]], pool: ThreadPoolExecutor | None) -> None:
+    if pool is None or len(tasks) < 2:
+        for task in tasks:
+            task()
+        return
+    for future in [pool.submit(task) for task in tasks]:
+        future.result()
+
+
+class TensorSlice:
+    """Returned by :meth:`LazyCheckpoint.get_slice`; index it like a tensor."""
+
+    def __init__(self, ckpt: LazyCheckpoint, section: SectionEntry, entry: TensorEntry) -> None:
+        self._ckpt, self._section, self._entry = ckpt, section, entry
+
+    def get_shape(self) -> list[int]:
+        return list(self._entry.shape)
+
+    def get_dtype(self) -> str:
+        return self._entry.dtype
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        ckpt = self._ckpt
+        if ckpt._readers[self._section.name].zero_copy:
+            # Indexing a mapped view touches only the pages of the selected elements.
+            source = ckpt._mapped()
+            assert ckpt._map is not None
+            full = buffer_tensor(ckpt._map, self._section.offset + self._section.stream_header_length
+                                 + self._entry.begin, self._entry.nbytes, dtype_from_tag(self._entry.dtype),
+                                 self._entry.shape)
+            del source
+            return full[index].to(ckpt._device)
+        return ckpt.get_tensor(self._entry.name, section=self._section.name)[index]
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A read-only mapping that reads tensors on first access."""
+
+    def __init__(self, ckpt: LazyCheckpoint, section: str) -> None:
+        self._ckpt, self._section = ckpt, section
+        self._names = ckpt.keys(section)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise TensorNotFoundError(name, region=f"section {self._section!r}")
+        return self._ckpt.get_tensor(name, section=self._section)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names

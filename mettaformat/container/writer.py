@@ -1,0 +1,264 @@
+"""Streaming, atomic container writer.
+
+The header comes first in the file but holds values known only after the data is written
+(checksums, compressed lengths, the file length). The writer therefore sizes the header with
+placeholders of maximal msgpack width (checksums and frame tables are fixed-width already),
+writes the sections after that reserved space, then writes the real header, which can only
+be shorter, and leaves the difference as zero padding. Tensors are written one at a time, so
+peak extra memory is one contiguous copy of the largest non-contiguous tensor (or a few
+compressed frames), never a second copy of the model.
+
+Every write goes to a temp file beside the target, then ``os.replace``, then a directory
+fsync: a crash leaves the old file or the new one, never a broken one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+
+from mettaformat._torch import storage_key
+from mettaformat.constants import (
+    CHECKSUM_NAMES,
+    FLAG_HAS_TRAILER,
+    MFMT_DEFAULT_ALIGNMENT,
+    MFMT_VERSION_MINOR,
+    PREAMBLE_SIZE,
+    ZSTD_DEFAULT_FRAME_SIZE,
+    ZSTD_DEFAULT_LEVEL,
+    Compression,
+)
+from mettaformat.container.codecs import Codec, RawCodec, ZstdCodec
+from mettaformat.container.codecs.base import pwrite_all
+from mettaformat.container.header import Header, SectionEntry, encode_msgpack
+from mettaformat.container.layout import Preamble, TrailerTail, align_offset, checksum
+from mettaformat.container.stream import StreamPlan, entries_from_plan, plan_stream
+from mettaformat.container.tree import encode_tree
+from mettaformat.errors import MettaFormatError, WriteError
+
+__all__ = ["TEMP_SUFFIX", "save", "save_file", "write_container"]
+
+#: Suffix of in-progress files; readers never list them and the store cleans leftovers.
+TEMP_SUFFIX: Final = ".mfmt-tmp"
+_PLACEHOLDER: Final = (1 << 63) - 1  # encodes at msgpack's maximal integer width
+
+
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    compression: Compression = "none",
+    level: int = ZSTD_DEFAULT_LEVEL,
+    durable: bool = False,
+) -> None:
+    """Save a state dict to ``path`` atomically.
+
+    Args:
+        tensors: name to tensor. Any dtype safetensors knows, any shape, any device, contiguous
+            or not. Tensors that are the same view of the same storage are stored once and
+            come back tied.
+        path: target file; replaced atomically if it exists.
+        metadata: a tree of plain values (see ``spec/FORMAT.md``, "Object trees").
+        compression: ``"none"`` (raw, zero-copy loading) or ``"zstd"`` (smaller, decoded on load).
+        level: zstd level (1 is nearly as small and much faster; 19 is slow).
+        durable: also fsync the file before the rename, so it survives power loss.
+
+    Raises:
+        WriteError: invalid names or values, unsupported dtypes, or an I/O error (ENOSPC...).
+            The previous content of ``path`` is untouched.
+
+    Example:
+        >>> mettaformat.save_file({"w": torch.zeros(2)}, "model.mfmt", metadata={"epoch": 3})
+    """
+    write_container(path, {"model": tensors}, metadata=metadata, compression=compression, level=level,
+                    durable=durable)
+
+
+def save(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    compression: Compression = "none",
+    level: int = ZSTD_DEFAULT_LEVEL,
+) -> bytes:
+    """Like :func:`save_file`, but return the file's bytes."""
+    with tempfile.TemporaryFile() as f:
+        _write(f.fileno(), {"model": tensors}, metadata, None, _codec(compression, level))
+        f.seek(0)
+        return f.read()
+
+
+def write_container(
+    path: str | os.PathLike[str],
+    sections: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    trees: Mapping[str, Any] | None = None,
+    compression: Compression = "none",
+    level: int = ZSTD_DEFAULT_LEVEL,
+    durable: bool = False,
+) -> None:
+    """Write a container with several sections and object trees, atomically.
+
+    Args:
+        sections: section name to state dict (``"model"``, ``"legacy"``...).
+        trees: tree name to a value; tensors inside a tree are stored in a section of the
+            same name under their dotted path (``optimizer`` -> ``state.0.exp_avg``).
+        Others as for :func:`save_file`.
+
+    Raises:
+        WriteError: as for :func:`save_file`, or a tree whose name clashes with a section.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise WriteError(f"cannot create {tmp}: {e.strerror}") from e
+    try:
+        try:
+            _write(fd, sections, metadata, trees, _codec(compression, level))
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException as e:
+        # Never leave a partial temp file, and never retry an fsync after EIO (fsyncgate).
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, MettaFormatError) or not isinstance(e, (OSError, ValueError, RuntimeError)):
+            raise
+        raise WriteError(f"saving {target} failed: {e}") from e
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not every platform lets a directory be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def _codec(compression: str, level: int) -> Codec:
+    if compression == "none":
+        return RawCodec()
+    if compression == "zstd":
+        if not isinstance(level, int) or not -7 <= level <= 22:
+            raise WriteError(f"zstd level {level!r} is outside -7..22")
+        return ZstdCodec(level=level, frame_size=ZSTD_DEFAULT_FRAME_SIZE)
+    raise WriteError(f"unknown compression {compression!r}; use 'none' or 'zstd'")
+
+
+def _frames_size(codec: Codec, plan: StreamPlan) -> int:
+    if not isinstance(codec, ZstdCodec):
+        return 0
+    count = 1  # the safetensors header frame
+    for p in plan.tensors:
+        width = p.tensor.element_size()
+        step = max(width, codec.frame_size // width * width)
+        count += -(-(p.end - p.begin) // step)
+    return 16 * count
+
+
+def _split_trees(
+    sections: Mapping[str, Mapping[str, torch.Tensor]], trees: Mapping[str, Any] | None
+) -> tuple[dict[str, Mapping[str, torch.Tensor]], dict[str, Any]]:
+    """Encode trees; their tensors become sections named after the tree."""
+    all_sections: dict[str, Mapping[str, torch.Tensor]] = dict(sections)
+    encoded: dict[str, Any] = {}
+    for tree_name, value in (trees or {}).items():
+        if tree_name in all_sections:
+            raise WriteError(f"tree {tree_name!r} has the same name as a section")
+        found: dict[str, torch.Tensor] = {}
+        names_by_key: dict[Any, str] = {}
+
+        def ref(t: torch.Tensor, path: str, _found: dict[str, torch.Tensor] = found,
+                _keys: dict[Any, str] = names_by_key, _section: str = tree_name) -> tuple[str, str]:
+            key = storage_key(t)
+            if key is not None and key in _keys:  # the same tensor referenced twice stays one tensor
+                return _section, _keys[key]
+            name = path or "value"
+            while name in _found:
+                name += "_"
+            _found[name] = t
+            if key is not None:
+                _keys[key] = name
+            return _section, name
+
+        try:
+            encoded[tree_name] = encode_tree(value, ref)
+        except ValueError as e:
+            raise WriteError(f"tree {tree_name!r}: {e}") from e
+        if found:
+            all_sections[tree_name] = found
+    return all_sections, encoded
+
+
+def _write(
+    fd: int,
+    sections: Mapping[str, Mapping[str, torch.Tensor]],
+    metadata: Mapping[str, Any] | None,
+    trees: Mapping[str, Any] | None,
+    codec: Codec,
+) -> int:
+    all_sections, encoded_trees = _split_trees(sections, trees)
+    try:
+        encoded_metadata = encode_tree(dict(metadata or {}))
+    except ValueError as e:
+        raise WriteError(f"metadata: {e}") from e
+    plans = {name: plan_stream(tensors) for name, tensors in all_sections.items()}
+    configuration = {"level": codec.level, "frame_size": codec.frame_size} if isinstance(codec, ZstdCodec) else {}
+    entries = [
+        SectionEntry(name=name, offset=_PLACEHOLDER, length=_PLACEHOLDER, codec=codec.name,
+                     configuration=configuration, stream_length=plan.length, stream_header_length=len(plan.header),
+                     stream_header_checksum=checksum(plan.header), tensors=entries_from_plan(plan, {}),
+                     aliases=plan.aliases, order=plan.order, frames=bytes(_frames_size(codec, plan)))
+        for name, plan in plans.items()
+    ]
+    header = Header(file_length=_PLACEHOLDER, checksum=CHECKSUM_NAMES[0], sections=tuple(entries),
+                    metadata=encoded_metadata, trees=encoded_trees)
+    reserved = len(encode_msgpack(header.to_msgpack()))
+    position = align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
+    written: list[SectionEntry] = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for entry in entries:
+            plan = plans[entry.name]
+            result = codec.write(fd, position, plan, pool)
+            written.append(replace(entry, offset=position, length=result.length, frames=result.frames,
+                                   tensors=entries_from_plan(plan, result.checksums)))
+            position = align_offset(position + result.length, MFMT_DEFAULT_ALIGNMENT)
+    data_end = written[-1].end if written else align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
+    index_header = replace(header, sections=tuple(written), file_length=0)
+    index = encode_msgpack(index_header.index_msgpack())
+    file_length = data_end + len(index) + 32
+    # The file length is part of both index and header; its width can change the index length.
+    for _ in range(3):
+        index = encode_msgpack(replace(index_header, file_length=file_length).index_msgpack())
+        if data_end + len(index) + 32 == file_length:
+            break
+        file_length = data_end + len(index) + 32
+    final = replace(header, sections=tuple(written), file_length=file_length)
+    header_bytes = encode_msgpack(final.to_msgpack())
+    if len(header_bytes) > reserved:
+        raise WriteError(f"internal: header grew from {reserved} to {len(header_bytes)} bytes")
+    tail = TrailerTail(index_length=len(index), index_checksum=checksum(index), file_length=file_length)
+    pwrite_all(fd, index + tail.pack(), data_end)
+    preamble = Preamble.for_header(header_bytes, FLAG_HAS_TRAILER, MFMT_VERSION_MINOR)
+    pwrite_all(fd, preamble.pack() + header_bytes, 0)
+    os.ftruncate(fd, file_length)
+    return file_length
