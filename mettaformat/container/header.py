@@ -59,8 +59,12 @@ def decode_msgpack(data: bytes | memoryview, *, region: str) -> Any:
     """
     try:
         return msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True,
-            object_pairs_hook=_pairs_hook, ext_hook=_ext_hook,
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            object_pairs_hook=_pairs_hook,
+            ext_hook=_ext_hook,
         )
     except HeaderError as e:
         raise HeaderError(e.message, path=e.path, region=region) from None
@@ -125,13 +129,25 @@ class SectionEntry:
                 entries.append({"name": name, "alias": self.aliases[name]})
                 continue
             t = by_name[name]
-            entries.append({"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end],
-                            "checksum": t.checksum.to_bytes(8, "little")})
+            entries.append(
+                {
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "offsets": [t.begin, t.end],
+                    "checksum": t.checksum.to_bytes(8, "little"),
+                }
+            )
         out: dict[str, Any] = {
-            "name": self.name, "offset": self.offset, "length": self.length,
+            "name": self.name,
+            "offset": self.offset,
+            "length": self.length,
             "codec": {"name": self.codec, "configuration": self.configuration},
-            "stream": {"length": self.stream_length, "header_length": self.stream_header_length,
-                       "header_checksum": self.stream_header_checksum.to_bytes(8, "little")},
+            "stream": {
+                "length": self.stream_length,
+                "header_length": self.stream_header_length,
+                "header_checksum": self.stream_header_checksum.to_bytes(8, "little"),
+            },
             "tensors": entries,
         }
         if self.frames:
@@ -157,8 +173,11 @@ class Header:
 
     def index_msgpack(self) -> dict[str, Any]:
         """What the trailer repeats: everything needed to find and check the tensors."""
-        return {"file_length": self.file_length, "checksum": self.checksum,
-                "sections": [s.to_msgpack() for s in self.sections]}
+        return {
+            "file_length": self.file_length,
+            "checksum": self.checksum,
+            "sections": [s.to_msgpack() for s in self.sections],
+        }
 
     def to_msgpack(self) -> dict[str, Any]:
         out = self.index_msgpack()
@@ -204,8 +223,11 @@ class _Fields:
 
 def _check_name(name: str, path: str, region: str) -> None:
     if not name or len(name.encode()) > MAX_NAME_BYTES or "\x00" in name or name in RESERVED_NAMES:
-        raise HeaderError(f"invalid tensor name {name!r} (empty, NUL, reserved or over {MAX_NAME_BYTES} bytes)",
-                          path=path, region=region)
+        raise HeaderError(
+            f"invalid tensor name {name!r} (empty, NUL, reserved or over {MAX_NAME_BYTES} bytes)",
+            path=path,
+            region=region,
+        )
 
 
 def _parse_shape(f: _Fields, tag: str) -> tuple[tuple[int, ...], int]:
@@ -249,13 +271,15 @@ def _parse_tensors(raw: list[Any], path: str, region: str) -> tuple[list[TensorE
             raise f.err("offsets", f"[{begin}, {end}] holds {end - begin} bytes, shape and dtype need {nbytes}")
         if begin % itemsize(tag):
             raise f.err("offsets", f"begin {begin} is not aligned to the {itemsize(tag)}-byte element size")
-        tensors.append(TensorEntry(name=name, dtype=tag, shape=shape, begin=begin, end=end,
-                                   checksum=f.checksum("checksum")))
+        tensors.append(
+            TensorEntry(name=name, dtype=tag, shape=shape, begin=begin, end=end, checksum=f.checksum("checksum"))
+        )
     data_names = {t.name for t in tensors}
     for alias, target in aliases.items():
         if target not in data_names:
-            raise HeaderError(f"alias {alias!r} points to {target!r}, which is not a stored tensor", path=path,
-                              region=region)
+            raise HeaderError(
+                f"alias {alias!r} points to {target!r}, which is not a stored tensor", path=path, region=region
+            )
     return tensors, aliases, order
 
 
@@ -283,19 +307,27 @@ def _parse_section(raw: Any, path: str) -> SectionEntry:
     stream = _Fields(f.get("stream", dict), f"{path}.stream", region)
     header_length = stream.uint("header_length")
     if not 8 < header_length <= MAX_STREAM_HEADER_SIZE + 8 or header_length % STREAM_DATA_ALIGNMENT:
-        raise stream.err("header_length", f"{header_length} is not a multiple of {STREAM_DATA_ALIGNMENT} "
-                                          f"in (8, {MAX_STREAM_HEADER_SIZE + 8}]")
+        raise stream.err(
+            "header_length",
+            f"{header_length} is not a multiple of {STREAM_DATA_ALIGNMENT} in (8, {MAX_STREAM_HEADER_SIZE + 8}]",
+        )
     stream_length = stream.uint("length")
     if stream_length < header_length:
         raise stream.err("length", f"stream length {stream_length} is shorter than its header ({header_length})")
     tensors, aliases, order = _parse_tensors(f.get("tensors", list), f"{path}.tensors", region)
     ordered = _check_coverage(tensors, stream_length - header_length, path, region)
     return SectionEntry(
-        name=name, offset=f.uint("offset"), length=f.uint("length"),
-        codec=codec.get("name", str), configuration=codec.get("configuration", dict, required=False, default={}),
-        stream_length=stream_length, stream_header_length=header_length,
+        name=name,
+        offset=f.uint("offset"),
+        length=f.uint("length"),
+        codec=codec.get("name", str),
+        configuration=codec.get("configuration", dict, required=False, default={}),
+        stream_length=stream_length,
+        stream_header_length=header_length,
         stream_header_checksum=stream.checksum("header_checksum"),
-        tensors=tuple(ordered), aliases=aliases, order=tuple(order),
+        tensors=tuple(ordered),
+        aliases=aliases,
+        order=tuple(order),
         frames=f.get("frames", bytes, required=False, default=b""),
     )
 
@@ -325,12 +357,17 @@ def parse_header(data: bytes | memoryview) -> Header:
     must = f.get("must_understand", list, required=False, default=[])
     unknown = [m for m in must if m not in KNOWN_EXTENSIONS]
     if unknown:
-        raise UnsupportedVersionError(f"file requires extensions this reader lacks: {unknown}", found=unknown,
-                                      supported=sorted(KNOWN_EXTENSIONS), region="header")
+        raise UnsupportedVersionError(
+            f"file requires extensions this reader lacks: {unknown}",
+            found=unknown,
+            supported=sorted(KNOWN_EXTENSIONS),
+            region="header",
+        )
     file_length, algorithm, sections = _parse_sections(f)
     trees = f.get("trees", dict, required=False, default={})
-    return Header(file_length=file_length, checksum=algorithm, sections=sections, metadata=f.d.get("metadata"),
-                  trees=trees)
+    return Header(
+        file_length=file_length, checksum=algorithm, sections=sections, metadata=f.d.get("metadata"), trees=trees
+    )
 
 
 def parse_index(data: bytes | memoryview) -> Header:

@@ -91,7 +91,9 @@ class Preamble:
             LimitExceededError: a header length over ``MAX_HEADER_SIZE`` or past the end of file.
         """
         if len(data) < PREAMBLE_SIZE:
-            raise LayoutError(f"file too small: {len(data)} bytes, a container needs at least {PREAMBLE_SIZE}", region="preamble")
+            raise LayoutError(
+                f"file too small: {len(data)} bytes, a container needs at least {PREAMBLE_SIZE}", region="preamble"
+            )
         magic, major, minor, flags, header_length, header_checksum = _PREAMBLE.unpack_from(data)
         if magic != MFMT_MAGIC:
             raise BadMagicError(f"not a mettaformat file (magic {bytes(magic)!r})", region="preamble", offset=0)
@@ -99,26 +101,39 @@ class Preamble:
             raise UnsupportedVersionError(
                 f"checkpoint format version {major}.{minor} not supported: this reader supports major "
                 f"version(s) {', '.join(map(str, READER_SUPPORTED_MAJORS))}; upgrade mettaformat to read it",
-                found=(major, minor), supported=READER_SUPPORTED_MAJORS, region="preamble", offset=8,
+                found=(major, minor),
+                supported=READER_SUPPORTED_MAJORS,
+                region="preamble",
+                offset=8,
             )
         unknown_required = flags & FLAGS_REQUIRED_MASK & ~FLAGS_KNOWN
         if unknown_required:
             raise UnsupportedVersionError(
                 f"file requires unknown feature flags {unknown_required:#x}; upgrade mettaformat to read it",
-                found=(major, minor), supported=FLAGS_KNOWN, region="preamble", offset=12,
+                found=(major, minor),
+                supported=FLAGS_KNOWN,
+                region="preamble",
+                offset=12,
             )
         if header_length > MAX_HEADER_SIZE:
             raise LimitExceededError("header length", header_length, MAX_HEADER_SIZE, region="preamble", offset=16)
         if PREAMBLE_SIZE + header_length + TRAILER_TAIL_SIZE > file_size:
             raise LayoutError(
-                f"header length {header_length} runs past the end of a {file_size}-byte file", region="preamble", offset=16
+                f"header length {header_length} runs past the end of a {file_size}-byte file",
+                region="preamble",
+                offset=16,
             )
         return cls(major=major, minor=minor, flags=flags, header_length=header_length, header_checksum=header_checksum)
 
     @staticmethod
     def for_header(header: bytes, flags: int, minor: int) -> Preamble:
-        return Preamble(major=MFMT_VERSION_MAJOR, minor=minor, flags=flags, header_length=len(header),
-                        header_checksum=checksum(header))
+        return Preamble(
+            major=MFMT_VERSION_MAJOR,
+            minor=minor,
+            flags=flags,
+            header_length=len(header),
+            header_checksum=checksum(header),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,15 +162,23 @@ class TrailerTail:
             raise LayoutError("file too small for a trailer", region="trailer", offset=max(offset, 0))
         index_length, index_checksum, file_length, end = _TAIL.unpack(data)
         if end != MFMT_END_MAGIC:
-            raise LayoutError("end magic missing: the file is truncated or was extended", region="trailer", offset=offset + 24)
+            raise LayoutError(
+                "end magic missing: the file is truncated or was extended", region="trailer", offset=offset + 24
+            )
         if file_length != file_size:
-            raise LayoutError(f"trailer says the file has {file_length} bytes, it has {file_size}", region="trailer",
-                              offset=offset + 16)
+            raise LayoutError(
+                f"trailer says the file has {file_length} bytes, it has {file_size}",
+                region="trailer",
+                offset=offset + 16,
+            )
         if index_length > MAX_INDEX_SIZE:
-            raise LimitExceededError("trailer index length", index_length, MAX_INDEX_SIZE, region="trailer", offset=offset)
+            raise LimitExceededError(
+                "trailer index length", index_length, MAX_INDEX_SIZE, region="trailer", offset=offset
+            )
         if index_length > file_size - TRAILER_TAIL_SIZE - PREAMBLE_SIZE:
-            raise LayoutError(f"trailer index length {index_length} runs past the start of the file", region="trailer",
-                              offset=offset)
+            raise LayoutError(
+                f"trailer index length {index_length} runs past the start of the file", region="trailer", offset=offset
+            )
         return cls(index_length=index_length, index_checksum=index_checksum, file_length=file_length)
 
     def verify_index(self, index: bytes) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +29,14 @@ import torch
 from mettaformat._torch import buffer_tensor, tensor_bytes
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
 from mettaformat.container.codecs import SectionReader, get_codec
-from mettaformat.container.header import Header, SectionEntry, TensorEntry, encode_msgpack, parse_header, parse_index
+from mettaformat.container.header import SectionEntry, TensorEntry, encode_msgpack, parse_header, parse_index
 from mettaformat.container.layout import Preamble, TrailerTail, checksum
 from mettaformat.container.stream import check_stream_header
 from mettaformat.container.tree import decode_tree
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import FormatError, IntegrityError, LayoutError, MettaFormatError, TensorNotFoundError
 
-__all__ = ["LazyCheckpoint", "load_file", "open"]
+__all__ = ["LazyCheckpoint", "load", "load_file", "open"]
 
 #: Zero padding allowed between regions (alignment plus the header's reserved space).
 MAX_PADDING: Final = 1 << 20
@@ -63,8 +64,9 @@ def open(path: str | os.PathLike[str], *, verify: bool = True) -> LazyCheckpoint
     return LazyCheckpoint(path, verify=verify)
 
 
-def load_file(path: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True
-              ) -> dict[str, torch.Tensor]:
+def load_file(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True
+) -> dict[str, torch.Tensor]:
     """Load the model state dict of a container.
 
     Raw sections map zero-copy; zstd frames decode on all cores straight into their
@@ -75,6 +77,14 @@ def load_file(path: str | os.PathLike[str], device: str | torch.device = "cpu", 
     """
     with LazyCheckpoint(path, verify=verify) as ckpt:
         return ckpt.load_section("model", device=device)
+
+
+def load(data: bytes, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load the model state dict from the bytes of a container (the inverse of :func:`mettaformat.save`)."""
+    with tempfile.NamedTemporaryFile(suffix=".mfmt") as f:
+        f.write(data)
+        f.flush()
+        return load_file(f.name, device)
 
 
 class LazyCheckpoint:
@@ -114,15 +124,19 @@ class LazyCheckpoint:
             raise IntegrityError("header checksum mismatch", region="header", offset=PREAMBLE_SIZE)
         self.header = parse_header(header_bytes)
         if self.header.file_length != size:
-            raise LayoutError(f"header says the file has {self.header.file_length} bytes, it has {size}",
-                              region="header")
+            raise LayoutError(
+                f"header says the file has {self.header.file_length} bytes, it has {size}", region="header"
+            )
         self._check_regions(PREAMBLE_SIZE + preamble.header_length)
         self._readers: dict[str, SectionReader] = {
             s.name: get_codec(s.codec, region=f"section {s.name!r}").open_section(s) for s in self.header.sections
         }
         if preamble.minor > MFMT_VERSION_MINOR:
-            warnings.warn(f"{self.path} uses format 3.{preamble.minor}, newer than this reader's "
-                          f"3.{MFMT_VERSION_MINOR}; fields added since are ignored", stacklevel=3)
+            warnings.warn(
+                f"{self.path} uses format 3.{preamble.minor}, newer than this reader's "
+                f"3.{MFMT_VERSION_MINOR}; fields added since are ignored",
+                stacklevel=3,
+            )
 
     def _check_regions(self, header_end: int) -> None:
         """Sections are aligned, ordered, non-overlapping, and separated only by bounded padding."""
@@ -138,16 +152,18 @@ class LazyCheckpoint:
             position = s.end
         index_offset = self.tail.index_offset
         if not 0 <= index_offset - position <= MAX_PADDING:
-            raise LayoutError(f"trailer index at {index_offset} does not follow the data (ends {position})",
-                              region="trailer")
+            raise LayoutError(
+                f"trailer index at {index_offset} does not follow the data (ends {position})", region="trailer"
+            )
         self._data_end = position
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> LazyCheckpoint:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -178,8 +194,9 @@ class LazyCheckpoint:
         """Decode the object tree ``name``; its tensor references are loaded."""
         if name not in self.header.trees:
             raise TensorNotFoundError(name, region="trees")
-        return decode_tree(self.header.trees[name], lambda sec, n: self.get_tensor(n, section=sec),
-                           path=f"header.trees.{name}")
+        return decode_tree(
+            self.header.trees[name], lambda sec, n: self.get_tensor(n, section=sec), path=f"header.trees.{name}"
+        )
 
     @property
     def tree_names(self) -> tuple[str, ...]:
@@ -239,8 +256,9 @@ class LazyCheckpoint:
             view = reader.view(source, entry)
             self._check(entry, s, view)
             assert self._map is not None
-            return buffer_tensor(self._map, s.offset + s.stream_header_length + entry.begin, entry.nbytes, dtype,
-                                 entry.shape)
+            return buffer_tensor(
+                self._map, s.offset + s.stream_header_length + entry.begin, entry.nbytes, dtype, entry.shape
+            )
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
         tasks = reader.decode_tasks(source, entry, out)
         _run(tasks, pool)
@@ -249,8 +267,11 @@ class LazyCheckpoint:
 
     def _check(self, entry: TensorEntry, s: SectionEntry, data: memoryview) -> None:
         if self.verify and checksum(data) != entry.checksum:
-            raise IntegrityError(f"checksum mismatch in tensor {entry.name!r}", region=f"section {s.name!r}",
-                                 offset=s.offset + s.stream_header_length + entry.begin if s.codec == "raw" else None)
+            raise IntegrityError(
+                f"checksum mismatch in tensor {entry.name!r}",
+                region=f"section {s.name!r}",
+                offset=s.offset + s.stream_header_length + entry.begin if s.codec == "raw" else None,
+            )
 
     def get_slice(self, name: str, *, section: str = "model") -> TensorSlice:
         """A handle whose ``[...]`` reads part of a tensor (only the pages touched, for raw sections)."""
@@ -300,17 +321,21 @@ class LazyCheckpoint:
         for start, end in gaps:
             if any(source[start:end]):
                 raise IntegrityError("non-zero bytes in padding", region="padding", offset=start)
-        index = bytes(source[self.tail.index_offset:self.tail.index_offset + self.tail.index_length])
+        index = bytes(source[self.tail.index_offset : self.tail.index_offset + self.tail.index_length])
         self.tail.verify_index(index)
-        if parse_index(index).index_msgpack() != self.header.index_msgpack() or \
-                encode_msgpack(parse_index(index).index_msgpack()) != index:
-            raise IntegrityError("trailer index differs from the header's", region="trailer index",
-                                 offset=self.tail.index_offset)
+        if (
+            parse_index(index).index_msgpack() != self.header.index_msgpack()
+            or encode_msgpack(parse_index(index).index_msgpack()) != index
+        ):
+            raise IntegrityError(
+                "trailer index differs from the header's", region="trailer index", offset=self.tail.index_offset
+            )
         for s in self.header.sections:
             stream_header = self._readers[s.name].stream_header(source)
             if checksum(stream_header) != s.stream_header_checksum:
-                raise IntegrityError("safetensors header checksum mismatch", region=f"section {s.name!r}",
-                                     offset=s.offset)
+                raise IntegrityError(
+                    "safetensors header checksum mismatch", region=f"section {s.name!r}", offset=s.offset
+                )
             check_stream_header(s, stream_header)
 
 
@@ -341,9 +366,13 @@ class TensorSlice:
             # Indexing a mapped view touches only the pages of the selected elements.
             source = ckpt._mapped()
             assert ckpt._map is not None
-            full = buffer_tensor(ckpt._map, self._section.offset + self._section.stream_header_length
-                                 + self._entry.begin, self._entry.nbytes, dtype_from_tag(self._entry.dtype),
-                                 self._entry.shape)
+            full = buffer_tensor(
+                ckpt._map,
+                self._section.offset + self._section.stream_header_length + self._entry.begin,
+                self._entry.nbytes,
+                dtype_from_tag(self._entry.dtype),
+                self._entry.shape,
+            )
             del source
             return full[index].to(ckpt._device)
         return ckpt.get_tensor(self._entry.name, section=self._section.name)[index]

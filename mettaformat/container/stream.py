@@ -54,10 +54,17 @@ class StreamPlan:
 
 
 def _check_write_name(name: object) -> str:
-    if not isinstance(name, str) or not name or "\x00" in name or name in RESERVED_NAMES \
-            or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise WriteError(f"invalid tensor name {name!r}: names are non-empty str without NUL, at most "
-                         f"{MAX_NAME_BYTES} bytes, and not {sorted(RESERVED_NAMES)}")
+    if (
+        not isinstance(name, str)
+        or not name
+        or "\x00" in name
+        or name in RESERVED_NAMES
+        or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+    ):
+        raise WriteError(
+            f"invalid tensor name {name!r}: names are non-empty str without NUL, at most "
+            f"{MAX_NAME_BYTES} bytes, and not {sorted(RESERVED_NAMES)}"
+        )
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -112,8 +119,12 @@ def _stream_header(planned: list[PlannedTensor], aliases: dict[str, str]) -> byt
 
 
 def entries_from_plan(plan: StreamPlan, checksums: Mapping[str, int]) -> tuple[TensorEntry, ...]:
-    return tuple(TensorEntry(name=p.name, dtype=p.dtype, shape=p.shape, begin=p.begin, end=p.end,
-                             checksum=checksums.get(p.name, 0)) for p in plan.tensors)
+    return tuple(
+        TensorEntry(
+            name=p.name, dtype=p.dtype, shape=p.shape, begin=p.begin, end=p.end, checksum=checksums.get(p.name, 0)
+        )
+        for p in plan.tensors
+    )
 
 
 def check_stream_header(section: SectionEntry, data: bytes | memoryview) -> None:
@@ -128,13 +139,14 @@ def check_stream_header(section: SectionEntry, data: bytes | memoryview) -> None
     if n + 8 != section.stream_header_length:
         raise LayoutError(f"safetensors header length {n} disagrees with the index", region=region)
     try:
-        doc = json.loads(bytes(data[8:8 + n]))
+        doc = json.loads(bytes(data[8 : 8 + n]))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise HeaderError(f"invalid JSON: {e}", region=region) from None
     if not isinstance(doc, dict):
         raise HeaderError("JSON header is not an object", region=region)
     doc.pop("__metadata__", None)
-    expected = {t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.begin, t.end]}
-                for t in section.tensors}
+    expected = {
+        t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.begin, t.end]} for t in section.tensors
+    }
     if doc != expected:
         raise HeaderError("safetensors header disagrees with the section index", region=region)

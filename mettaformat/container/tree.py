@@ -29,8 +29,18 @@ _UINT64_MAX: Final = (1 << 64) - 1
 _MAX_INT_DIGITS: Final = 4300
 
 TREE_TAGS: Final = (
-    "$tuple", "$list", "$map", "$int", "$set", "$frozenset", "$dtype", "$device", "$size",
-    "$tensor", "$object", "$ref",
+    "$tuple",
+    "$list",
+    "$map",
+    "$int",
+    "$set",
+    "$frozenset",
+    "$dtype",
+    "$device",
+    "$size",
+    "$tensor",
+    "$object",
+    "$ref",
 )
 
 _DTYPES_BY_NAME: Final[dict[str, torch.dtype]] = {
@@ -157,7 +167,9 @@ class _Encoder:
         if isinstance(v, Mapping):
             if all(isinstance(k, str) and not k.startswith("$") for k in v):
                 return {k: self.encode(x, d, _join(path, k)) for k, x in v.items()}
-            return {"$map": [[self.encode(k, d, _join(path, k)), self.encode(x, d, _join(path, k))] for k, x in v.items()]}
+            return {
+                "$map": [[self.encode(k, d, _join(path, k)), self.encode(x, d, _join(path, k))] for k, x in v.items()]
+            }
         raise ValueError(f"cannot store a {type(v).__module__}.{type(v).__qualname__} in an object tree")
 
     def _encode_object(self, obj: LegacyObject, depth: int, path: str) -> Any:
@@ -173,7 +185,9 @@ class _Encoder:
         if obj.state is not None:
             body["state"] = self.encode(obj.state, d, path)
         if obj.items:
-            body["items"] = [[self.encode(k, d, _join(path, k)), self.encode(x, d, _join(path, k))] for k, x in obj.items]
+            body["items"] = [
+                [self.encode(k, d, _join(path, k)), self.encode(x, d, _join(path, k))] for k, x in obj.items
+            ]
         if obj.listitems:
             body["listitems"] = [self.encode(x, d, _join(path, i)) for i, x in enumerate(obj.listitems)]
         return {"$object": body}
@@ -322,4 +336,3 @@ class _Decoder:
         obj.items = self._pairs(body.get("items", []), f"{path}.items", depth)
         obj.listitems = self._list(body.get("listitems", []), f"{path}.listitems", depth)
         return obj
-

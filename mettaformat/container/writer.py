@@ -8,23 +8,22 @@ be shorter, and leaves the difference as zero padding. Tensors are written one a
 peak extra memory is one contiguous copy of the largest non-contiguous tensor (or a few
 compressed frames), never a second copy of the model.
 
-Every write goes to a temp file beside the target, then ``os.replace``, then a directory
-fsync: a crash leaves the old file or the new one, never a broken one.
+Every write goes through :func:`mettaformat._atomic.atomic_fd`: a crash leaves the old file
+or the new one, never a broken one.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Final
 
 import torch
 
+from mettaformat._atomic import atomic_fd
 from mettaformat._torch import storage_key
 from mettaformat.constants import (
     CHECKSUM_NAMES,
@@ -42,12 +41,10 @@ from mettaformat.container.header import Header, SectionEntry, encode_msgpack
 from mettaformat.container.layout import Preamble, TrailerTail, align_offset, checksum
 from mettaformat.container.stream import StreamPlan, entries_from_plan, plan_stream
 from mettaformat.container.tree import encode_tree
-from mettaformat.errors import MettaFormatError, WriteError
+from mettaformat.errors import WriteError
 
-__all__ = ["TEMP_SUFFIX", "save", "save_file", "write_container"]
+__all__ = ["save", "save_file", "write_container"]
 
-#: Suffix of in-progress files; readers never list them and the store cleans leftovers.
-TEMP_SUFFIX: Final = ".mfmt-tmp"
 _PLACEHOLDER: Final = (1 << 63) - 1  # encodes at msgpack's maximal integer width
 
 
@@ -79,8 +76,7 @@ def save_file(
     Example:
         >>> mettaformat.save_file({"w": torch.zeros(2)}, "model.mfmt", metadata={"epoch": 3})
     """
-    write_container(path, {"model": tensors}, metadata=metadata, compression=compression, level=level,
-                    durable=durable)
+    write_container(path, {"model": tensors}, metadata=metadata, compression=compression, level=level, durable=durable)
 
 
 def save(
@@ -118,40 +114,8 @@ def write_container(
     Raises:
         WriteError: as for :func:`save_file`, or a tree whose name clashes with a section.
     """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise WriteError(f"cannot create {tmp}: {e.strerror}") from e
-    try:
-        try:
-            _write(fd, sections, metadata, trees, _codec(compression, level))
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException as e:
-        # Never leave a partial temp file, and never retry an fsync after EIO (fsyncgate).
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, MettaFormatError) or not isinstance(e, (OSError, ValueError, RuntimeError)):
-            raise
-        raise WriteError(f"saving {target} failed: {e}") from e
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # not every platform lets a directory be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the rename itself is still atomic
-    finally:
-        os.close(fd)
+    with atomic_fd(path, durable=durable) as fd:
+        _write(fd, sections, metadata, trees, _codec(compression, level))
 
 
 def _codec(compression: str, level: int) -> Codec:
@@ -187,8 +151,13 @@ def _split_trees(
         found: dict[str, torch.Tensor] = {}
         names_by_key: dict[Any, str] = {}
 
-        def ref(t: torch.Tensor, path: str, _found: dict[str, torch.Tensor] = found,
-                _keys: dict[Any, str] = names_by_key, _section: str = tree_name) -> tuple[str, str]:
+        def ref(
+            t: torch.Tensor,
+            path: str,
+            _found: dict[str, torch.Tensor] = found,
+            _keys: dict[Any, str] = names_by_key,
+            _section: str = tree_name,
+        ) -> tuple[str, str]:
             key = storage_key(t)
             if key is not None and key in _keys:  # the same tensor referenced twice stays one tensor
                 return _section, _keys[key]
@@ -224,14 +193,29 @@ def _write(
     plans = {name: plan_stream(tensors) for name, tensors in all_sections.items()}
     configuration = {"level": codec.level, "frame_size": codec.frame_size} if isinstance(codec, ZstdCodec) else {}
     entries = [
-        SectionEntry(name=name, offset=_PLACEHOLDER, length=_PLACEHOLDER, codec=codec.name,
-                     configuration=configuration, stream_length=plan.length, stream_header_length=len(plan.header),
-                     stream_header_checksum=checksum(plan.header), tensors=entries_from_plan(plan, {}),
-                     aliases=plan.aliases, order=plan.order, frames=bytes(_frames_size(codec, plan)))
+        SectionEntry(
+            name=name,
+            offset=_PLACEHOLDER,
+            length=_PLACEHOLDER,
+            codec=codec.name,
+            configuration=configuration,
+            stream_length=plan.length,
+            stream_header_length=len(plan.header),
+            stream_header_checksum=checksum(plan.header),
+            tensors=entries_from_plan(plan, {}),
+            aliases=plan.aliases,
+            order=plan.order,
+            frames=bytes(_frames_size(codec, plan)),
+        )
         for name, plan in plans.items()
     ]
-    header = Header(file_length=_PLACEHOLDER, checksum=CHECKSUM_NAMES[0], sections=tuple(entries),
-                    metadata=encoded_metadata, trees=encoded_trees)
+    header = Header(
+        file_length=_PLACEHOLDER,
+        checksum=CHECKSUM_NAMES[0],
+        sections=tuple(entries),
+        metadata=encoded_metadata,
+        trees=encoded_trees,
+    )
     reserved = len(encode_msgpack(header.to_msgpack()))
     position = align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
     written: list[SectionEntry] = []
@@ -239,8 +223,15 @@ def _write(
         for entry in entries:
             plan = plans[entry.name]
             result = codec.write(fd, position, plan, pool)
-            written.append(replace(entry, offset=position, length=result.length, frames=result.frames,
-                                   tensors=entries_from_plan(plan, result.checksums)))
+            written.append(
+                replace(
+                    entry,
+                    offset=position,
+                    length=result.length,
+                    frames=result.frames,
+                    tensors=entries_from_plan(plan, result.checksums),
+                )
+            )
             position = align_offset(position + result.length, MFMT_DEFAULT_ALIGNMENT)
     data_end = written[-1].end if written else align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
     index_header = replace(header, sections=tuple(written), file_length=0)

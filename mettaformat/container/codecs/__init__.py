@@ -28,7 +28,8 @@ def get_codec(name: str, *, region: str | None = None) -> Codec:
     try:
         cls = _REGISTRY[name]
     except KeyError:
-        raise UnknownCodecError(f"unknown codec {name!r}; this reader knows {', '.join(sorted(_REGISTRY))}",
-                                region=region) from None
+        raise UnknownCodecError(
+            f"unknown codec {name!r}; this reader knows {', '.join(sorted(_REGISTRY))}", region=region
+        ) from None
     codec: Codec = cls()
     return codec

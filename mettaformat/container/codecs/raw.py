@@ -42,8 +42,10 @@ class RawCodec:
 
     def open_section(self, section: SectionEntry) -> _RawSection:
         if section.length != section.stream_length:
-            raise LayoutError(f"raw section length {section.length} differs from its stream length "
-                              f"{section.stream_length}", region=f"section {section.name!r}")
+            raise LayoutError(
+                f"raw section length {section.length} differs from its stream length {section.stream_length}",
+                region=f"section {section.name!r}",
+            )
         if section.frames:
             raise LayoutError("raw section carries a frame table", region=f"section {section.name!r}")
         return _RawSection(section)
@@ -57,12 +59,13 @@ class _RawSection:
         self.data_start = section.offset + section.stream_header_length
 
     def stream_header(self, source: memoryview) -> bytes:
-        return bytes(source[self.section.offset:self.data_start])
+        return bytes(source[self.section.offset : self.data_start])
 
     def view(self, source: memoryview, entry: TensorEntry) -> memoryview:
-        return source[self.data_start + entry.begin:self.data_start + entry.end]
+        return source[self.data_start + entry.begin : self.data_start + entry.end]
 
     def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
         def copy() -> None:
             out.copy_(torch.frombuffer(self.view(source, entry), dtype=torch.uint8))
+
         return [copy] if entry.nbytes else []

@@ -75,8 +75,13 @@ def frame_length(data: memoryview, expected_size: int, region: str) -> int:
     if n < _MIN_FRAME or int.from_bytes(data[:4], "little") != _ZSTD_MAGIC:
         raise CodecError("not a zstd frame (bad magic)", region=region)
     fhd = data[4]
-    fcs_flag, single_segment, reserved, has_checksum, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 3) & 1, \
-        (fhd >> 2) & 1, fhd & 3
+    fcs_flag, single_segment, reserved, has_checksum, dict_flag = (
+        fhd >> 6,
+        (fhd >> 5) & 1,
+        (fhd >> 3) & 1,
+        (fhd >> 2) & 1,
+        fhd & 3,
+    )
     if reserved:
         raise CodecError("zstd frame header has the reserved bit set", region=region)
     if dict_flag:
@@ -94,14 +99,14 @@ def frame_length(data: memoryview, expected_size: int, region: str) -> int:
     fcs_size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
     if fcs_size == 0:
         raise CodecError("zstd frame does not declare its content size", region=region)
-    content = int.from_bytes(data[pos:pos + fcs_size], "little") + (256 if fcs_size == 2 else 0)
+    content = int.from_bytes(data[pos : pos + fcs_size], "little") + (256 if fcs_size == 2 else 0)
     if content != expected_size:
         raise CodecError(f"zstd frame declares {content} bytes, the index {expected_size}", region=region)
     pos += fcs_size
     while True:
         if pos + 3 > n:
             raise CodecError("zstd frame truncated in a block header", region=region)
-        block = int.from_bytes(data[pos:pos + 3], "little")
+        block = int.from_bytes(data[pos : pos + 3], "little")
         last, kind, size = block & 1, (block >> 1) & 3, block >> 3
         if kind == 3 or size > _BLOCK_MAX:
             raise CodecError("invalid zstd block header", region=region)
@@ -146,13 +151,17 @@ class ZstdCodec:
             flt = self._choose_filter(raw, width)
             step = max(width, self.frame_size // width * width)
             for start in range(0, raw.numel(), step):
-                chunk = raw[start:start + step]
+                chunk = raw[start : start + step]
                 pending.append((pool.submit(self._compress, chunk, flt, width), chunk.numel(), flt, chunk))
                 drain(limit)
         drain(0)
         table = b"".join(_FRAME.pack(*f) for f in frames)
-        return WrittenStream(length=position - offset, checksums=checksums, frames=table,
-                             configuration={"level": self.level, "frame_size": self.frame_size})
+        return WrittenStream(
+            length=position - offset,
+            checksums=checksums,
+            frames=table,
+            configuration={"level": self.level, "frame_size": self.frame_size},
+        )
 
     def _compress(self, chunk: torch.Tensor, flt: int, width: int) -> bytes:
         source = shuffle(chunk, width) if flt == FILTER_SHUFFLE else chunk
@@ -180,8 +189,9 @@ class _ZstdSection:
         region = f"section {section.name!r} frame table"
         table = section.frames
         if len(table) % _FRAME.size or len(table) // _FRAME.size * _MIN_FRAME > section.length:
-            raise LayoutError(f"frame table of {len(table)} bytes does not fit a {section.length}-byte section",
-                              region=region)
+            raise LayoutError(
+                f"frame table of {len(table)} bytes does not fit a {section.length}-byte section", region=region
+            )
         frames = list(_FRAME.iter_unpack(table))
         # (absolute offset, compressed length, raw length, filter) for every frame
         self.frames: list[tuple[int, int, int, int]] = []
@@ -192,8 +202,9 @@ class _ZstdSection:
             self.frames.append((position, clen, rlen, flt))
             position += clen
         if position != section.end:
-            raise LayoutError(f"frames cover {position - section.offset} bytes of a {section.length}-byte section",
-                              region=region)
+            raise LayoutError(
+                f"frames cover {position - section.offset} bytes of a {section.length}-byte section", region=region
+            )
         if not frames or frames[0][1] != section.stream_header_length or frames[0][2] != FILTER_NONE:
             raise LayoutError("frame 0 must hold exactly the safetensors header, unfiltered", region=region)
         self.tensor_frames: dict[str, tuple[int, int]] = {}
@@ -206,8 +217,9 @@ class _ZstdSection:
                     raise LayoutError(f"frames end inside tensor {t.name!r}", region=region)
                 _, rlen, flt = frames[index]
                 if flt == FILTER_SHUFFLE and (width == 1 or rlen % width):
-                    raise LayoutError(f"frame {index}: shuffle filter on a frame that is not whole elements",
-                                      region=region)
+                    raise LayoutError(
+                        f"frame {index}: shuffle filter on a frame that is not whole elements", region=region
+                    )
                 covered += rlen
                 index += 1
             if covered != t.nbytes:
@@ -219,7 +231,7 @@ class _ZstdSection:
     def _decode(self, source: memoryview, i: int, out: torch.Tensor, width: int) -> None:
         offset, clen, rlen, flt = self.frames[i]
         region = f"section {self.section.name!r} frame {i}"
-        frame = source[offset:offset + clen]
+        frame = source[offset : offset + clen]
         if frame_length(frame, rlen, region) != clen:
             raise CodecError("data after the end of the zstd frame", region=region, offset=offset)
         target = out if flt == FILTER_NONE else torch.empty(rlen, dtype=torch.uint8)
@@ -230,8 +242,9 @@ class _ZstdSection:
         except zstandard.ZstdError as e:
             raise CodecError(f"zstd: {e}", region=region, offset=offset) from None
         if got != rlen or extra:
-            raise CodecError(f"frame decoded to {got}{'+' if extra else ''} bytes, expected {rlen}", region=region,
-                             offset=offset)
+            raise CodecError(
+                f"frame decoded to {got}{'+' if extra else ''} bytes, expected {rlen}", region=region, offset=offset
+            )
         if flt == FILTER_SHUFFLE:
             unshuffle(target, out, width)
 
@@ -250,11 +263,10 @@ class _ZstdSection:
         position = 0
         for i in range(first, end):
             rlen = self.frames[i][2]
-            tasks.append(_bind(self._decode, source, i, out[position:position + rlen], width))
+            tasks.append(_bind(self._decode, source, i, out[position : position + rlen], width))
             position += rlen
         return tasks
 
 
 def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
     return lambda: fn(*args)
-

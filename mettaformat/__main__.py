@@ -1,0 +1,5 @@
+import sys
+
+from mettaformat.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""``mettaformat extract FILE OUT.safetensors``: the weights as a plain safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mettaformat.cli._output import emit_json, human_bytes, sanitize
+from mettaformat.container.extract import extract_safetensors
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("extract", help="write a section as a standalone .safetensors file")
+    p.add_argument("file")
+    p.add_argument("out")
+    p.add_argument("--section", default="model", help="section to extract (default: model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = extract_safetensors(args.file, args.out, section=args.section)
+    if args.json:
+        emit_json({"out": args.out, "tensors": report.tensors, "bytes": report.bytes_written,
+                   "aliases": report.aliases, "not_carried": report.dropped})
+        return 0
+    if not args.quiet:
+        print(f"wrote {sanitize(args.out)}: {report.tensors} tensors, {human_bytes(report.bytes_written)}")
+    # Nothing is lost silently: say what a safetensors file cannot carry.
+    for alias, target in report.aliases.items():
+        print(f"note: tied tensor {sanitize(alias)!r} is stored once as {sanitize(target)!r} "
+              "(listed in __metadata__['mettaformat.aliases'])", file=sys.stderr)
+    for what in report.dropped:
+        print(f"note: {sanitize(what)} is not part of the weights and was not extracted", file=sys.stderr)
+    return 0

@@ -1,0 +1,50 @@
+"""Entry point of the ``mettaformat`` command.
+
+Exit codes: 0 success; 1 the command ran and found a problem (or failed on bad input);
+2 usage error. Errors print one line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from mettaformat import __version__
+from mettaformat.cli import extract_cmd, inspect_cmd
+from mettaformat.cli._output import sanitize
+from mettaformat.errors import MettaFormatError
+
+COMMANDS = (inspect_cmd, extract_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mettaformat", description="Safe, fast checkpoints for RL policies.")
+    parser.add_argument("--version", action="version", version=f"mettaformat {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print less")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except (MettaFormatError, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mettaformat {args.command}: error: {sanitize(str(e))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
