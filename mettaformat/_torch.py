@@ -24,8 +24,10 @@ def contiguous_cpu(t: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise WriteError(f"value for {name!r} is a {type(t).__name__}, not a torch.Tensor")
     if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
-        raise WriteError(f"tensor {name!r} is {t.layout}{' quantized' if t.is_quantized else ''}"
-                         f"{' meta' if t.is_meta else ''}: only dense tensors can be stored")
+        raise WriteError(
+            f"tensor {name!r} is {t.layout}{' quantized' if t.is_quantized else ''}"
+            f"{' meta' if t.is_meta else ''}: only dense tensors can be stored"
+        )
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")

@@ -124,7 +124,9 @@ class LimitExceededError(FormatError):
         limit: the limit it exceeded.
     """
 
-    def __init__(self, what: str, value: int, limit: int, *, region: str | None = None, offset: int | None = None) -> None:
+    def __init__(
+        self, what: str, value: int, limit: int, *, region: str | None = None, offset: int | None = None
+    ) -> None:
         self.value = value
         self.limit = limit
         super().__init__(f"{what} {value} exceeds the limit {limit}", region=region, offset=offset)

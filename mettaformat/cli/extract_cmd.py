@@ -22,15 +22,25 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     report = extract_safetensors(args.file, args.out, section=args.section)
     if args.json:
-        emit_json({"out": args.out, "tensors": report.tensors, "bytes": report.bytes_written,
-                   "aliases": report.aliases, "not_carried": report.dropped})
+        emit_json(
+            {
+                "out": args.out,
+                "tensors": report.tensors,
+                "bytes": report.bytes_written,
+                "aliases": report.aliases,
+                "not_carried": report.dropped,
+            }
+        )
         return 0
     if not args.quiet:
         print(f"wrote {sanitize(args.out)}: {report.tensors} tensors, {human_bytes(report.bytes_written)}")
     # Nothing is lost silently: say what a safetensors file cannot carry.
     for alias, target in report.aliases.items():
-        print(f"note: tied tensor {sanitize(alias)!r} is stored once as {sanitize(target)!r} "
-              "(listed in __metadata__['mettaformat.aliases'])", file=sys.stderr)
+        print(
+            f"note: tied tensor {sanitize(alias)!r} is stored once as {sanitize(target)!r} "
+            "(listed in __metadata__['mettaformat.aliases'])",
+            file=sys.stderr,
+        )
     for what in report.dropped:
         print(f"note: {sanitize(what)} is not part of the weights and was not extracted", file=sys.stderr)
     return 0

@@ -24,22 +24,43 @@ def describe(path: str) -> dict[str, Any]:
         sections = []
         tensors = []
         for s in h.sections:
-            sections.append({
-                "name": s.name, "codec": s.codec, "configuration": s.configuration, "offset": s.offset,
-                "stored_bytes": s.length, "raw_bytes": s.stream_length,
-                "ratio": round(s.stream_length / s.length, 4) if s.length else None,
-                "tensors": len(s.tensors), "aliases": dict(s.aliases),
-            })
+            sections.append(
+                {
+                    "name": s.name,
+                    "codec": s.codec,
+                    "configuration": s.configuration,
+                    "offset": s.offset,
+                    "stored_bytes": s.length,
+                    "raw_bytes": s.stream_length,
+                    "ratio": round(s.stream_length / s.length, 4) if s.length else None,
+                    "tensors": len(s.tensors),
+                    "aliases": dict(s.aliases),
+                }
+            )
             by_name = s.by_name()
             for name in s.order:
                 t = by_name.get(s.aliases.get(name, name))
                 assert t is not None
-                tensors.append({"section": s.name, "name": name, "dtype": t.dtype, "shape": list(t.shape),
-                                "bytes": t.nbytes, "alias_of": s.aliases.get(name)})
+                tensors.append(
+                    {
+                        "section": s.name,
+                        "name": name,
+                        "dtype": t.dtype,
+                        "shape": list(t.shape),
+                        "bytes": t.nbytes,
+                        "alias_of": s.aliases.get(name),
+                    }
+                )
         return {
-            "path": path, "format": "mettaformat", "version": f"{pre.major}.{pre.minor}",
-            "file_bytes": os.path.getsize(path), "checksum": h.checksum, "sections": sections,
-            "tensors": tensors, "metadata": ckpt.metadata, "trees": list(h.trees),
+            "path": path,
+            "format": "mettaformat",
+            "version": f"{pre.major}.{pre.minor}",
+            "file_bytes": os.path.getsize(path),
+            "checksum": h.checksum,
+            "sections": sections,
+            "tensors": tensors,
+            "metadata": ckpt.metadata,
+            "trees": list(h.trees),
         }
 
 
@@ -48,20 +69,47 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(info)
         return 0
-    print(f"{sanitize(info['path'])}: mettaformat {info['version']}, {human_bytes(info['file_bytes'])}, "
-          f"checksums {info['checksum']}")
+    print(
+        f"{sanitize(info['path'])}: mettaformat {info['version']}, {human_bytes(info['file_bytes'])}, "
+        f"checksums {info['checksum']}"
+    )
     print()
-    print(table(["section", "codec", "stored", "raw", "ratio", "tensors"], [
-        [s["name"], s["codec"], human_bytes(s["stored_bytes"]), human_bytes(s["raw_bytes"]),
-         f"{s['ratio']:.3f}" if s["ratio"] else "-", s["tensors"]] for s in info["sections"]
-    ], align="llrrrr"))
+    print(
+        table(
+            ["section", "codec", "stored", "raw", "ratio", "tensors"],
+            [
+                [
+                    s["name"],
+                    s["codec"],
+                    human_bytes(s["stored_bytes"]),
+                    human_bytes(s["raw_bytes"]),
+                    f"{s['ratio']:.3f}" if s["ratio"] else "-",
+                    s["tensors"],
+                ]
+                for s in info["sections"]
+            ],
+            align="llrrrr",
+        )
+    )
     if not args.quiet:
         print()
-        print(table(["tensor", "dtype", "shape", "bytes"], [
-            [(f"{t['section']}:" if t["section"] != "model" else "") + t["name"]
-             + (f" -> {t['alias_of']}" if t["alias_of"] else ""), t["dtype"], "x".join(map(str, t["shape"])) or "()",
-             t["bytes"]] for t in info["tensors"]
-        ], align="lllr"))
+        print(
+            table(
+                ["tensor", "dtype", "shape", "bytes"],
+                [
+                    [
+                        (f"{t['section']}:" if t["section"] != "model" else "")
+                        + t["name"]
+                        + (f" -> {t['alias_of']}" if t["alias_of"] else ""),
+                        t["dtype"],
+                        "x".join(map(str, t["shape"])) or "()",
+                        t["bytes"],
+                    ]
+                    for t in info["tensors"]
+                ],
+                align="lllr",
+            )
+        )
     if info["metadata"]:
         print()
         print("metadata:")

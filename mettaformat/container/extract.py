@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import os
 from dataclasses import dataclass, field
 
@@ -64,5 +63,6 @@ def extract_safetensors(
         dropped += [f"section {s.name!r}" for s in ckpt.header.sections if s.name != section]
         aliases = dict(entry.aliases)
 
-    return ExtractReport(tensors=len(entry.tensors), bytes_written=entry.stream_length, aliases=aliases,
-                         dropped=dropped)
+    return ExtractReport(
+        tensors=len(entry.tensors), bytes_written=entry.stream_length, aliases=aliases, dropped=dropped
+    )

@@ -250,12 +250,14 @@ def _parse_tensors(raw: list[Any], path: str, region: str) -> tuple[list[TensorE
     tensors: list[TensorEntry] = []
     aliases: dict[str, str] = {}
     order: list[str] = []
+    seen: set[str] = set()  # ``name in order`` would make a header of n names cost O(n**2)
     for i, item in enumerate(raw):
         f = _Fields(item, f"{path}[{i}]", region)
         name = f.get("name", str)
         _check_name(name, f"{path}[{i}].name", region)
-        if name in order:
+        if name in seen:
             raise HeaderError(f"duplicate tensor name {name!r}", path=f"{path}[{i}].name", region=region)
+        seen.add(name)
         order.append(name)
         if "alias" in f.d:
             aliases[name] = f.get("alias", str)
@@ -355,6 +357,10 @@ def parse_header(data: bytes | memoryview) -> Header:
     """
     f = _Fields(decode_msgpack(data, region="header"), "header", "header")
     must = f.get("must_understand", list, required=False, default=[])
+    for i, m in enumerate(must):
+        # A list or map here would make the set lookup below raise TypeError (unhashable).
+        if not isinstance(m, str):
+            raise f.err(f"must_understand[{i}]", f"expected str, found {type(m).__name__}")
     unknown = [m for m in must if m not in KNOWN_EXTENSIONS]
     if unknown:
         raise UnsupportedVersionError(

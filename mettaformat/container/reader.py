@@ -94,11 +94,15 @@ class LazyCheckpoint:
         self.path = Path(path)
         self.verify = verify
         self._device: torch.device = torch.device("cpu")
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer appears
+        # (a hang, not an error). _open() rejects anything but a regular file right after, and
+        # regular files ignore the flag; it is cleared anyway so later reads are plain reads.
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         try:
             self._open()
         except BaseException:
             os.close(self._fd)
+            self._fd = -1  # or __del__ closes the number again, possibly another file's by then
             raise
         self._map: mmap.mmap | None = None
         self._source: memoryview | None = None
@@ -114,7 +118,8 @@ class LazyCheckpoint:
     def _open(self) -> None:
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{self.path} is not a regular file")
+            raise FormatError(f"{self.path} is not a regular file", region="file")
+        os.set_blocking(self._fd, True)
         self.file_size = size = st.st_size
         preamble = Preamble.unpack(self._pread(min(size, PREAMBLE_SIZE), 0, "preamble"), size)
         self.preamble = preamble
@@ -165,6 +170,10 @@ class LazyCheckpoint:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
 
     def close(self) -> None:
         """Release the file. Tensors already returned stay valid (they keep the mapping alive)."""

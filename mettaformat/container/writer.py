@@ -142,31 +142,33 @@ def _frames_size(codec: Codec, plan: StreamPlan) -> int:
 def _split_trees(
     sections: Mapping[str, Mapping[str, torch.Tensor]], trees: Mapping[str, Any] | None
 ) -> tuple[dict[str, Mapping[str, torch.Tensor]], dict[str, Any]]:
-    """Encode trees; their tensors become sections named after the tree."""
+    """Encode trees. A tensor already stored in a section is referenced there (a legacy object
+    graph points into the model's weights); any other tensor goes to a section named after the
+    tree, under its dotted path in the tree."""
     all_sections: dict[str, Mapping[str, torch.Tensor]] = dict(sections)
+    stored: dict[Any, tuple[str, str]] = {}
+    for section_name, tensors in sections.items():
+        for tensor_name, t in tensors.items():
+            key = storage_key(t) if isinstance(t, torch.Tensor) else None
+            if key is not None:
+                stored.setdefault(key, (section_name, tensor_name))
     encoded: dict[str, Any] = {}
     for tree_name, value in (trees or {}).items():
         if tree_name in all_sections:
             raise WriteError(f"tree {tree_name!r} has the same name as a section")
         found: dict[str, torch.Tensor] = {}
-        names_by_key: dict[Any, str] = {}
 
-        def ref(
-            t: torch.Tensor,
-            path: str,
-            _found: dict[str, torch.Tensor] = found,
-            _keys: dict[Any, str] = names_by_key,
-            _section: str = tree_name,
-        ) -> tuple[str, str]:
+        def ref(t: torch.Tensor, path: str, _found: dict[str, torch.Tensor] = found, _section: str = tree_name
+                ) -> tuple[str, str]:
             key = storage_key(t)
-            if key is not None and key in _keys:  # the same tensor referenced twice stays one tensor
-                return _section, _keys[key]
+            if key is not None and key in stored:  # the same tensor referenced twice stays one tensor
+                return stored[key]
             name = path or "value"
             while name in _found:
                 name += "_"
             _found[name] = t
             if key is not None:
-                _keys[key] = name
+                stored[key] = (_section, name)
             return _section, name
 
         try:

@@ -63,6 +63,16 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
+def _min_frame_length(raw_length: int) -> int:
+    """The shortest frame that can decode to ``raw_length`` (> 0) bytes with a content checksum.
+
+    Magic, descriptor, a 1-byte content size and the checksum take 10 bytes; a block yields at
+    most 128 KiB and takes at least 4 bytes (3-byte header, 1 byte of RLE payload). This bounds
+    the compression ratio of an accepted frame by about 32768.
+    """
+    return 4 + 1 + 1 + 4 + 4 * -(-raw_length // _BLOCK_MAX)
+
+
 def frame_length(data: memoryview, expected_size: int, region: str) -> int:
     """Walk a zstd frame's header and blocks; return its total length.
 
@@ -199,6 +209,13 @@ class _ZstdSection:
         for i, (clen, rlen, flt) in enumerate(frames):
             if clen < _MIN_FRAME or not 0 < rlen <= MAX_FRAME_RAW_SIZE or flt not in (FILTER_NONE, FILTER_SHUFFLE):
                 raise LayoutError(f"frame {i}: invalid lengths or filter ({clen}, {rlen}, {flt})", region=region)
+            if clen < _min_frame_length(rlen):
+                # Tensors are allocated from the raw lengths before any frame is decoded, so a
+                # raw length no real frame of this size can produce would let a few bytes of
+                # table claim terabytes (and make the allocation itself fail).
+                raise LayoutError(
+                    f"frame {i}: {clen} compressed bytes cannot hold {rlen} raw bytes", region=region
+                )
             self.frames.append((position, clen, rlen, flt))
             position += clen
         if position != section.end:

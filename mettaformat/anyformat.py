@@ -1,0 +1,122 @@
+"""``load_any``: one entry point for every checkpoint format, routed by strict signatures.
+
+The first bytes decide, and only one parser ever sees a file (no fall-through from one parser
+to the next, which is how format confusion attacks work):
+
+- ``MFMT_MAGIC``: a mettaformat container;
+- ``PK\\x03\\x04`` or the pickled torch legacy magic: a legacy torch checkpoint, imported by the
+  safe importer (nothing in it is executed);
+- a little-endian length followed by ``{``: a ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Final, Literal
+
+import torch
+
+from mettaformat.checkpoint import Checkpoint
+from mettaformat.checkpoint_io import read_checkpoint
+from mettaformat.constants import MAX_STREAM_HEADER_SIZE, MFMT_MAGIC
+from mettaformat.errors import FormatError
+from mettaformat.migrations import apply_migrations
+
+__all__ = ["FormatName", "load_any", "sniff_format"]
+
+FormatName = Literal["mettaformat", "torch-zip", "torch-legacy-stream", "safetensors"]
+_SNIFF_BYTES: Final = 64
+
+
+def sniff_format(path: str | os.PathLike[str]) -> FormatName:
+    """Name the format of ``path`` from its first bytes.
+
+    Raises:
+        FormatError: no known signature matches.
+    """
+    from mettaformat.legacy import sniff as sniff_legacy
+
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+        size = os.fstat(f.fileno()).st_size
+    if head.startswith(MFMT_MAGIC):
+        return "mettaformat"
+    legacy = sniff_legacy(head)
+    if legacy is not None:
+        return legacy
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack_from("<Q", head)
+        if 2 <= n <= MAX_STREAM_HEADER_SIZE and n + 8 <= size:
+            return "safetensors"
+    raise FormatError(
+        f"{path}: not a checkpoint format mettaformat knows (first bytes {head[:8]!r})", region="signature", offset=0
+    )
+
+
+def load_any(
+    path: str | os.PathLike[str],
+    *,
+    migrate: bool = True,
+    device: str | torch.device = "cpu",
+    lazy: bool = True,
+) -> Checkpoint:
+    """Load any supported checkpoint into a :class:`Checkpoint`.
+
+    Args:
+        path: a ``.mfmt`` container, a legacy Metta ``.pt`` file (v1 PolicyRecord, v2 dict,
+            raw state dict, bare module, trainer state) or a ``.safetensors`` file.
+        migrate: apply registered schema migrations (with a warning each); False shows the
+            checkpoint exactly as stored.
+        device: where to place tensors.
+        lazy: keep container weights as zero-copy views, read on access.
+
+    Raises:
+        FormatError: unknown format, or a malformed file (the error names where).
+        LegacyImportError: a legacy file that cannot be imported safely.
+        IntegrityError: a damaged container.
+
+    Example:
+        >>> ckpt = mettaformat.load_any("model_0050.pt")
+        >>> ckpt.metadata["epoch"], len(ckpt.tensors)
+    """
+    kind = sniff_format(path)
+    if kind == "mettaformat":
+        ckpt = read_checkpoint(path, device=device, lazy=lazy)
+    elif kind == "safetensors":
+        ckpt = _read_safetensors(path)
+    else:
+        from mettaformat.legacy import import_legacy
+
+        ckpt = import_legacy(path)
+    ckpt.uri = ckpt.uri or Path(path).resolve().as_uri()
+    if torch.device(device).type != "cpu" and kind != "mettaformat":
+        ckpt.tensors = {k: v.to(device) for k, v in ckpt.tensors.items()}
+    if migrate:
+        apply_migrations(ckpt)
+    return ckpt
+
+
+def _read_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
+    import safetensors
+    import safetensors.torch
+
+    try:
+        with safetensors.safe_open(os.fspath(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = safetensors.torch.load_file(os.fspath(path))
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError variants
+        raise FormatError(f"{path}: invalid safetensors file: {e}", region="safetensors") from e
+    aliases = json.loads(metadata.pop("mettaformat.aliases", "{}"))
+    for alias, target in aliases.items() if isinstance(aliases, dict) else ():
+        if isinstance(alias, str) and target in tensors:
+            tensors[alias] = tensors[target]
+    metadata.pop("format", None)
+    return Checkpoint(
+        tensors=tensors,
+        metadata=dict(metadata),
+        versions={"checkpoint_format": None},
+        provenance={"source_format": "safetensors", "shape": "state_dict"},
+    )

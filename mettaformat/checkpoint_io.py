@@ -1,0 +1,147 @@
+"""A :class:`Checkpoint` to and from the container.
+
+Layout inside a container:
+
+- section ``model``: the weights; ``legacy`` / ``optimizer`` / ``rng``: tensors of the trees below.
+- metadata: the user metadata (``epoch``, ``agent_step``, ``score``...) at top level, so that
+  header-only readers (PolicyStore selectors) find them, plus one reserved key,
+  ``mettaformat.checkpoint``, holding ``model_type``, ``name``, ``uri``, ``config``,
+  ``agent_attributes``, ``versions`` and ``provenance``.
+- trees: ``optimizer``, ``scheduler``, ``trainer_state``, ``rng`` (training checkpoints) and
+  ``legacy`` (the inert object graph of an imported legacy file).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Final
+
+import torch
+
+from mettaformat.checkpoint import Checkpoint, TrainingState
+from mettaformat.constants import MFMT_VERSION_MAJOR, ZSTD_DEFAULT_LEVEL, Compression
+from mettaformat.container.reader import LazyCheckpoint
+from mettaformat.container.writer import write_container
+from mettaformat.errors import HeaderError, WriteError
+
+__all__ = ["CHECKPOINT_KEY", "read_checkpoint", "split_metadata", "write_checkpoint"]
+
+#: The reserved metadata key holding the checkpoint's own fields.
+CHECKPOINT_KEY: Final = "mettaformat.checkpoint"
+_TRAINING_TREES: Final = ("optimizer", "scheduler", "trainer_state", "rng")
+
+
+def write_checkpoint(
+    ckpt: Checkpoint,
+    path: str | os.PathLike[str],
+    *,
+    compression: Compression = "none",
+    level: int = ZSTD_DEFAULT_LEVEL,
+    durable: bool = False,
+    config: dict[str, Any] | None = None,
+) -> None:
+    """Write ``ckpt`` as a container at ``path`` (atomically).
+
+    Raises:
+        WriteError: metadata using the reserved key, values an object tree cannot hold, I/O errors.
+    """
+    if CHECKPOINT_KEY in ckpt.metadata:
+        raise WriteError(f"metadata key {CHECKPOINT_KEY!r} is reserved")
+    versions = dict(ckpt.versions)
+    versions["checkpoint_format"] = MFMT_VERSION_MAJOR
+    own: dict[str, Any] = {
+        "model_type": ckpt.model_type,
+        "name": ckpt.name,
+        "uri": ckpt.uri,
+        "config": config if config is not None else ckpt.provenance.get("config"),
+        "agent_attributes": ckpt.agent_attributes,
+        "versions": versions,
+        "provenance": {k: v for k, v in ckpt.provenance.items() if k != "config"},
+    }
+    metadata = {**ckpt.metadata, CHECKPOINT_KEY: own}
+    trees: dict[str, Any] = {}
+    if ckpt.training is not None:
+        t = ckpt.training
+        for name, value in (
+            ("optimizer", t.optimizer),
+            ("scheduler", t.scheduler),
+            ("trainer_state", t.trainer_state),
+            ("rng", t.rng),
+        ):
+            if value is not None:
+                trees[name] = value
+    sections: dict[str, Any] = {"model": ckpt.tensors}
+    if ckpt.legacy_graph is not None:
+        trees["legacy"] = ckpt.legacy_graph
+    elif ckpt.legacy_tensors:
+        sections["legacy"] = ckpt.legacy_tensors
+    write_container(
+        path, sections, metadata=metadata, trees=trees, compression=compression, level=level, durable=durable
+    )
+
+
+def split_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(user metadata, the checkpoint's own fields) of a container's decoded metadata."""
+    user = dict(metadata)
+    own = user.pop(CHECKPOINT_KEY, None)
+    if own is not None and not isinstance(own, dict):
+        raise HeaderError(f"{CHECKPOINT_KEY} must be a map", path=f"header.metadata.{CHECKPOINT_KEY}")
+    return user, own or {}
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    lazy: bool = True,
+    verify: bool = True,
+    with_tensors: bool = True,
+) -> Checkpoint:
+    """Read a container into a :class:`Checkpoint`.
+
+    Args:
+        lazy: keep the model weights as zero-copy views of the file (raw sections), read on
+            access; otherwise load and verify everything now.
+        with_tensors: False reads the header only (for listing and compatibility checks).
+
+    Raises:
+        FormatError, IntegrityError: the file is malformed or damaged.
+    """
+    reader = LazyCheckpoint(path, verify=verify)
+    try:
+        user, own = split_metadata(reader.metadata)
+        ckpt = Checkpoint(
+            model_type=own.get("model_type"),
+            name=own.get("name"),
+            uri=own.get("uri"),
+            metadata=user,
+            agent_attributes=dict(own.get("agent_attributes") or {}),
+            versions=dict(own.get("versions") or {}),
+            provenance=dict(own.get("provenance") or {}),
+        )
+        ckpt.versions.setdefault("checkpoint_format", reader.preamble.major)
+        ckpt.provenance.setdefault("source_format", "mettaformat")
+        ckpt.provenance["container_version"] = f"{reader.preamble.major}.{reader.preamble.minor}"
+        if own.get("config") is not None:
+            ckpt.provenance["config"] = own["config"]
+        if not with_tensors:
+            ckpt.tensors = {}
+            return ckpt
+        reader.to(device)
+        ckpt.tensors = reader.load_section("model", device) if not lazy else reader.state_dict("model")
+        if "legacy" in reader.tree_names:
+            ckpt.legacy_graph = reader.tree("legacy")
+        if "legacy" in reader.sections:
+            ckpt.legacy_tensors = reader.state_dict("legacy")
+        trees = {name: reader.tree(name) for name in _TRAINING_TREES if name in reader.tree_names}
+        if trees:
+            ckpt.training = TrainingState(
+                optimizer=trees.get("optimizer"),
+                scheduler=trees.get("scheduler"),
+                trainer_state=trees.get("trainer_state") or {},
+                rng=trees.get("rng") or {},
+            )
+        return ckpt
+    finally:
+        if not (lazy and with_tensors):
+            reader.close()
