@@ -12,11 +12,11 @@ import traceback
 from collections.abc import Sequence
 
 from mettaformat import __version__
-from mettaformat.cli import compat_cmd, extract_cmd, inspect_cmd
+from mettaformat.cli import compat_cmd, extract_cmd, inspect_cmd, repair_cmd, validate_cmd
 from mettaformat.cli._output import sanitize
 from mettaformat.errors import MettaFormatError
 
-COMMANDS = (inspect_cmd, extract_cmd, compat_cmd)
+COMMANDS = (inspect_cmd, extract_cmd, validate_cmd, repair_cmd, compat_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
