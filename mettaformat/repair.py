@@ -52,7 +52,7 @@ def _index(data: bytes) -> tuple[Header, str, list[str]]:
     notes: list[str] = []
     try:
         preamble = Preamble.unpack(data[:PREAMBLE_SIZE], max(len(data), PREAMBLE_SIZE + TRAILER_TAIL_SIZE))
-        header_bytes = data[PREAMBLE_SIZE:PREAMBLE_SIZE + preamble.header_length]
+        header_bytes = data[PREAMBLE_SIZE : PREAMBLE_SIZE + preamble.header_length]
         if len(header_bytes) != preamble.header_length or checksum(header_bytes) != preamble.header_checksum:
             raise FormatError("header checksum mismatch", region="header")
         header = parse_header(header_bytes)
@@ -63,13 +63,14 @@ def _index(data: bytes) -> tuple[Header, str, list[str]]:
         notes.append(f"header unusable ({e}); using the trailer's copy of the index")
     try:
         tail = TrailerTail.unpack(data[-TRAILER_TAIL_SIZE:], len(data))
-        index = data[tail.index_offset:tail.index_offset + tail.index_length]
+        index = data[tail.index_offset : tail.index_offset + tail.index_length]
         tail.verify_index(index)
         notes.append("metadata and object trees were in the damaged header and are lost")
         return parse_index(index), "trailer", notes
     except MettaFormatError as e:
-        raise FormatError(f"nothing recoverable: neither the header nor the trailer index is intact ({e})",
-                          region="file") from e
+        raise FormatError(
+            f"nothing recoverable: neither the header nor the trailer index is intact ({e})", region="file"
+        ) from e
 
 
 def _recover_tensor(data: memoryview, section: SectionEntry, entry: TensorEntry) -> torch.Tensor:
@@ -78,7 +79,7 @@ def _recover_tensor(data: memoryview, section: SectionEntry, entry: TensorEntry)
     out = torch.empty(entry.nbytes, dtype=torch.uint8)
     if reader.zero_copy:
         start = section.offset + section.stream_header_length + entry.begin
-        chunk = data[start:start + entry.nbytes]
+        chunk = data[start : start + entry.nbytes]
         if len(chunk) != entry.nbytes:
             raise FormatError("bytes missing (file truncated)", region=f"tensor {entry.name!r}")
         if entry.nbytes:
@@ -142,6 +143,11 @@ def repair(source: str | os.PathLike[str], output: str | os.PathLike[str], *, ze
         metadata = {}
         report.notes.append(f"metadata lost: {e}")
     codec = {s.codec for s in header.sections}
-    write_container(out, tree_sections, metadata=metadata if isinstance(metadata, dict) else {}, trees=trees,
-                    compression="zstd" if codec == {"zstd"} else "none")
+    write_container(
+        out,
+        tree_sections,
+        metadata=metadata if isinstance(metadata, dict) else {},
+        trees=trees,
+        compression="zstd" if codec == {"zstd"} else "none",
+    )
     return report

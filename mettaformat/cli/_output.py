@@ -58,7 +58,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, align: str =
     aligns = (align or "l" * len(headers)).ljust(len(headers), "l")
 
     def fmt(row: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, aligns)).rstrip()
+        return "  ".join(
+            c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, aligns, strict=True)
+        ).rstrip()
 
     lines = [fmt(headers), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in cells]
