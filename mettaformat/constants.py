@@ -54,8 +54,9 @@ ZSTD_DEFAULT_LEVEL: Final = 3
 MAX_HEADER_SIZE: Final = 256 << 20
 #: Trailer index size (a copy of the section index, which is much smaller than the header).
 MAX_INDEX_SIZE: Final = 64 << 20
-#: Nesting depth of any msgpack value (msgpack itself stops at 1024).
-MAX_TREE_DEPTH: Final = 256
+#: Nesting depth of an object tree, in Python containers (each can take up to three msgpack levels,
+#: which stays under msgpack's own limit of 1024).
+MAX_TREE_DEPTH: Final = 100
 MAX_SECTIONS: Final = 64
 MAX_TENSORS_PER_SECTION: Final = 1_000_000
 MAX_RANK: Final = 64

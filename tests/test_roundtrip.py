@@ -135,3 +135,16 @@ def test_property_round_trip(tmp_path: Path, spec: dict[str, tuple[str, tuple[in
         assert_same(loaded[name], t)
     with mettaformat.open(path) as ckpt:
         assert ckpt.metadata == metadata
+
+
+def test_deep_trees_within_the_limit_round_trip(tmp_path: Path) -> None:
+    from mettaformat.constants import MAX_TREE_DEPTH
+
+    value: object = 1
+    for _ in range(MAX_TREE_DEPTH - 1):
+        value = (value,)
+    mettaformat.save_file({}, tmp_path / "deep.mfmt", metadata={"x": value})
+    with mettaformat.open(tmp_path / "deep.mfmt") as ckpt:
+        assert ckpt.metadata["x"] == value
+    with pytest.raises(mettaformat.errors.WriteError, match="deeper"):
+        mettaformat.save_file({}, tmp_path / "deeper.mfmt", metadata={"x": ((value,),)})

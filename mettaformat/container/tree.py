@@ -111,8 +111,10 @@ def encode_tree(value: Any, tensor_ref: TensorEncoder | None = None) -> Any:
         ValueError: for unsupported types, cyclic containers, too-deep trees, or tensors
             without a ``tensor_ref``.
     """
-    encoder = _Encoder(tensor_ref)
-    return encoder.encode(value, 0, "")
+    try:
+        return _Encoder(tensor_ref).encode(value, 0, "")
+    except RecursionError:  # only reachable with a lowered interpreter recursion limit
+        raise ValueError("object tree too deep for this interpreter") from None
 
 
 class _Encoder:
@@ -217,7 +219,10 @@ def decode_tree(data: Any, resolve_tensor: TensorResolver | None = None, *, path
         HeaderError: for unknown tags, malformed tag payloads, dangling ``$ref`` ids, or
             unknown dtype names, naming the field path.
     """
-    return _Decoder(resolve_tensor).decode(data, path, 0)
+    try:
+        return _Decoder(resolve_tensor).decode(data, path, 0)
+    except RecursionError:  # only reachable with a lowered interpreter recursion limit
+        raise HeaderError("object tree too deep for this interpreter", path=path) from None
 
 
 class _Decoder:
@@ -240,7 +245,8 @@ class _Decoder:
         if len(v) != 1:
             raise HeaderError("a map with a '$' key must have exactly one key", path=path)
         tag, payload = next(iter(v.items()))
-        return self._decode_tag(tag, payload, f"{path}.{tag}", depth + 1)
+        # Same count as the encoder: a tag adds no level of its own, its payload's items do.
+        return self._decode_tag(tag, payload, f"{path}.{tag}", depth)
 
     def _list(self, payload: Any, path: str, depth: int) -> list[Any]:
         if not isinstance(payload, list):
@@ -297,7 +303,7 @@ class _Decoder:
                 raise HeaderError(f"invalid device {payload!r}", path=path) from e
         if tag == "$size":
             dims = payload if isinstance(payload, list) else None
-            if dims is None or not all(type(x) is int and x >= 0 for x in dims):
+            if dims is None or not all(type(x) is int and 0 <= x < 1 << 63 for x in dims):
                 raise HeaderError("expected an array of non-negative integers", path=path)
             return torch.Size(dims)
         if tag == "$tensor":

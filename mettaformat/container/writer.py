@@ -28,6 +28,7 @@ from mettaformat._torch import storage_key
 from mettaformat.constants import (
     CHECKSUM_NAMES,
     FLAG_HAS_TRAILER,
+    MAX_FRAME_RAW_SIZE,
     MFMT_DEFAULT_ALIGNMENT,
     MFMT_VERSION_MINOR,
     PREAMBLE_SIZE,
@@ -131,6 +132,10 @@ def _codec(compression: str, level: int) -> Codec:
 def _frames_size(codec: Codec, plan: StreamPlan) -> int:
     if not isinstance(codec, ZstdCodec):
         return 0
+    if len(plan.header) > MAX_FRAME_RAW_SIZE:
+        # frame 0 holds the whole safetensors header; readers cap every frame at this size
+        raise WriteError(f"{len(plan.tensors)} tensors make a {len(plan.header)}-byte safetensors header, more than "
+                         f"a zstd frame may hold ({MAX_FRAME_RAW_SIZE}); save this section uncompressed")
     count = 1  # the safetensors header frame
     for p in plan.tensors:
         width = p.tensor.element_size()

@@ -1,0 +1,528 @@
+"""Generate the conformance vectors of ``spec/FORMAT.md`` (section "Conformance vectors").
+
+Run from the repository root::
+
+    .venv/bin/python spec/vectors/make_vectors.py
+
+A vector is written only if its ``NAME.mfmt`` does not exist yet: committed vectors are never
+regenerated, so a change of writer or reader that alters them shows up as a failing test
+(``tests/test_vectors.py``) instead of silently rewriting the expected results. To retire a
+vector, delete both of its files on purpose and say why in the change log of ``FORMAT.md``.
+
+Valid vectors are written by the reference writer. Invalid vectors are made from valid ones
+by struct-level edits, with every checksum recomputed except the one an edit means to break,
+so that the error a reader reports is the intended one. Each is checked against the reader
+before it is written.
+
+Every vector comes with ``NAME.expected.json``:
+
+* valid: ``{"valid": true, "keys": [...], "tensors": {name: {"dtype", "shape", "sha256"}},
+  "aliases": {alias: target}, "metadata": <canonical form>}``, plus optionally
+  ``"sections"`` (other sections, same shape as ``tensors``), ``"trees"`` (tree name to
+  canonical form) and ``"warning"`` (a reader warns when opening it);
+* invalid: ``{"valid": false, "error": "<exception class name>", "region": "<region>"}``.
+
+The canonical form (``canonical``) maps a decoded object tree to JSON, see ``README.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+import xxhash
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import mettaformat  # noqa: E402
+from mettaformat.container.codecs import ZstdCodec  # noqa: E402
+from mettaformat.container.tree import LegacyObject, TensorRef  # noqa: E402
+from mettaformat.container.writer import _write, write_container  # noqa: E402
+from mettaformat.dtypes import DTYPE_TAGS, dtype_from_tag, tag_from_dtype  # noqa: E402
+
+MAGIC = b"\x89MFT\r\n\x1a\n"
+END_MAGIC = b"MFTEND\r\n"
+PREAMBLE = struct.Struct("<8sHHIQQ")
+TAIL = struct.Struct("<QQQ8s")
+MAX_VECTOR_SIZE = 64 << 10
+_SAFE_INT = 1 << 53
+
+
+# -- canonical JSON form of decoded values ---------------------------------------------------------
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw little-endian bytes, in row-major order."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+
+
+def tensor_description(t: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": tag_from_dtype(t.dtype), "shape": list(t.shape), "sha256": tensor_sha256(t)}
+
+
+def _sort_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def canonical(value: Any) -> Any:
+    """A JSON value describing a decoded object tree exactly (see README.md)."""
+    return _Canonical().convert(value)
+
+
+class _Canonical:
+    def __init__(self) -> None:
+        self.objects: dict[int, int] = {}
+
+    def convert(self, v: Any) -> Any:
+        if v is None or isinstance(v, (bool, str)):
+            return v
+        if isinstance(v, int):
+            return v if -_SAFE_INT < v < _SAFE_INT else {"$int": str(v)}
+        if isinstance(v, float):
+            return {"$float": repr(v)}
+        if isinstance(v, bytes):
+            return {"$bytes": v.hex()}
+        if isinstance(v, torch.dtype):
+            return {"$dtype": str(v).removeprefix("torch.")}
+        if isinstance(v, torch.device):
+            return {"$device": str(v)}
+        if isinstance(v, torch.Size):
+            return {"$size": list(v)}
+        if isinstance(v, torch.Tensor):
+            return {"$tensor": tensor_description(v)}
+        if isinstance(v, TensorRef):
+            return {"$tensor": [v.section, v.name]}
+        if isinstance(v, LegacyObject):
+            return self._object(v)
+        if isinstance(v, tuple):
+            return {"$tuple": [self.convert(x) for x in v]}
+        if isinstance(v, list):
+            return [self.convert(x) for x in v]
+        if isinstance(v, (set, frozenset)):
+            tag = "$frozenset" if isinstance(v, frozenset) else "$set"
+            return {tag: sorted((self.convert(x) for x in v), key=_sort_key)}
+        if isinstance(v, dict):
+            if all(isinstance(k, str) and not k.startswith("$") for k in v):
+                return {k: self.convert(x) for k, x in v.items()}
+            return {"$map": [[self.convert(k), self.convert(x)] for k, x in v.items()]}
+        raise TypeError(f"no canonical form for {type(v).__name__}")
+
+    def _object(self, obj: LegacyObject) -> Any:
+        known = self.objects.get(id(obj))
+        if known is not None:
+            return {"$ref": known}
+        oid = self.objects[id(obj)] = len(self.objects)
+        return {"$object": {
+            "id": oid, "class": [obj.module, obj.name], "kind": obj.kind,
+            "args": [self.convert(x) for x in obj.args], "state": self.convert(obj.state),
+            "items": [[self.convert(k), self.convert(x)] for k, x in obj.items],
+            "listitems": [self.convert(x) for x in obj.listitems],
+        }}
+
+
+# -- reading a vector the way tests/test_vectors.py does ---------------------------------------------
+def describe(path: Path) -> dict[str, Any]:
+    """Open and fully load ``path``; return its expected.json content (valid files)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mettaformat.open(path) as ckpt:
+            keys = ckpt.keys()
+            metadata = canonical(ckpt.metadata)
+            trees = {name: canonical(ckpt.tree(name)) for name in ckpt.tree_names}
+            others = {name: ckpt.load_section(name) for name in ckpt.sections if name != "model"}
+            aliases = dict(ckpt.header.section("model").aliases) if ckpt.header.section("model") else {}
+        model = mettaformat.load_file(path)
+    out: dict[str, Any] = {
+        "valid": True,
+        "keys": keys,
+        "tensors": {name: tensor_description(t) for name, t in model.items() if name not in aliases},
+        "aliases": aliases,
+        "metadata": metadata,
+    }
+    if others:
+        out["sections"] = {s: {n: tensor_description(t) for n, t in d.items()} for s, d in others.items()}
+    if trees:
+        out["trees"] = trees
+    if any("newer than this reader" in str(w.message) for w in caught):
+        out["warning"] = True
+    return out
+
+
+def reader_error(path: Path) -> tuple[str, str | None] | None:
+    """(class name, region) of the error a full read of ``path`` raises, or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mettaformat.open(path) as ckpt:
+                ckpt.metadata  # noqa: B018
+                for name in ckpt.tree_names:
+                    ckpt.tree(name)
+                for name in ckpt.sections:
+                    ckpt.load_section(name)
+            mettaformat.load_file(path)
+    except mettaformat.MettaFormatError as e:
+        return type(e).__name__, e.region
+    return None
+
+
+# -- struct-level editing ---------------------------------------------------------------------------
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def xxh(data: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def split(data: bytes) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
+    """(header, trailer index, section bytes by name) of a file."""
+    header_length = struct.unpack_from("<Q", data, 16)[0]
+    header = msgpack.unpackb(data[32:32 + header_length], raw=False)
+    index_length = struct.unpack_from("<Q", data, len(data) - 32)[0]
+    index = msgpack.unpackb(data[len(data) - 32 - index_length:len(data) - 32], raw=False)
+    sections = {s["name"]: data[s["offset"]:s["offset"] + s["length"]] for s in header["sections"]}
+    return header, index, sections
+
+
+def assemble(header: dict[str, Any], sections: dict[str, bytes], *, index: dict[str, Any] | None = None,
+             major: int = 3, minor: int = 0, flags: int = 1, header_bytes: bytes | None = None) -> bytes:
+    """Lay out a file from its parts, keeping section offsets; the index follows the last section.
+
+    ``file_length`` is recomputed in the header and index; every checksum is recomputed.
+    ``header_bytes`` replaces the encoded header (for msgpack that ``pack`` cannot produce).
+    """
+    end = max((s["offset"] + s["length"] for s in header["sections"]), default=4096)
+    for _ in range(4):
+        idx = index if index is not None else {k: header[k] for k in ("file_length", "checksum", "sections")}
+        index_bytes = pack(idx)
+        file_length = end + len(index_bytes) + 32
+        if header["file_length"] == file_length and idx["file_length"] == file_length:
+            break
+        header["file_length"] = file_length
+        if index is not None:
+            index["file_length"] = file_length
+    hb = header_bytes if header_bytes is not None else pack(header)
+    first = min((s["offset"] for s in header["sections"]), default=4096)
+    assert 32 + len(hb) <= first, "the edited header no longer fits before the first section"
+    out = bytearray(file_length)
+    out[0:32] = PREAMBLE.pack(MAGIC, major, minor, flags, len(hb), xxh(hb))
+    out[32:32 + len(hb)] = hb
+    for s in header["sections"]:
+        out[s["offset"]:s["offset"] + s["length"]] = sections[s["name"]]
+    out[end:end + len(index_bytes)] = index_bytes
+    out[end + len(index_bytes):] = TAIL.pack(len(index_bytes), xxh(index_bytes), file_length, END_MAGIC)
+    return bytes(out)
+
+
+def frames(section: dict[str, Any]) -> list[tuple[int, int, int]]:
+    table = section["frames"]
+    return [struct.unpack_from("<QII", table, i) for i in range(0, len(table), 16)]
+
+
+# -- valid vectors ------------------------------------------------------------------------------------
+def pattern(n: int, seed: int) -> bytes:
+    """Deterministic bytes (a linear congruential sequence)."""
+    x, out = seed, bytearray(n)
+    for i in range(n):
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+        out[i] = (x >> 16) & 0xFF
+    return bytes(out)
+
+
+def from_bytes(tag: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    dtype = dtype_from_tag(tag)
+    numel = math.prod(shape)
+    size = torch.empty(0, dtype=dtype).element_size()
+    data = pattern(numel * size, seed)
+    if tag == "BOOL":
+        data = bytes(b & 1 for b in data)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape).clone()
+
+
+def save_bytes(tensors: dict[str, torch.Tensor], **kwargs: Any) -> bytes:
+    return mettaformat.save(tensors, **kwargs)
+
+
+def write_with(codec: ZstdCodec, sections: dict[str, dict[str, torch.Tensor]], metadata: dict[str, Any]) -> bytes:
+    with tempfile.TemporaryFile() as f:
+        _write(f.fileno(), sections, metadata, None, codec)
+        f.seek(0)
+        return f.read()
+
+
+def v_all_dtypes() -> bytes:
+    tensors = {f"t.{tag.lower()}": from_bytes(tag, (2, 3), i + 1) for i, tag in enumerate(DTYPE_TAGS)}
+    return save_bytes(tensors, metadata={"vector": "all_dtypes"})
+
+
+def v_empty_tensor() -> bytes:
+    return save_bytes({"empty": torch.empty(0), "empty.3d": torch.empty(3, 0, 2, dtype=torch.int16),
+                       "w": from_bytes("F32", (4,), 7)})
+
+
+def v_scalar() -> bytes:
+    return save_bytes({"f64": torch.tensor(math.pi, dtype=torch.float64), "i64": torch.tensor(-(2 ** 40)),
+                       "flag": torch.tensor(True), "bf16": torch.tensor(1.5, dtype=torch.bfloat16)})
+
+
+def v_tied() -> bytes:
+    embed = from_bytes("F32", (4, 3), 11)
+    return save_bytes({"embed.weight": embed, "bias": from_bytes("F16", (3,), 12), "head.weight": embed,
+                       "lm.weight": embed})
+
+
+def smooth(n: int) -> torch.Tensor:
+    return torch.sin(torch.linspace(0.0, 6.0, n, dtype=torch.float32)) * 0.1
+
+
+def v_zstd() -> bytes:
+    tensors = {"w": smooth(4096), "steps": torch.arange(300, dtype=torch.int64), "mask": from_bytes("BOOL", (37,), 3),
+               "h": smooth(64).to(torch.bfloat16), "tied": torch.empty(0)}
+    return save_bytes(tensors, compression="zstd", metadata={"epoch": 7})
+
+
+def v_zstd_multiframe() -> bytes:
+    tensors = {"w": smooth(4096).reshape(64, 64), "b": from_bytes("I8", (5000,), 5), "s": torch.tensor(2.0)}
+    return write_with(ZstdCodec(level=3, frame_size=4096), {"model": tensors}, {"frame_size": 4096})
+
+
+def v_metadata_tree() -> bytes:
+    shared = LegacyObject("metta.agent.policy_record", "PolicyRecord", args=(1,), state={"uri": "file://x"})
+    graph = LegacyObject("collections", "OrderedDict", kind="reduce", items=[("a", 1), (2, shared)],
+                         listitems=[shared])
+    metadata = {
+        "epoch": 12,
+        "tuple": (1, "a", (2.5, None), ()),
+        "non_str_keys": {1: "one", (2, 3): "pair", "s": True, None: b"\x00\xff"},
+        "dollar_key": {"$not_a_tag": 1},
+        "big_ints": [2 ** 100, -(2 ** 70), 2 ** 64 - 1, -(2 ** 63), 2 ** 53],
+        "floats": [float("nan"), float("inf"), float("-inf"), -0.0, 1e-300, 0.1],
+        "dtype": torch.bfloat16,
+        "dtypes": [torch.float8_e4m3fn, torch.complex128, torch.bool],
+        "device": torch.device("cuda", 1),
+        "cpu": torch.device("cpu"),
+        "set": {3, 1, 2},
+        "frozenset": frozenset({"b", "a"}),
+        "size": torch.Size([2, 3]),
+        "nested": {"list": [[1, [2, [3, {"deep": ("x",)}]]]], "empty": {}, "empty_list": []},
+        "objects": [graph, shared],
+        "unicode": "héllo ✓",
+    }
+    return save_bytes({"w": from_bytes("F32", (2,), 9)}, metadata=metadata)
+
+
+def v_object_tree() -> bytes:
+    optimizer = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": from_bytes("F32", (2, 2), 21)},
+                  1: {"step": torch.tensor(3.0), "exp_avg": from_bytes("F32", (3,), 22)}},
+        "param_groups": [{"lr": 0.001, "betas": (0.9, 0.999), "params": [0, 1]}],
+    }
+    rng = from_bytes("U8", (16,), 23)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "v.mfmt"
+        write_container(
+            path, {"model": {"w": from_bytes("F32", (2, 2), 20)}},
+            metadata={"agent_step": 1000}, trees={"optimizer": optimizer, "rng": {"torch": rng, "again": rng}},
+        )
+        return path.read_bytes()
+
+
+def v_newer_minor() -> bytes:
+    """A 3.1 file: an unknown optional flag and an unknown header key; readers load it and warn."""
+    header, index, sections = split(save_bytes({"w": from_bytes("F32", (3,), 31)}, metadata={"epoch": 1}))
+    header["x_future_field"] = {"anything": [1, 2]}
+    return assemble(header, sections, index=index, minor=1, flags=1 | (1 << 16))
+
+
+# -- invalid vectors ---------------------------------------------------------------------------------------
+def base_raw() -> bytes:
+    return save_bytes({"w": from_bytes("F32", (2, 3), 41), "b": from_bytes("I8", (3,), 42)}, metadata={"epoch": 1})
+
+
+def i_bad_magic() -> bytes:
+    data = bytearray(base_raw())
+    data[1:4] = b"MFX"
+    return bytes(data)
+
+
+def i_unsupported_major() -> bytes:
+    header, index, sections = split(base_raw())
+    return assemble(header, sections, index=index, major=4)
+
+
+def i_must_understand() -> bytes:
+    header, index, sections = split(base_raw())
+    header["must_understand"] = ["x.sparse_tensors"]
+    return assemble(header, sections, index=index)
+
+
+def i_header_duplicate_key() -> bytes:
+    header, index, sections = split(base_raw())
+    body = pack(header)
+    assert 0x80 <= body[0] < 0x8F  # fixmap: add one more (duplicate) entry
+    body = bytes([body[0] + 1]) + body[1:] + pack("checksum") + pack("xxh3-64")
+    return assemble(header, sections, index=index, header_bytes=body)
+
+
+def i_header_bool_as_int() -> bytes:
+    header, index, sections = split(base_raw())
+    header["sections"][0]["tensors"][0]["shape"] = [True, 3]
+    return assemble(header, sections, index=index)
+
+
+def i_layout_truncated() -> bytes:
+    return base_raw()[:-1]
+
+
+def i_layout_tensor_hole() -> bytes:
+    header, index, sections = split(base_raw())
+    s = header["sections"][0]
+    b = next(t for t in s["tensors"] if t["name"] == "b")
+    b["offsets"] = [b["offsets"][0] + 1, b["offsets"][1] + 1]
+    s["stream"]["length"] += 1
+    s["length"] += 1
+    sections["model"] += b"\x00"
+    return assemble(header, sections, index=index)
+
+
+def i_limit_header_length() -> bytes:
+    data = bytearray(base_raw())
+    struct.pack_into("<Q", data, 16, (256 << 20) + 1)
+    return bytes(data)
+
+
+def i_unknown_codec() -> bytes:
+    header, index, sections = split(base_raw())
+    header["sections"][0]["codec"]["name"] = "lz4"
+    index["sections"][0]["codec"]["name"] = "lz4"
+    return assemble(header, sections, index=index)
+
+
+def i_codec_bad_frame() -> bytes:
+    data = save_bytes({"w": smooth(4096)}, compression="zstd")
+    header, _, _ = split(data)
+    s = header["sections"][0]
+    out = bytearray(data)
+    out[s["offset"] + frames(s)[0][0]] ^= 0xFF  # the magic of frame 1 (the first tensor frame)
+    return bytes(out)
+
+
+def i_codec_frame_checksum() -> bytes:
+    data = save_bytes({"w": smooth(4096)}, compression="zstd")
+    header, _, _ = split(data)
+    s = header["sections"][0]
+    f = frames(s)
+    out = bytearray(data)
+    out[s["offset"] + f[0][0] + f[1][0] - 1] ^= 0x01  # last byte of frame 1: its zstd content checksum
+    return bytes(out)
+
+
+def i_integrity_tensor() -> bytes:
+    data = base_raw()
+    header, _, _ = split(data)
+    s = header["sections"][0]
+    out = bytearray(data)
+    out[s["offset"] + s["stream"]["header_length"] + 5] ^= 0x01
+    return bytes(out)
+
+
+def i_integrity_header() -> bytes:
+    out = bytearray(base_raw())
+    out[40] ^= 0x01
+    return bytes(out)
+
+
+def i_integrity_trailer_index() -> bytes:
+    header, index, sections = split(base_raw())
+    index["sections"][0]["tensors"][0]["checksum"] = bytes(8)  # checksummed, but disagrees with the header
+    return assemble(header, sections, index=index)
+
+
+VALID: dict[str, Callable[[], bytes]] = {
+    "valid_all_dtypes": v_all_dtypes,
+    "valid_empty_tensor": v_empty_tensor,
+    "valid_scalar": v_scalar,
+    "valid_tied": v_tied,
+    "valid_zstd": v_zstd,
+    "valid_zstd_multiframe": v_zstd_multiframe,
+    "valid_metadata_tree": v_metadata_tree,
+    "valid_object_tree": v_object_tree,
+    "valid_newer_minor": v_newer_minor,
+}
+
+#: name -> (builder, expected error class, expected region)
+INVALID: dict[str, tuple[Callable[[], bytes], str, str]] = {
+    "invalid_bad_magic": (i_bad_magic, "BadMagicError", "preamble"),
+    "invalid_unsupported_major": (i_unsupported_major, "UnsupportedVersionError", "preamble"),
+    "invalid_must_understand": (i_must_understand, "UnsupportedVersionError", "header"),
+    "invalid_header_duplicate_key": (i_header_duplicate_key, "HeaderError", "header"),
+    "invalid_header_bool_as_int": (i_header_bool_as_int, "HeaderError", "section 'model'"),
+    "invalid_layout_truncated": (i_layout_truncated, "LayoutError", "trailer"),
+    "invalid_layout_tensor_hole": (i_layout_tensor_hole, "LayoutError", "section 'model'"),
+    "invalid_limit_header_length": (i_limit_header_length, "LimitExceededError", "preamble"),
+    "invalid_unknown_codec": (i_unknown_codec, "UnknownCodecError", "section 'model'"),
+    "invalid_codec_bad_frame": (i_codec_bad_frame, "CodecError", "section 'model' frame 1"),
+    "invalid_codec_frame_checksum": (i_codec_frame_checksum, "CodecError", "section 'model' frame 1"),
+    "invalid_integrity_tensor": (i_integrity_tensor, "IntegrityError", "section 'model'"),
+    "invalid_integrity_header": (i_integrity_header, "IntegrityError", "header"),
+    "invalid_integrity_trailer_index": (i_integrity_trailer_index, "IntegrityError", "trailer index"),
+}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(directory: Path = HERE) -> list[str]:
+    """Write every missing vector; return the names written."""
+    written: list[str] = []
+    for name, build in VALID.items():
+        target = directory / f"{name}.mfmt"
+        if target.exists():
+            continue
+        data = build()
+        assert len(data) < MAX_VECTOR_SIZE, (name, len(data))
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d) / f"{name}.mfmt"
+            tmp.write_bytes(data)
+            expected = describe(tmp)
+        target.write_bytes(data)
+        _write_json(directory / f"{name}.expected.json", expected)
+        written.append(name)
+    for name, (build, error, region) in INVALID.items():
+        target = directory / f"{name}.mfmt"
+        if target.exists():
+            continue
+        data = build()
+        assert len(data) < MAX_VECTOR_SIZE, (name, len(data))
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d) / f"{name}.mfmt"
+            tmp.write_bytes(data)
+            got = reader_error(tmp)
+        if got != (error, region):
+            raise AssertionError(f"{name}: the reader reports {got}, the vector intends {(error, region)}")
+        target.write_bytes(data)
+        _write_json(directory / f"{name}.expected.json", {"valid": False, "error": error, "region": region})
+        written.append(name)
+    return written
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    names = main()
+    print(f"wrote {len(names)} vector(s)" + (": " + ", ".join(names) if names else ""))
