@@ -20,6 +20,9 @@ messages.
     ├── TensorNotFoundError (KeyError)      no tensor of that name
     ├── WriteError                          saving failed; the previous file is untouched
     ├── LegacyImportError                   a legacy torch pickle could not be imported safely
+    │   ├── LegacyFormatError (FormatError) a broken zip, pickle stream or storage record
+    │   ├── LegacyLimitError (LimitExceededError)  a legacy file over a LegacyLimits cap
+    │   ├── LegacyUnsupportedError (UnsupportedVersionError)  TorchScript, torch.package, sparse...
     │   └── UnsafeContentError              the pickle asks for something we never do
     ├── ModelReconstructionError            no registered builder can rebuild the model
     ├── CompatibilityError                  a checkpoint this runtime must refuse
@@ -36,7 +39,10 @@ __all__ = [
     "HeaderError",
     "IntegrityError",
     "LayoutError",
+    "LegacyFormatError",
     "LegacyImportError",
+    "LegacyLimitError",
+    "LegacyUnsupportedError",
     "LimitExceededError",
     "MettaFormatError",
     "ModelReconstructionError",
@@ -165,6 +171,25 @@ class WriteError(MettaFormatError):
 
 class LegacyImportError(MettaFormatError):
     """A legacy torch checkpoint could not be imported."""
+
+
+class LegacyFormatError(LegacyImportError, FormatError):
+    """A legacy file is malformed: a broken zip, pickle stream or storage record.
+
+    Both a :class:`LegacyImportError` (what ``import_legacy`` promises) and a :class:`FormatError`
+    (what malformed bytes are everywhere else).
+    """
+
+
+class LegacyLimitError(LegacyImportError, LimitExceededError):
+    """A legacy file exceeds one of the ``LegacyLimits`` caps."""
+
+
+class LegacyUnsupportedError(LegacyImportError, UnsupportedVersionError):
+    """A well-formed legacy file uses something the importer does not support.
+
+    Examples: TorchScript archives, torch.package archives, tar-era files, sparse or quantized tensors.
+    """
 
 
 class UnsafeContentError(LegacyImportError):

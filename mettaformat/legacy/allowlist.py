@@ -1,0 +1,395 @@
+"""The fixed table of globals the importer interprets as data, and how REDUCE/BUILD apply.
+
+A pickle names callables by ``(module, name)``. A handful of them (tensor rebuilds, storage
+classes, dtypes, builtin containers, ``OrderedDict``, numpy reconstruction...) are
+interpreted here by pure-Python code that validates its arguments; that code never calls the
+named function. Every other name becomes an inert ``LegacyObject(kind="global")``, and calling
+it records a ``LegacyObject(kind="reduce"|"newobj")`` holding the arguments (HOSTILE F1-F7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import torch
+
+from mettaformat.container.tree import LegacyObject
+from mettaformat.errors import LegacyUnsupportedError
+from mettaformat.legacy import numpy_compat
+from mettaformat.legacy.tensors import (
+    STORAGE_CLASS_DTYPES,
+    UNTYPED_STORAGE_CLASSES,
+    StorageRef,
+    StorageType,
+    rebuild_view,
+)
+
+if TYPE_CHECKING:
+    from mettaformat.legacy.unpickler import PickleVM
+
+__all__ = ["Builtin", "RecordedDefaultDict", "build", "call", "extend_list", "resolve_global", "set_items", "stub_call"]
+
+BuiltinFn = Callable[["PickleVM", tuple[Any, ...]], Any]
+
+
+@dataclass(frozen=True, eq=False)
+class Builtin:
+    """An allowlisted global: a class path plus the pure-Python interpretation of calling it.
+
+    Attributes:
+        module: module as spelled in the pickle.
+        name: attribute name as spelled in the pickle.
+        fn: validates the arguments and returns the value the call stands for.
+        is_type: True for classes that ``NEWOBJ`` may instantiate (containers).
+    """
+
+    module: str
+    name: str
+    fn: BuiltinFn
+    is_type: bool = False
+
+    @property
+    def class_path(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self) -> str:
+        return f"Builtin({self.class_path})"
+
+
+class RecordedDefaultDict(dict[Any, Any]):
+    """A ``collections.defaultdict`` from a pickle: a plain dict that remembers its factory.
+
+    Attributes:
+        default_factory: the factory as the pickle named it (a :class:`Builtin`, a
+            ``LegacyObject`` global, or None). It is never called.
+    """
+
+    default_factory: Any = None
+
+
+_DTYPES: Final[dict[str, torch.dtype]] = {k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
+_TEXT_CODECS: Final = frozenset({"latin1", "latin-1", "latin_1", "iso-8859-1", "utf-8", "utf8", "ascii"})
+
+
+# -- argument helpers ---------------------------------------------------------------------------
+def _arity(vm: PickleVM, args: tuple[Any, ...], name: str, *allowed: int) -> None:
+    if len(args) not in allowed:
+        vm.fail(f"{name} takes {' or '.join(map(str, allowed))} arguments, got {len(args)}")
+
+
+def _iterable(vm: PickleVM, value: Any, name: str) -> Any:
+    if not isinstance(value, (list, tuple, set, frozenset, dict)):
+        vm.fail(f"{name} of a {type(value).__name__}")
+    vm.charge(len(value))
+    return value
+
+
+def _is_tensor_kind_we_refuse(module: str, name: str) -> bool:
+    # Sparse, quantized, meta, nested, wrapper-subclass, device-numpy and DTensor rebuilds
+    # (HOSTILE F25). Allowlisted rebuilds never reach this check.
+    if module == "torch" or module.startswith("torch."):
+        if name.startswith("_rebuild"):
+            return True
+        if module.startswith(("torch.distributed", "torch.nested", "torch._subclasses")):
+            return True
+    return False
+
+
+# -- tensor rebuilds ----------------------------------------------------------------------------
+def _storage(vm: PickleVM, value: Any) -> StorageRef:
+    if not isinstance(value, StorageRef):
+        vm.fail(f"tensor rebuild needs a storage, got {type(value).__name__}")
+    return value
+
+
+def _hooks(vm: PickleVM, requires_grad: Any, hooks: Any) -> None:
+    if type(requires_grad) is not bool:
+        vm.fail(f"requires_grad must be a bool, got {type(requires_grad).__name__}")
+    if not isinstance(hooks, dict):
+        vm.fail(f"backward_hooks must be a dict, got {type(hooks).__name__}")
+
+
+def _view(vm: PickleVM, storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None) -> torch.Tensor:
+    return rebuild_view(
+        _storage(vm, storage),
+        offset,
+        size,
+        stride,
+        dtype=dtype,
+        max_expanded_bytes=vm.limits.max_expanded_bytes,
+        region=vm.region,
+    )
+
+
+def _rebuild_tensor(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    _arity(vm, args, "_rebuild_tensor", 4)
+    return _view(vm, args[0], args[1], args[2], args[3], None)
+
+
+def _rebuild_tensor_v2(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    _arity(vm, args, "_rebuild_tensor_v2", 6, 7)
+    _hooks(vm, args[4], args[5])
+    return _view(vm, args[0], args[1], args[2], args[3], None)
+
+
+def _rebuild_tensor_v3(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    _arity(vm, args, "_rebuild_tensor_v3", 7, 8)
+    _hooks(vm, args[4], args[5])
+    if not isinstance(args[6], torch.dtype):
+        vm.fail(f"_rebuild_tensor_v3 dtype must be a torch dtype, got {type(args[6]).__name__}")
+    return _view(vm, args[0], args[1], args[2], args[3], args[6])
+
+
+def _rebuild_parameter(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    # Parameters come back as plain tensors: the state dict never holds Parameters.
+    _arity(vm, args, "_rebuild_parameter", 3)
+    if not isinstance(args[0], torch.Tensor):
+        vm.fail(f"_rebuild_parameter needs a tensor, got {type(args[0]).__name__}")
+    _hooks(vm, args[1], args[2])
+    return args[0]
+
+
+def _rebuild_parameter_with_state(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    _arity(vm, args, "_rebuild_parameter_with_state", 4)
+    return _rebuild_parameter(vm, args[:3])
+
+
+def _rebuild_from_type_v2(vm: PickleVM, args: tuple[Any, ...]) -> Any:
+    # Tensor subclasses with Python state: unwrap to the inner rebuild (as candle and
+    # llama.cpp do); the subclass and its state are not kept.
+    _arity(vm, args, "_rebuild_from_type_v2", 4)
+    func, new_type, inner, _state = args
+    if isinstance(new_type, LegacyObject) and _is_tensor_kind_we_refuse(new_type.module, new_type.name):
+        raise LegacyUnsupportedError(
+            f"unsupported tensor kind: {new_type.class_path}", region=vm.region, offset=vm.offset
+        )
+    if type(inner) is not tuple:
+        vm.fail("_rebuild_from_type_v2 arguments must be a tuple")
+    return call(vm, func, inner, "reduce")
+
+
+# -- builtins -----------------------------------------------------------------------------------
+def _container(kind: type) -> BuiltinFn:
+    def fn(vm: PickleVM, args: tuple[Any, ...]) -> Any:
+        _arity(vm, args, kind.__name__, 0, 1)
+        items = _iterable(vm, args[0], kind.__name__) if args else ()
+        return vm.make_tuple(tuple(items)) if kind is tuple else kind(items)
+
+    return fn
+
+
+def _ordered_dict(vm: PickleVM, args: tuple[Any, ...]) -> dict[Any, Any]:
+    _arity(vm, args, "OrderedDict", 0, 1)
+    return dict(_iterable(vm, args[0], "OrderedDict")) if args else {}
+
+
+def _defaultdict(vm: PickleVM, args: tuple[Any, ...]) -> RecordedDefaultDict:
+    _arity(vm, args, "defaultdict", 0, 1)
+    d = RecordedDefaultDict()
+    d.default_factory = args[0] if args else None
+    return d
+
+
+def _object(vm: PickleVM, args: tuple[Any, ...]) -> LegacyObject:
+    return LegacyObject("builtins", "object", args=args, kind="reduce")
+
+
+def _bytes_like(kind: type) -> BuiltinFn:
+    def fn(vm: PickleVM, args: tuple[Any, ...]) -> Any:
+        _arity(vm, args, kind.__name__, 0, 1, 2)
+        if not args:
+            return kind()
+        if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+            return kind(args[0])
+        return kind(_encode(vm, args))
+
+    return fn
+
+
+def _encode(vm: PickleVM, args: tuple[Any, ...]) -> bytes:
+    # Protocol 2 stores bytes as _codecs.encode(<latin-1 text>, "latin1"). Only text codecs
+    # are allowed: "zlib_codec" or "bz2_codec" would make this a decompression bomb.
+    _arity(vm, args, "_codecs.encode", 1, 2)
+    text, encoding = (args[0], args[1]) if len(args) == 2 else (args[0], "utf-8")
+    if type(text) is not str or type(encoding) is not str or encoding.lower() not in _TEXT_CODECS:
+        vm.fail(f"_codecs.encode only accepts text with a text codec, got {type(text).__name__}/{encoding!r}")
+    return text.encode(encoding.lower(), "surrogatepass" if "utf" in encoding.lower() else "strict")
+
+
+def _number(kind: type) -> BuiltinFn:
+    def fn(vm: PickleVM, args: tuple[Any, ...]) -> Any:
+        _arity(vm, args, kind.__name__, 1, 2) if kind is complex else _arity(vm, args, kind.__name__, 1)
+        if not all(type(a) in (int, float) for a in args):
+            vm.fail(f"{kind.__name__}() of a non-number")
+        return kind(*args)
+
+    return fn
+
+
+def _size(vm: PickleVM, args: tuple[Any, ...]) -> torch.Size:
+    _arity(vm, args, "torch.Size", 0, 1)
+    dims = args[0] if args else ()
+    if not isinstance(dims, (tuple, list)) or not all(type(d) is int and 0 <= d < (1 << 62) for d in dims):
+        vm.fail("torch.Size needs non-negative ints")
+    vm.charge(len(dims))
+    return torch.Size(dims)
+
+
+def _device(vm: PickleVM, args: tuple[Any, ...]) -> Any:
+    # Any location string is accepted and recorded; tensors always load to CPU (F27).
+    _arity(vm, args, "torch.device", 1, 2)
+    if type(args[0]) is not str or len(args[0]) > 64 or (len(args) == 2 and type(args[1]) is not int):
+        vm.fail("torch.device needs a short str and an optional int index")
+    try:
+        return torch.device(*args)
+    except (RuntimeError, ValueError, TypeError):
+        return LegacyObject("torch", "device", args=args, kind="reduce")
+
+
+def _reconstructor(vm: PickleVM, args: tuple[Any, ...]) -> LegacyObject:
+    # copyreg._reconstructor(cls, base, state): object.__new__(cls) or base.__new__(cls, state).
+    _arity(vm, args, "copyreg._reconstructor", 3)
+    cls, base, state = args
+    obj = stub_call(vm, cls, (), "newobj")
+    if state is None:
+        return obj
+    if isinstance(base, Builtin) and base.name == "dict" and isinstance(state, dict):
+        vm.charge(len(state))
+        obj.items.extend(state.items())
+    elif isinstance(base, Builtin) and base.name == "list" and isinstance(state, list):
+        obj.listitems.extend(state)
+    else:
+        obj.args = (state,)
+    return obj
+
+
+def _newobj(vm: PickleVM, args: tuple[Any, ...]) -> Any:
+    # copyreg.__newobj__(cls, *args) is protocol 0/1's spelling of NEWOBJ.
+    if not args:
+        vm.fail("copyreg.__newobj__ without a class")
+    return call(vm, args[0], vm.make_tuple(args[1:]), "newobj")
+
+
+_TABLE: dict[tuple[str, str], tuple[BuiltinFn, bool]] = {
+    ("torch._utils", "_rebuild_tensor"): (_rebuild_tensor, False),
+    ("torch._utils", "_rebuild_tensor_v2"): (_rebuild_tensor_v2, False),
+    ("torch._utils", "_rebuild_tensor_v3"): (_rebuild_tensor_v3, False),
+    ("torch._utils", "_rebuild_parameter"): (_rebuild_parameter, False),
+    ("torch._utils", "_rebuild_parameter_with_state"): (_rebuild_parameter_with_state, False),
+    ("torch._tensor", "_rebuild_from_type_v2"): (_rebuild_from_type_v2, False),
+    ("torch", "Size"): (_size, True),
+    ("torch", "device"): (_device, True),
+    ("collections", "OrderedDict"): (_ordered_dict, True),
+    ("collections", "defaultdict"): (_defaultdict, True),
+    ("_codecs", "encode"): (_encode, False),
+    ("copy_reg", "_reconstructor"): (_reconstructor, False),
+    ("copyreg", "_reconstructor"): (_reconstructor, False),
+    ("copy_reg", "__newobj__"): (_newobj, False),
+    ("copyreg", "__newobj__"): (_newobj, False),
+}
+for _mod in ("builtins", "__builtin__"):
+    for _kind in (set, frozenset, list, tuple, dict):
+        _TABLE[(_mod, _kind.__name__)] = (_container(_kind), True)
+    _TABLE[(_mod, "object")] = (_object, True)
+    _TABLE[(_mod, "bytes")] = (_bytes_like(bytes), True)
+    _TABLE[(_mod, "bytearray")] = (_bytes_like(bytearray), True)
+    _TABLE[(_mod, "int")] = (_number(int), True)
+    _TABLE[(_mod, "long")] = (_number(int), True)
+    _TABLE[(_mod, "float")] = (_number(float), True)
+    _TABLE[(_mod, "complex")] = (_number(complex), True)
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _TABLE[(_mod, "_reconstruct")] = (numpy_compat.reconstruct, False)
+    _TABLE[(_mod, "scalar")] = (numpy_compat.scalar, False)
+_TABLE[("numpy", "dtype")] = (numpy_compat.dtype, True)
+
+
+def resolve_global(module: str, name: str) -> Any:
+    """Map a class path from a pickle to the inert value it stands for.
+
+    Args:
+        module: module path as spelled (opaque: dotted names are never walked, F4).
+        name: attribute name as spelled.
+
+    Returns:
+        A :class:`Builtin`, a :class:`StorageType`, a ``torch.dtype``, or a
+        ``LegacyObject(module, name, kind="global")`` for everything else.
+    """
+    entry = _TABLE.get((module, name))
+    if entry is not None:
+        return Builtin(module, name, entry[0], entry[1])
+    if module == "torch":
+        if name in STORAGE_CLASS_DTYPES:
+            return StorageType(f"torch.{name}", STORAGE_CLASS_DTYPES[name])
+        if name in _DTYPES:
+            return _DTYPES[name]
+    if (module, name) in UNTYPED_STORAGE_CLASSES:
+        return StorageType(f"{module}.{name}", torch.uint8, untyped=True)
+    return LegacyObject(module, name, kind="global")
+
+
+def call(vm: PickleVM, func: Any, args: Any, how: str) -> Any:
+    """Interpret ``REDUCE`` (``how="reduce"``) or ``NEWOBJ`` (``how="newobj"``).
+
+    Raises:
+        LegacyFormatError: arguments that are not a tuple, or wrong arity/types for an
+            allowlisted function (F7), or a call on something that is not a class.
+        LegacyUnsupportedError: sparse/quantized/meta/nested/DTensor rebuilds (F25).
+    """
+    if type(args) is not tuple:
+        vm.fail(f"{how} arguments must be a tuple, got {type(args).__name__}")
+    if isinstance(func, Builtin):
+        if how == "newobj" and not func.is_type:
+            vm.fail(f"NEWOBJ on {func.class_path}, which is not a class")
+        return func.fn(vm, args)
+    return stub_call(vm, func, args, how)
+
+
+def stub_call(vm: PickleVM, cls: Any, args: tuple[Any, ...], how: str) -> LegacyObject:
+    """Record a call of a non-allowlisted class as an inert ``LegacyObject``."""
+    if not isinstance(cls, LegacyObject) or cls.kind != "global":
+        vm.fail(f"{how} on a {type(cls).__name__}, which is not a recorded class")
+    if _is_tensor_kind_we_refuse(cls.module, cls.name):
+        raise LegacyUnsupportedError(f"unsupported tensor kind: {cls.class_path}", region=vm.region, offset=vm.offset)
+    return LegacyObject(cls.module, cls.name, args=args, kind=how)
+
+
+def build(vm: PickleVM, obj: Any, state: Any) -> None:
+    """Interpret ``BUILD``: the state is stored as data and never applied by code (F6)."""
+    if isinstance(obj, LegacyObject):
+        if obj.state is None:
+            obj.state = state
+        elif type(obj.state) is dict and type(state) is dict:
+            vm.charge(len(state))
+            obj.state.update(state)
+        else:
+            vm.fail(f"second BUILD on {obj.class_path}")
+    elif isinstance(obj, dict) and (state is None or isinstance(state, dict)):
+        # OrderedDict instance attributes, e.g. a state dict's ``_metadata`` (per-module
+        # versions). A plain dict cannot carry them; they are dropped.
+        vm.charge(len(state or ()))
+    else:
+        vm.fail(f"BUILD on a {type(obj).__name__}")
+
+
+def extend_list(vm: PickleVM, target: Any, items: list[Any]) -> None:
+    """Interpret ``APPEND``/``APPENDS`` on a list or a recorded list subclass."""
+    if type(target) is list:
+        target.extend(items)
+    elif isinstance(target, LegacyObject):
+        target.listitems.extend(items)
+    else:
+        vm.fail(f"APPEND on a {type(target).__name__}")
+
+
+def set_items(vm: PickleVM, target: Any, items: list[Any]) -> None:
+    """Interpret ``SETITEM``/``SETITEMS`` (``items`` alternates keys and values)."""
+    pairs = zip(items[::2], items[1::2], strict=True)
+    if isinstance(target, dict):
+        for k, v in pairs:
+            target[k] = v
+    elif isinstance(target, LegacyObject):
+        target.items.extend(pairs)
+    else:
+        vm.fail(f"SETITEM on a {type(target).__name__}")

@@ -1,0 +1,208 @@
+"""State-dict recovery from a pickled ``nn.Module`` graph, without the module classes.
+
+A pickled module is a ``LegacyObject`` whose BUILD state is the instance ``__dict__``, holding
+``_parameters``, ``_buffers`` and ``_modules``. :func:`recover_module` mirrors
+``Module.state_dict()`` (``Module._save_to_state_dict``, HOSTILE.md 1.7 item 5): parameters and
+buffers that are not None, persistent buffers only, keys ``prefix + name``, children under
+``prefix + child + "."``, shared submodules listed under every path (as torch does), and
+tensors shared by identity. Traversal is iterative, so deep or cyclic graphs (F12) cannot
+exhaust the Python stack, and bounded by ``max_traversal`` nodes.
+
+Tensors the graph holds outside the state dict (``initial_weights`` copies on Metta
+components, non-persistent buffers, cached index tensors) are reported as ``legacy_tensors``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import torch
+
+from mettaformat.container.tree import LegacyObject
+from mettaformat.errors import LegacyLimitError
+from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
+
+__all__ = ["ModuleState", "is_module", "module_attrs", "recover_module"]
+
+_LEAF_TYPES: Final = frozenset(
+    {type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device}
+)
+_MODULE_KEYS: Final = frozenset({"_parameters", "_buffers", "_modules"})
+#: A note added once per import: the state dict cannot hold what ``get_extra_state`` returns.
+EXTRA_STATE_NOTE: Final = (
+    "get_extra_state() is code and was not called: '<prefix>_extra_state' entries of custom "
+    "modules, if their classes define one, are not recovered"
+)
+
+
+@dataclass(frozen=True)
+class ModuleState:
+    """What :func:`recover_module` found.
+
+    Attributes:
+        state_dict: what ``module.state_dict()`` would return, in the same order.
+        legacy_tensors: tensors only the object graph holds, by dotted attribute path.
+        module_classes: class path of every module visited, by dotted module path.
+        notes: things that could not be recovered faithfully.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    legacy_tensors: dict[str, torch.Tensor]
+    module_classes: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def module_attrs(obj: Any) -> dict[str, Any] | None:
+    """Return the instance ``__dict__`` of a pickled object, or None.
+
+    BUILD state is the ``__dict__`` itself, or ``(dict, slots)`` for classes with slots.
+    """
+    if not isinstance(obj, LegacyObject):
+        return None
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+        state = state[0]
+    return state if isinstance(state, dict) else None
+
+
+def is_module(obj: Any) -> bool:
+    """True for a pickled ``nn.Module`` (a record whose state has module internals).
+
+    Old torch versions lack some of the three dicts (F31); one is enough.
+    """
+    attrs = module_attrs(obj)
+    return attrs is not None and any(isinstance(attrs.get(k), dict) for k in _MODULE_KEYS)
+
+
+def _named(attrs: dict[str, Any], key: str) -> dict[Any, Any]:
+    value = attrs.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def recover_module(root: Any, *, limits: LegacyLimits = DEFAULT_LIMITS) -> ModuleState:
+    """Recover the state dict and graph-only tensors of a pickled module.
+
+    Args:
+        root: a value for which :func:`is_module` is true.
+        limits: ``max_traversal`` bounds the nodes visited.
+
+    Returns:
+        The recovered :class:`ModuleState`.
+
+    Raises:
+        LegacyLimitError: the graph has more than ``limits.max_traversal`` nodes to visit.
+    """
+    budget = _Budget(limits.max_traversal)
+    notes: list[str] = []
+    classes: dict[str, str] = {}
+    state = _state_dict(root, budget, notes, classes)
+    held = {id(t) for t in state.values()}
+    extra = _graph_tensors(root, held, budget)
+    return ModuleState(state, extra, classes, notes)
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def spend(self) -> None:
+        self.used += 1
+        if self.used > self.limit:
+            raise LegacyLimitError("object graph nodes visited", self.used, self.limit, region="module graph")
+
+
+def _state_dict(root: Any, budget: _Budget, notes: list[str], classes: dict[str, str]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    on_path: set[int] = set()
+    # ("enter", module, prefix) or ("exit", module, "") -- recursion made explicit.
+    work: list[tuple[str, Any, str]] = [("enter", root, "")]
+    while work:
+        action, mod, prefix = work.pop()
+        if action == "exit":
+            on_path.discard(id(mod))
+            continue
+        budget.spend()
+        if id(mod) in on_path:
+            notes.append(f"module cycle at {prefix.rstrip('.') or '<root>'} skipped")
+            continue
+        attrs = module_attrs(mod)
+        if attrs is None or not is_module(mod):
+            notes.append(f"{prefix.rstrip('.')}: child is a {type(mod).__name__}, not a module; skipped")
+            continue
+        classes[prefix.rstrip(".")] = mod.class_path
+        on_path.add(id(mod))
+        work.append(("exit", mod, ""))
+        non_persistent = attrs.get("_non_persistent_buffers_set")
+        skip = non_persistent if isinstance(non_persistent, (set, frozenset)) else frozenset()
+        for kind in ("_parameters", "_buffers"):
+            for name, value in _named(attrs, kind).items():
+                if value is None or (kind == "_buffers" and name in skip):
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    notes.append(f"{prefix}{name}: {kind[1:-1]} is a {type(value).__name__}, not a tensor; skipped")
+                    continue
+                out[f"{prefix}{name}"] = value
+        children = [(n, c) for n, c in _named(attrs, "_modules").items() if c is not None]
+        for name, child in reversed(children):
+            work.append(("enter", child, f"{prefix}{name}."))
+    return out
+
+
+def _children(value: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k), v
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield str(i), v
+    elif isinstance(value, LegacyObject):
+        attrs = module_attrs(value)
+        if attrs is not None and is_module(value):
+            # Name submodules, parameters and buffers the way state_dict keys do.
+            for key in ("_modules", "_parameters", "_buffers"):
+                yield from ((str(k), v) for k, v in _named(attrs, key).items())
+            yield from ((str(k), v) for k, v in attrs.items() if k not in _MODULE_KEYS)
+            return
+        if attrs is not None:
+            yield from ((str(k), v) for k, v in attrs.items())
+        elif value.state is not None:
+            yield "state", value.state
+        for i, v in enumerate(value.args):
+            yield f"args.{i}", v
+        for k, v in value.items:
+            yield str(k), v
+        for i, v in enumerate(value.listitems):
+            yield str(i), v
+
+
+def _graph_tensors(root: Any, held: set[int], budget: _Budget) -> dict[str, torch.Tensor]:
+    """Tensors reachable from ``root`` that are not in the state dict, by first path found."""
+    found: dict[str, torch.Tensor] = {}
+    seen: set[int] = set(held)
+    work: list[tuple[str, Any]] = [("", root)]
+    tensor_type = torch.Tensor
+    while work:
+        path, value = work.pop()
+        cls = type(value)
+        # Scalars dominate real graphs (configs, feature tables): skip them before anything else.
+        if cls in _LEAF_TYPES:
+            continue
+        if isinstance(value, tensor_type):
+            if id(value) not in seen:
+                seen.add(id(value))
+                found[path] = value
+            continue
+        if id(value) in seen or not (
+            cls is dict or cls is list or cls is tuple or isinstance(value, (dict, LegacyObject))
+        ):
+            continue
+        seen.add(id(value))
+        budget.spend()
+        prefix = f"{path}." if path else ""
+        entries = [(f"{prefix}{name}", child) for name, child in _children(value) if type(child) not in _LEAF_TYPES]
+        entries.reverse()
+        work.extend(entries)
+    return dict(sorted(found.items()))

@@ -1,0 +1,230 @@
+"""Storages and tensor views rebuilt from legacy pickles, with every bound checked first.
+
+torch's rebuild functions call ``Tensor.set_`` on whatever the pickle names; here a view is
+created only after its extent has been proven to lie inside a storage whose byte length was
+itself checked against the archive record (HOSTILE.md F21-F23). Tensors that share a storage
+come back as views of one storage tensor, exactly like ``torch.load``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import torch
+
+from mettaformat.errors import LegacyFormatError, LegacyLimitError, LegacyUnsupportedError
+
+__all__ = [
+    "STORAGE_CLASS_DTYPES",
+    "UNTYPED_STORAGE_CLASSES",
+    "StorageRef",
+    "StorageType",
+    "check_storage_type",
+    "rebuild_view",
+    "tensor_from_buffer",
+]
+
+#: Legacy typed storage classes (``torch.<Name>``) and their element dtypes. Quantized storages
+#: are deliberately absent: they only occur with ``_rebuild_qtensor``, which is unsupported.
+STORAGE_CLASS_DTYPES: Final[dict[str, torch.dtype]] = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexDoubleStorage": torch.complex128,
+    "ComplexFloatStorage": torch.complex64,
+}
+#: Class paths torch writes for untyped (byte) storages; dtypes then come from
+#: ``_rebuild_tensor_v3``. The underscored names are from torch 1.11-1.12.
+UNTYPED_STORAGE_CLASSES: Final = frozenset(
+    {
+        ("torch", "UntypedStorage"),
+        ("torch.storage", "UntypedStorage"),
+        ("torch", "_UntypedStorage"),
+        ("torch.storage", "_UntypedStorage"),
+    }
+)
+_MAX_DIM: Final = 1 << 62
+_QUANTIZED_DTYPES: Final = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+_QUANTIZED_STORAGES: Final = frozenset(
+    {"QInt8Storage", "QUInt8Storage", "QInt32Storage", "QUInt4x2Storage", "QUInt2x4Storage"}
+)
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """An allowlisted storage class named in a pickle (the second field of a storage id).
+
+    Attributes:
+        class_path: ``module.name`` as the pickle spelled it.
+        dtype: element dtype; ``torch.uint8`` for untyped storages.
+        untyped: True for ``UntypedStorage`` (sizes are in bytes).
+    """
+
+    class_path: str
+    dtype: torch.dtype
+    untyped: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class StorageRef:
+    """One storage of a legacy file: a 1-D CPU tensor over its elements.
+
+    Attributes:
+        key: the storage key (``data/<key>`` in a zip, the root key in a legacy stream).
+        dtype: element dtype of ``tensor``.
+        tensor: 1-D contiguous CPU tensor holding the storage's elements.
+        untyped: True when the pickle named an untyped storage class.
+    """
+
+    key: str
+    dtype: torch.dtype
+    tensor: torch.Tensor
+    untyped: bool = False
+
+    @property
+    def numel(self) -> int:
+        return int(self.tensor.numel())
+
+
+def check_storage_type(value: object, *, region: str, offset: int | None) -> StorageType:
+    """Return ``value`` if it is an allowlisted storage class, else raise.
+
+    Raises:
+        LegacyUnsupportedError: quantized storages (F25) or any other class (F24).
+    """
+    if isinstance(value, StorageType):
+        return value
+    name = getattr(value, "name", "")
+    if getattr(value, "module", "") == "torch" and name in _QUANTIZED_STORAGES:
+        raise LegacyUnsupportedError(
+            f"unsupported tensor kind: quantized storage torch.{name}", region=region, offset=offset
+        )
+    raise LegacyUnsupportedError(f"unknown storage class {value!r}", region=region, offset=offset)
+
+
+def tensor_from_buffer(
+    buf: bytearray | memoryview, offset: int, numel: int, dtype: torch.dtype, *, swap: bool, region: str
+) -> torch.Tensor:
+    """Make a 1-D tensor over ``numel`` elements of ``buf`` starting at byte ``offset``.
+
+    The tensor shares memory with ``buf`` when the bytes are writable and aligned for
+    ``dtype`` (the common case for torch zips, whose records are 64-byte aligned); otherwise
+    the bytes are copied.
+
+    Args:
+        buf: the whole input buffer.
+        offset: start of the storage's bytes in ``buf``.
+        numel: element count; the caller has checked ``numel * itemsize`` bytes exist.
+        dtype: element dtype.
+        swap: byteswap each element (files written on big-endian hosts, HOSTILE.md F26).
+        region: region named in errors.
+
+    Returns:
+        A 1-D contiguous CPU tensor.
+
+    Raises:
+        LegacyFormatError: if the bytes do not exist in ``buf``.
+    """
+    itemsize = dtype.itemsize
+    nbytes = numel * itemsize
+    if offset < 0 or offset + nbytes > len(buf):
+        raise LegacyFormatError(f"storage of {nbytes} bytes runs past the end of the input", region=region)
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview) and not buf.readonly)
+    if writable and offset % itemsize == 0:
+        t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset)
+    else:
+        t = torch.frombuffer(bytearray(memoryview(buf)[offset : offset + nbytes]), dtype=dtype)
+    if swap and itemsize > 1:
+        # Complex numbers are two floats, each stored in the writer's byte order.
+        unit = itemsize // 2 if dtype.is_complex else itemsize
+        t = t.view(torch.uint8).view(-1, unit).flip(1).contiguous().view(-1).view(dtype)
+    return t
+
+
+def _int_tuple(value: object, what: str, region: str) -> tuple[int, ...]:
+    # bool is an int subclass; a pickle that writes True as a size is malformed (HOSTILE F7).
+    if not isinstance(value, tuple) or not all(type(x) is int for x in value):
+        raise LegacyFormatError(f"tensor {what} must be a tuple of ints, got {type(value).__name__}", region=region)
+    if any(x < 0 or x >= _MAX_DIM for x in value):
+        raise LegacyFormatError(f"tensor {what} {value!r} has a negative or oversized entry", region=region)
+    return value
+
+
+def rebuild_view(
+    storage: StorageRef,
+    storage_offset: object,
+    size: object,
+    stride: object,
+    *,
+    dtype: torch.dtype | None,
+    max_expanded_bytes: int,
+    region: str,
+) -> torch.Tensor:
+    """Interpret ``_rebuild_tensor_v2/_v3`` arguments as a bounds-checked view of ``storage``.
+
+    Args:
+        storage: the storage the tensor lives in.
+        storage_offset: element offset of the first element (non-negative int).
+        size: shape, a tuple of non-negative ints.
+        stride: strides in elements, a tuple of non-negative ints of the same length.
+        dtype: for ``_rebuild_tensor_v3``, the tensor dtype over an untyped storage.
+        max_expanded_bytes: cap on the logical size of views larger than their storage.
+        region: region named in errors.
+
+    Returns:
+        A view of ``storage.tensor`` (shared with every other view of that storage).
+
+    Raises:
+        LegacyFormatError: malformed arguments or a view outside the storage (F7, F22).
+        LegacyLimitError: an expanded view whose logical size exceeds the cap.
+        LegacyUnsupportedError: a dtype that does not match the storage.
+    """
+    if type(storage_offset) is not int or storage_offset < 0 or storage_offset >= _MAX_DIM:
+        raise LegacyFormatError(
+            f"tensor storage offset must be a non-negative int, got {storage_offset!r}", region=region
+        )
+    shape = _int_tuple(size, "size", region)
+    strides = _int_tuple(stride, "stride", region)
+    if len(shape) != len(strides):
+        raise LegacyFormatError(f"tensor size {shape} and stride {strides} differ in rank", region=region)
+    base = storage.tensor
+    if dtype is not None:
+        if not storage.untyped:
+            raise LegacyFormatError("_rebuild_tensor_v3 needs an untyped storage", region=region)
+        if dtype in _QUANTIZED_DTYPES or dtype.itemsize == 0:
+            raise LegacyUnsupportedError(f"unsupported tensor kind: dtype {dtype}", region=region)
+        if base.numel() % dtype.itemsize:
+            raise LegacyFormatError(f"storage of {base.numel()} bytes is not a whole number of {dtype}", region=region)
+        base = base.view(dtype) if base.numel() else torch.empty(0, dtype=dtype)
+    elif storage.untyped:
+        raise LegacyFormatError("an untyped storage needs _rebuild_tensor_v3 and a dtype", region=region)
+    numel = base.numel()
+    logical = 1
+    for n in shape:
+        logical *= n
+    if logical == 0:
+        if storage_offset > numel:
+            raise LegacyFormatError(f"storage offset {storage_offset} is past the storage end {numel}", region=region)
+        return torch.empty(shape, dtype=base.dtype)
+    last = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+    if last >= numel:
+        raise LegacyFormatError(
+            f"view (offset {storage_offset}, size {shape}, stride {strides}) reaches element {last} "
+            f"of a storage of {numel}",
+            region=region,
+        )
+    if logical > numel and logical * base.element_size() > max_expanded_bytes:
+        raise LegacyLimitError(
+            "logical bytes of an expanded view", logical * base.element_size(), max_expanded_bytes, region=region
+        )
+    return torch.as_strided(base, shape, strides, storage_offset)
