@@ -35,6 +35,13 @@ KNOWN_EXTENSIONS: Final[frozenset[str]] = frozenset()
 
 
 # -- msgpack ------------------------------------------------------------------------------------
+def _no_timestamp(value: Any) -> None:
+    # msgpack decodes ext type -1 (timestamp) itself and never calls ext_hook for it, so the
+    # hooks below reject the Timestamp objects it produces instead.
+    if isinstance(value, msgpack.Timestamp):
+        raise HeaderError("msgpack ext type -1 (timestamp) is not allowed")
+
+
 def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -42,8 +49,15 @@ def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
             raise HeaderError(f"map key {key!r} is not a string")
         if key in out:
             raise HeaderError(f"duplicate map key {key!r}")
+        _no_timestamp(value)
         out[key] = value
     return out
+
+
+def _list_hook(items: list[Any]) -> list[Any]:
+    for item in items:
+        _no_timestamp(item)
+    return items
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -58,14 +72,17 @@ def decode_msgpack(data: bytes | memoryview, *, region: str) -> Any:
             duplicate keys, ext types, or invalid UTF-8.
     """
     try:
-        return msgpack.unpackb(
+        value = msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
             use_list=True,
             object_pairs_hook=_pairs_hook,
+            list_hook=_list_hook,
             ext_hook=_ext_hook,
         )
+        _no_timestamp(value)
+        return value
     except HeaderError as e:
         raise HeaderError(e.message, path=e.path, region=region) from None
     except msgpack.ExtraData as e:

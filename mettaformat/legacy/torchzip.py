@@ -140,7 +140,9 @@ def open_torch_zip(buf: bytearray, *, limits: LegacyLimits = DEFAULT_LIMITS) -> 
         with zipfile.ZipFile(_BufferFile(buf)) as zf:
             infos = zf.infolist()
             cd_start = int(getattr(zf, "start_dir", len(buf)))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, struct.error, EOFError, KeyError) as e:
+    # zipfile raises NotImplementedError for archive versions and features it does not know.
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, struct.error, EOFError, KeyError,
+            NotImplementedError) as e:
         raise LegacyFormatError(f"unreadable zip central directory: {e}", region=_REGION) from e
     if len(infos) > limits.max_zip_entries:
         raise LegacyLimitError("zip entries", len(infos), limits.max_zip_entries, region=_REGION)
