@@ -88,7 +88,8 @@ def decode_msgpack(data: bytes | memoryview, *, region: str) -> Any:
     except msgpack.ExtraData as e:
         raise HeaderError(f"{len(e.extra)} trailing bytes after the msgpack value", region=region) from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
-        raise HeaderError(f"invalid msgpack: {e}", region=region) from None
+        reason = str(e) or type(e).__name__  # StackError carries no message
+        raise HeaderError(f"invalid msgpack: {reason}", region=region) from None
 
 
 def encode_msgpack(value: Any) -> bytes:
@@ -251,12 +252,15 @@ def _parse_shape(f: _Fields, tag: str) -> tuple[tuple[int, ...], int]:
     shape = f.get("shape", list)
     if len(shape) > MAX_RANK:
         raise LimitExceededError("tensor rank", len(shape), MAX_RANK, region=f.region)
-    nbytes = itemsize(tag)
+    nbytes = nonzero = itemsize(tag)
     for i, dim in enumerate(shape):
-        if type(dim) is not int or dim < 0:
-            raise f.err(f"shape[{i}]", f"dimension {dim!r} is not a non-negative integer")
-        nbytes *= dim  # Python ints cannot overflow; bound the product instead
-        if nbytes > MAX_TENSOR_BYTES:
+        if type(dim) is not int or not 0 <= dim < 1 << 63:
+            raise f.err(f"shape[{i}]", f"dimension {dim!r} is not an integer in [0, 2^63)")
+        nbytes *= dim
+        # Python ints cannot overflow; bound the product instead, ignoring zeros so that a huge
+        # dimension next to a zero one (an empty tensor torch cannot even describe) is refused too.
+        nonzero *= dim or 1
+        if nonzero > MAX_TENSOR_BYTES:
             raise f.err("shape", f"tensor size overflows the {MAX_TENSOR_BYTES}-byte limit")
     return tuple(shape), nbytes
 

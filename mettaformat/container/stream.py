@@ -127,6 +127,13 @@ def entries_from_plan(plan: StreamPlan, checksums: Mapping[str, int]) -> tuple[T
     )
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
 def check_stream_header(section: SectionEntry, data: bytes | memoryview) -> None:
     """Check that a section's embedded safetensors header agrees with our index.
 
@@ -139,7 +146,7 @@ def check_stream_header(section: SectionEntry, data: bytes | memoryview) -> None
     if n + 8 != section.stream_header_length:
         raise LayoutError(f"safetensors header length {n} disagrees with the index", region=region)
     try:
-        doc = json.loads(bytes(data[8 : 8 + n]))
+        doc = json.loads(bytes(data[8 : 8 + n]), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise HeaderError(f"invalid JSON: {e}", region=region) from None
     if not isinstance(doc, dict):
