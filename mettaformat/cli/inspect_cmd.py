@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Any
 
+from mettaformat.anyformat import load_any, sniff_format
 from mettaformat.cli._output import emit_json, human_bytes, jsonable, sanitize, table
 from mettaformat.container.reader import LazyCheckpoint
 
@@ -17,8 +18,27 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def describe_other(path: str, kind: str) -> dict[str, Any]:
+    """A legacy or safetensors file, through the safe importer (nothing in it runs)."""
+    ckpt = load_any(path, migrate=False)
+    tensors = [{"section": "model", "name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                "bytes": t.numel() * t.element_size(), "alias_of": None} for k, t in ckpt.tensors.items()]
+    legacy = [{"section": "legacy", "name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+               "bytes": t.numel() * t.element_size(), "alias_of": None} for k, t in ckpt.legacy_tensors.items()]
+    return {
+        "path": path, "format": kind, "version": ckpt.versions.get("checkpoint_format"),
+        "shape": ckpt.provenance.get("shape"), "file_bytes": os.path.getsize(path), "checksum": None,
+        "sections": [], "tensors": tensors + legacy, "metadata": ckpt.metadata, "trees": [],
+        "model_type": ckpt.model_type, "name": ckpt.name,
+        "class_paths": ckpt.provenance.get("class_paths", []),
+    }
+
+
 def describe(path: str) -> dict[str, Any]:
-    """Everything inspect shows, as plain data (reads the header only)."""
+    """Everything inspect shows, as plain data (reads the header only for containers)."""
+    kind = sniff_format(path)
+    if kind != "mettaformat":
+        return describe_other(path, kind)
     with LazyCheckpoint(path, verify=False) as ckpt:
         h, pre = ckpt.header, ckpt.preamble
         sections = []
@@ -69,47 +89,24 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(info)
         return 0
-    print(
-        f"{sanitize(info['path'])}: mettaformat {info['version']}, {human_bytes(info['file_bytes'])}, "
-        f"checksums {info['checksum']}"
-    )
-    print()
-    print(
-        table(
-            ["section", "codec", "stored", "raw", "ratio", "tensors"],
-            [
-                [
-                    s["name"],
-                    s["codec"],
-                    human_bytes(s["stored_bytes"]),
-                    human_bytes(s["raw_bytes"]),
-                    f"{s['ratio']:.3f}" if s["ratio"] else "-",
-                    s["tensors"],
-                ]
-                for s in info["sections"]
-            ],
-            align="llrrrr",
-        )
-    )
+    path = sanitize(info["path"])
+    if info["format"] != "mettaformat":
+        print(f"{path}: {info['format']} ({info['shape']}), checkpoint_format_version {info['version']}, "
+              f"{human_bytes(info['file_bytes'])}; imported safely, nothing in it executed")
+        if args.verbose and info["class_paths"]:
+            print("classes named in the pickle: " + ", ".join(map(sanitize, info["class_paths"])))
+    else:
+        print(f"{path}: mettaformat {info['version']}, {human_bytes(info['file_bytes'])}, checksums {info['checksum']}")
+        print()
+        rows = [[s["name"], s["codec"], human_bytes(s["stored_bytes"]), human_bytes(s["raw_bytes"]),
+                 f"{s['ratio']:.3f}" if s["ratio"] else "-", s["tensors"]] for s in info["sections"]]
+        print(table(["section", "codec", "stored", "raw", "ratio", "tensors"], rows, align="llrrrr"))
     if not args.quiet:
         print()
-        print(
-            table(
-                ["tensor", "dtype", "shape", "bytes"],
-                [
-                    [
-                        (f"{t['section']}:" if t["section"] != "model" else "")
-                        + t["name"]
-                        + (f" -> {t['alias_of']}" if t["alias_of"] else ""),
-                        t["dtype"],
-                        "x".join(map(str, t["shape"])) or "()",
-                        t["bytes"],
-                    ]
-                    for t in info["tensors"]
-                ],
-                align="lllr",
-            )
-        )
+        rows = [[(f"{t['section']}:" if t["section"] != "model" else "") + t["name"]
+                 + (f" -> {t['alias_of']}" if t["alias_of"] else ""), t["dtype"],
+                 "x".join(map(str, t["shape"])) or "()", t["bytes"]] for t in info["tensors"]]
+        print(table(["tensor", "dtype", "shape", "bytes"], rows, align="lllr"))
     if info["metadata"]:
         print()
         print("metadata:")

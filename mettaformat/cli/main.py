@@ -12,11 +12,20 @@ import traceback
 from collections.abc import Sequence
 
 from mettaformat import __version__
-from mettaformat.cli import compat_cmd, extract_cmd, inspect_cmd, repair_cmd, validate_cmd
+from mettaformat.cli import (
+    bench_cmd,
+    compat_cmd,
+    completion_cmd,
+    diff_cmd,
+    extract_cmd,
+    inspect_cmd,
+    repair_cmd,
+    validate_cmd,
+)
 from mettaformat.cli._output import sanitize
 from mettaformat.errors import MettaFormatError
 
-COMMANDS = (inspect_cmd, extract_cmd, validate_cmd, repair_cmd, compat_cmd)
+COMMANDS = (inspect_cmd, extract_cmd, validate_cmd, repair_cmd, compat_cmd, diff_cmd, bench_cmd, completion_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
+    # The common flags work after the subcommand too (mettaformat inspect -q FILE); SUPPRESS keeps the
+    # top-level value when they are not repeated there.
+    for subparser in sub.choices.values():
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print less")
+        subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="print more")
     return parser
 
 
@@ -44,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 from mettaformat._torch import buffer_tensor, tensor_bytes
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
 from mettaformat.container.codecs import SectionReader, get_codec
-from mettaformat.container.header import SectionEntry, TensorEntry, encode_msgpack, parse_header, parse_index
+from mettaformat.container.header import SectionEntry, TensorEntry, parse_header, parse_index
 from mettaformat.container.layout import Preamble, TrailerTail, checksum
 from mettaformat.container.stream import check_stream_header
 from mettaformat.container.tree import decode_tree
@@ -107,6 +107,7 @@ class LazyCheckpoint:
         self._map: mmap.mmap | None = None
         self._source: memoryview | None = None
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._index: dict[str, dict[str, TensorEntry]] = {}
 
     # -- opening ---------------------------------------------------------------------------
     def _pread(self, length: int, offset: int, region: str) -> bytes:
@@ -221,11 +222,13 @@ class LazyCheckpoint:
         s = self.header.section(section)
         if s is None:
             raise TensorNotFoundError(name, region=f"section {section!r} (no such section)")
-        target = s.aliases.get(name, name)
-        for t in s.tensors:
-            if t.name == target:
-                return s, t
-        raise TensorNotFoundError(name, region=f"section {section!r}")
+        index = self._index.get(section)
+        if index is None:
+            index = self._index[section] = s.by_name()
+        entry = index.get(s.aliases.get(name, name))
+        if entry is None:
+            raise TensorNotFoundError(name, region=f"section {section!r}")
+        return s, entry
 
     def _mapped(self) -> memoryview:
         if self._fd < 0:

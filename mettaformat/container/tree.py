@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgpack
 import torch
 
 from mettaformat.constants import MAX_TREE_DEPTH
@@ -238,7 +239,11 @@ class _Decoder:
         if not isinstance(v, dict):
             if v is None or isinstance(v, (bool, int, float, str, bytes)):
                 return v
+            if isinstance(v, msgpack.Timestamp):
+                raise HeaderError("msgpack ext type -1 (timestamp) is not allowed", path=path)
             raise HeaderError(f"unexpected {type(v).__name__}", path=path)
+        if bytes in map(type, v):
+            raise HeaderError("map keys must be strings", path=path)
         tagged = [k for k in v if k.startswith("$")]
         if not tagged:
             return {k: self.decode(x, f"{path}.{k}", depth + 1) for k, x in v.items()}

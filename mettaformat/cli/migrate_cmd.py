@@ -1,0 +1,95 @@
+"""``mettaformat migrate SRC [DST]``: legacy .pt checkpoints to .mfmt containers; exit 1 if any file fails."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+from mettaformat.cli._output import emit_json, sanitize
+from mettaformat.migrate import MigrationResult, migrate
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="migrate legacy .pt checkpoints (a file or a directory) to .mfmt containers",
+        description="Each input is imported safely, brought to the current schema, and written as "
+        "<name>.mfmt beside it (or under DST). Inputs are never modified, unless DST is the input "
+        "itself, which is then backed up to <name>.backup first.",
+    )
+    p.add_argument("src", metavar="SRC", help="a checkpoint file or a directory of *.pt files")
+    p.add_argument("dst", metavar="DST", nargs="?", help="output file, or output directory for a directory")
+    p.add_argument("--no-backup", action="store_true", help="do not back up an input replaced in place")
+    p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-directories")
+    p.add_argument("-n", "--dry-run", action="store_true", help="import and check every input, write nothing")
+    p.add_argument("--compression", choices=("none", "zstd"), default="none")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(run=run)
+
+
+class _Reporter:
+    """One line per file, or a tqdm bar when stdout is a terminal and tqdm is installed."""
+
+    def __init__(self, *, quiet: bool, silent: bool) -> None:
+        self.quiet, self.silent = quiet, silent
+        self.bar: Any = None
+
+    def __call__(self, result: MigrationResult, index: int, total: int) -> None:
+        if self.silent:
+            return
+        if self.bar is None and total > 1 and sys.stdout.isatty():
+            try:
+                tqdm = importlib.import_module("tqdm").tqdm  # optional: not a dependency
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, unit="file", disable=self.quiet)
+        if self.bar is not None:
+            self.bar.update(1)
+            if result.status == "failed":
+                self.bar.write(_line(result))
+        elif not self.quiet or result.status == "failed":
+            print(_line(result), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _line(r: MigrationResult) -> str:
+    text = f"{r.status:8} {sanitize(r.src)}"
+    if r.status == "migrated":
+        text += f" -> {sanitize(r.dst)}"
+        if r.migrations:
+            text += f" ({', '.join(r.migrations)})"
+    if r.reason:
+        text += f": {sanitize(r.reason)}"
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet = bool(getattr(args, "quiet", False))
+    reporter = _Reporter(quiet=quiet, silent=args.json)
+    try:
+        summary = migrate(
+            args.src,
+            args.dst,
+            backup=not args.no_backup,
+            recursive=args.recursive,
+            dry_run=args.dry_run,
+            compression=args.compression,
+            progress=reporter,
+        )
+    finally:
+        reporter.close()
+    if args.json:
+        emit_json(summary.to_dict())
+    elif not quiet or not summary.ok:
+        print(
+            f"{'Dry run: ' if summary.dry_run else ''}{summary.processed} processed, "
+            f"{summary.migrated} {'to migrate' if summary.dry_run else 'migrated'}, "
+            f"{summary.skipped} skipped, {summary.failed} failed"
+        )
+    return 0 if summary.ok else 1
