@@ -7,10 +7,10 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["mettaformat"]):
-    import mettaformat  # noqa: F401
-    import mettaformat.container.codecs.zstd  # noqa: F401
-    import mettaformat.container.header  # noqa: F401
-    import mettaformat.legacy  # noqa: F401
+    import mettaformat
+    import mettaformat.container.codecs.zstd
+    import mettaformat.container.header
+    import mettaformat.legacy
     import mettaformat.legacy.unpickler  # noqa: F401
 
 from fuzz.targets import TARGETS

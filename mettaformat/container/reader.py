@@ -260,7 +260,7 @@ class LazyCheckpoint:
         self._cache[key] = tensor
         return tensor
 
-    def _read(self, s: SectionEntry, entry: TensorEntry, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
+    def _read(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
         source = self._mapped()
         reader = self._readers[s.name]
         dtype = dtype_from_tag(entry.dtype)
@@ -272,8 +272,7 @@ class LazyCheckpoint:
                 self._map, s.offset + s.stream_header_length + entry.begin, entry.nbytes, dtype, entry.shape
             )
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
-        tasks = reader.decode_tasks(source, entry, out)
-        _run(tasks, pool)
+        _run(reader.decode_tasks(source, entry, out))
         self._check(entry, s, tensor_bytes(out))
         return out.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
 
@@ -301,10 +300,8 @@ class LazyCheckpoint:
             self.verify_structure()
         if s is None:
             return {}
-        out: dict[str, torch.Tensor] = {}
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            for entry in s.tensors:
-                out[entry.name] = self._read(s, entry, pool)
+        out = self._decode_all(s) if not self._readers[s.name].zero_copy else {
+            entry.name: self._read(s, entry) for entry in s.tensors}
         target = torch.device(device)
         result: dict[str, torch.Tensor] = {}
         for name in s.order:
@@ -314,6 +311,32 @@ class LazyCheckpoint:
                 tensor = moved if moved is not None else tensor.to(target)
             result[name] = tensor
         return result
+
+    def _decode_all(self, s: SectionEntry) -> dict[str, torch.Tensor]:
+        """Decode every frame of a compressed section at once on all cores, straight into the
+        destination tensors; checksums are verified here while workers decode later tensors."""
+        source = self._mapped()
+        reader = self._readers[s.name]
+        out: dict[str, torch.Tensor] = {}
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            jobs = []
+            for entry in s.tensors:
+                buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+                futures = [pool.submit(task) for task in reader.decode_tasks(source, entry, buffer)]
+                jobs.append((entry, buffer, futures))
+            try:
+                for entry, buffer, futures in jobs:
+                    for future in futures:
+                        future.result()
+                    self._check(entry, s, tensor_bytes(buffer))
+                    dtype = dtype_from_tag(entry.dtype)
+                    out[entry.name] = buffer.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
+                        entry.shape, dtype=dtype)
+            finally:
+                for _, _, futures in jobs:  # on error, do not decode the rest
+                    for future in futures:
+                        future.cancel()
+        return out
 
     # -- whole-file checks -------------------------------------------------------------------
     def verify_structure(self) -> None:
@@ -350,13 +373,15 @@ class LazyCheckpoint:
             check_stream_header(s, stream_header)
 
 
-def _run(tasks: list[Callable[[], None]], pool: ThreadPoolExecutor | None) -> None:
-    if pool is None or len(tasks) < 2:
+def _run(tasks: list[Callable[[], None]]) -> None:
+    """Run decode jobs, in parallel when a tensor spans several frames."""
+    if len(tasks) < 2:
         for task in tasks:
             task()
         return
-    for future in [pool.submit(task) for task in tasks]:
-        future.result()
+    with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 2)) as pool:
+        for future in [pool.submit(task) for task in tasks]:
+            future.result()
 
 
 class TensorSlice:

@@ -241,17 +241,17 @@ def _write(
             )
             position = align_offset(position + result.length, MFMT_DEFAULT_ALIGNMENT)
     data_end = written[-1].end if written else align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
-    index_header = replace(header, sections=tuple(written), file_length=0)
-    index = encode_msgpack(index_header.index_msgpack())
-    file_length = data_end + len(index) + 32
-    # The file length is part of both index and header; its width can change the index length.
-    for _ in range(3):
-        index = encode_msgpack(replace(index_header, file_length=file_length).index_msgpack())
+    # Build the section maps once; only the file length changes between the encodings below.
+    index_map = replace(header, sections=tuple(written), file_length=0).index_msgpack()
+    file_length = data_end + 32
+    # The file length is part of the index, and its msgpack width can change the index length.
+    for _ in range(4):
+        index_map["file_length"] = file_length
+        index = encode_msgpack(index_map)
         if data_end + len(index) + 32 == file_length:
             break
         file_length = data_end + len(index) + 32
-    final = replace(header, sections=tuple(written), file_length=file_length)
-    header_bytes = encode_msgpack(final.to_msgpack())
+    header_bytes = encode_msgpack({**index_map, "metadata": header.metadata, "trees": header.trees})
     if len(header_bytes) > reserved:
         raise WriteError(f"internal: header grew from {reserved} to {len(header_bytes)} bytes")
     tail = TrailerTail(index_length=len(index), index_checksum=checksum(index), file_length=file_length)

@@ -1,12 +1,15 @@
 """Byte-shuffle filter: split each element into byte planes before compression.
 
 Float weights have highly redundant exponent bytes; grouping byte ``i`` of every element
-together lets zstd see that redundancy. One strided copy per byte plane runs at memory
-speed in torch (about 4.6 GB/s here), against 0.5 GB/s for a transposing copy (BENCH.md).
+together lets zstd see that redundancy. The copies are numpy strided copies, one per byte
+plane: they run at 2 GB/s or more on one core and release the GIL, where torch's equivalent
+copy ran at a third of that here and oversubscribed the cores with its own thread pool when
+called from decode workers (BENCH.md, benchmarks/bench_components.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["shuffle", "unshuffle"]
@@ -14,16 +17,16 @@ __all__ = ["shuffle", "unshuffle"]
 
 def shuffle(data: torch.Tensor, width: int) -> torch.Tensor:
     """Byte planes of ``data`` (uint8, a multiple of ``width`` long): plane ``i`` holds byte ``i`` of each element."""
-    elements = data.view(-1, width)
-    planes = torch.empty((width, elements.shape[0]), dtype=torch.uint8)
+    elements = data.numpy().reshape(-1, width)
+    planes = np.empty((width, elements.shape[0]), dtype=np.uint8)
     for i in range(width):
-        planes[i].copy_(elements[:, i])
-    return planes
+        planes[i] = elements[:, i]
+    return torch.from_numpy(planes.reshape(-1))
 
 
 def unshuffle(planes: torch.Tensor, out: torch.Tensor, width: int) -> None:
     """Inverse of :func:`shuffle`: write the interleaved bytes of ``planes`` into ``out`` (uint8)."""
-    elements = out.view(-1, width)
-    planes = planes.view(width, -1)
+    elements = out.numpy().reshape(-1, width)
+    source = planes.numpy().reshape(width, -1)
     for i in range(width):
-        elements[:, i].copy_(planes[i])
+        elements[:, i] = source[i]

@@ -43,8 +43,9 @@ _ZSTD_MAGIC: Final = 0xFD2FB528
 #: Smallest possible frame: magic, descriptor, 1-byte content size, one block header, checksum.
 _MIN_FRAME: Final = 4 + 1 + 1 + 3 + 4
 _BLOCK_MAX: Final = 128 << 10
-#: Bytes sampled to decide whether the shuffle filter helps a tensor.
-_SAMPLE: Final = 64 << 10
+#: Bytes sampled to decide whether the shuffle filter helps an integer tensor.
+_SAMPLE: Final = 1 << 20
+_FLOAT_TAGS: Final = frozenset({"F16", "BF16", "F32", "F64", "C64"})
 _local = threading.local()
 
 
@@ -158,7 +159,7 @@ class ZstdCodec:
             raw = t.reshape(-1).view(torch.uint8) if p.end > p.begin else torch.empty(0, dtype=torch.uint8)
             checksums[p.name] = checksum(tensor_bytes(raw))
             width = itemsize(p.dtype)
-            flt = self._choose_filter(raw, width)
+            flt = self._choose_filter(raw, width, p.dtype)
             step = max(width, self.frame_size // width * width)
             for start in range(0, raw.numel(), step):
                 chunk = raw[start : start + step]
@@ -177,10 +178,14 @@ class ZstdCodec:
         source = shuffle(chunk, width) if flt == FILTER_SHUFFLE else chunk
         return _compressor(self.level).compress(tensor_bytes(source))
 
-    def _choose_filter(self, raw: torch.Tensor, width: int) -> int:
-        """Shuffle when a sample compresses clearly better that way (it nearly always does for floats)."""
+    def _choose_filter(self, raw: torch.Tensor, width: int, dtype: str) -> int:
+        """Shuffle floats always (their exponent bytes are what compresses); integers when a sample
+        says it helps. A sample must span several zstd blocks per plane to show the gain: 64 KiB of
+        fp32 showed none where the whole tensor gained 10%."""
         if width == 1 or raw.numel() < 4096:
             return FILTER_NONE
+        if dtype in _FLOAT_TAGS:
+            return FILTER_SHUFFLE
         sample = raw[: min(raw.numel(), _SAMPLE) // width * width]
         cctx = _compressor(1)
         plain = len(cctx.compress(tensor_bytes(sample)))
