@@ -165,7 +165,7 @@ def reference_bandwidths(workdir: Path, size: int = 256 * MiB, repeat: int = 5) 
         t_alloc_read = timeit(lambda: path.read_bytes(), repeat, 1)
     finally:
         path.unlink(missing_ok=True)
-    gbps = lambda t: size / t.median / 1e9  # noqa: E731
+    gbps = lambda t: size / t.median / 1e9
     return {
         "size_bytes": size,
         "memcpy_numpy_1thread_gbps": gbps(t_np),

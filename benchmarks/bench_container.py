@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     workdir = Path(args.dir) / f"mettaformat-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = [parse_size(s) for s in args.sizes] if args.sizes else (
