@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Final, Literal
@@ -39,9 +40,17 @@ def sniff_format(path: str | os.PathLike[str]) -> FormatName:
     """
     from mettaformat.legacy import sniff as sniff_legacy
 
-    with open(path, "rb") as f:
-        head = f.read(_SNIFF_BYTES)
-        size = os.fstat(f.fileno()).st_size
+    # Non-blocking open, then a regular-file check: a FIFO or device named as a checkpoint must
+    # fail at once instead of blocking the reader (HOSTILE H1).
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path} is not a regular file", region="file")
+        head = os.pread(fd, _SNIFF_BYTES, 0)
+        size = st.st_size
+    finally:
+        os.close(fd)
     if head.startswith(MFMT_MAGIC):
         return "mettaformat"
     legacy = sniff_legacy(head)

@@ -1,0 +1,169 @@
+"""Pruning and crash cleanup: the only code in the store that deletes files.
+
+Two rules keep deletion safe:
+
+- only listed checkpoints are ever deleted, and only if the file still has the signature
+  (mtime, size, inode) it had when it was listed: a checkpoint re-saved under the same name in
+  the meantime is kept;
+- files being written are temp files (``*.mfmt-tmp``), which are never listed; a temp file is
+  removed only once it is older than a grace period, as a leftover of a crashed writer
+  (HOSTILE I5).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from mettaformat._atomic import TEMP_SUFFIX
+from mettaformat.store.record import PolicyRecord, stat_signature
+from mettaformat.store.retention import RetentionPolicy
+from mettaformat.store.selectors import latest_first
+
+__all__ = ["DEFAULT_TEMP_GRACE_S", "PruneReport", "SkippedFile", "clean_temp_files", "delete_records", "plan_prune"]
+
+#: A temp file younger than this may belong to a save in progress (in this or another process).
+DEFAULT_TEMP_GRACE_S: Final = 3600.0
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file prune left alone, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneReport:
+    """What ``PolicyStore.prune`` kept and deleted (or would have, in a dry run).
+
+    Attributes:
+        policy: the retention policy, as text.
+        dry_run: nothing was deleted.
+        kept: kept checkpoints, newest first.
+        deleted: deleted checkpoints (would-be deleted in a dry run), newest first.
+        kept_by: for each kept path, the policies that kept it.
+        skipped: files left alone: unreadable ones, and ones that changed since listing.
+        temp_files_removed: crash leftovers removed (or that would be).
+    """
+
+    policy: str
+    dry_run: bool
+    kept: tuple[PolicyRecord, ...]
+    deleted: tuple[PolicyRecord, ...]
+    kept_by: Mapping[Path, tuple[str, ...]] = field(default_factory=dict)
+    skipped: tuple[SkippedFile, ...] = ()
+    temp_files_removed: tuple[Path, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (used by ``mettaformat prune --json``)."""
+        return {
+            "policy": self.policy,
+            "dry_run": self.dry_run,
+            "kept": [
+                {"path": str(r.path), "epoch": r.epoch, "kept_by": list(self.kept_by.get(r.path, ()))}
+                for r in self.kept
+            ],
+            "deleted": [{"path": str(r.path), "epoch": r.epoch, "size": r.size} for r in self.deleted],
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
+            "temp_files_removed": [str(p) for p in self.temp_files_removed],
+            "bytes_freed": sum(r.size for r in self.deleted),
+        }
+
+
+def plan_prune(
+    records: Sequence[PolicyRecord], policy: RetentionPolicy
+) -> tuple[list[PolicyRecord], list[PolicyRecord], dict[Path, tuple[str, ...]]]:
+    """Split ``records`` into (kept, to delete), newest first, and say which policy kept what."""
+    reasons: dict[Path, list[str]] = {}
+    for leaf in policy.leaves():
+        for path in leaf.keep(records):
+            reasons.setdefault(path, []).append(repr(leaf))
+    kept_paths = policy.keep(records)  # the union, by definition; leaves() only explains it
+    ordered = latest_first(records)
+    kept = [r for r in ordered if r.path in kept_paths]
+    doomed = [r for r in ordered if r.path not in kept_paths]
+    return kept, doomed, {p: tuple(v) for p, v in reasons.items() if p in kept_paths}
+
+
+def delete_records(records: Sequence[PolicyRecord]) -> tuple[list[PolicyRecord], list[SkippedFile]]:
+    """Delete each record's file if it is still the version that was listed.
+
+    Returns:
+        (deleted, skipped). A file already gone counts as deleted.
+    """
+    deleted: list[PolicyRecord] = []
+    skipped: list[SkippedFile] = []
+    for record in records:
+        try:
+            st = os.lstat(record.path)
+        except FileNotFoundError:
+            deleted.append(record)
+            continue
+        except OSError as e:
+            skipped.append(SkippedFile(record.path, f"cannot stat: {e.strerror}"))
+            continue
+        if not stat.S_ISREG(st.st_mode) or stat_signature(st) != record.signature:
+            # Re-saved (or swapped) since it was listed: the retention decision was about
+            # another version of this file.
+            skipped.append(SkippedFile(record.path, "changed since it was listed"))
+            continue
+        try:
+            os.unlink(record.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            skipped.append(SkippedFile(record.path, f"cannot delete: {e.strerror}"))
+            continue
+        deleted.append(record)
+    return deleted, skipped
+
+
+def clean_temp_files(
+    directory: Path, *, grace_s: float = DEFAULT_TEMP_GRACE_S, dry_run: bool = False, now: float | None = None
+) -> list[Path]:
+    """Remove ``*.mfmt-tmp`` files older than ``grace_s`` seconds from ``directory``.
+
+    Younger temp files may be saves in progress and are left alone. Symlinks and anything but
+    regular files are never touched. Not recursive.
+
+    Args:
+        directory: where to look.
+        grace_s: minimum age (by mtime) of a temp file before it counts as a crash leftover.
+        dry_run: only report.
+        now: the current time (seconds since the epoch); for tests.
+
+    Returns:
+        The temp files removed (or that would be, in a dry run).
+
+    Raises:
+        ValueError: ``grace_s`` is negative or not finite.
+    """
+    if not isinstance(grace_s, (int, float)) or not math.isfinite(grace_s) or grace_s < 0:
+        raise ValueError(f"grace_s must be a finite number >= 0, got {grace_s!r}")
+    current = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.endswith(TEMP_SUFFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            age = current - entry.stat(follow_symlinks=False).st_mtime
+            if age <= grace_s:
+                continue
+            if not dry_run:
+                os.unlink(entry.path)
+        except OSError:
+            continue  # finished (renamed) or removed by its writer meanwhile
+        removed.append(Path(entry.path))
+    return sorted(removed)

@@ -1,0 +1,397 @@
+"""``PolicyStore``: save, list, select, load and prune policy checkpoints.
+
+Listing and selecting read headers only (containers) or the directory index (legacy ``.pt``
+files, whose metadata needs a full import once per file version); weights are loaded only for
+the policies actually returned, through a thread-safe LRU cache keyed by path and file
+signature.
+
+Example:
+    >>> store = PolicyStore("runs/a/checkpoints")
+    >>> store.save(agent=agent, metadata={"epoch": 50, "score": 0.7})   # model_0050.mfmt
+    >>> best = store.policies(n=3, metric="score")                        # top 3 MettaAgents
+    >>> store.prune(LatestN(5) | BestN(5, "score"))
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+from torch import nn
+
+from mettaformat.agent import MettaAgent
+from mettaformat.anyformat import load_any
+from mettaformat.checkpoint_io import write_checkpoint
+from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
+from mettaformat.errors import StoreError
+from mettaformat.store.cache import DEFAULT_CACHE_SIZE, PolicyCache
+from mettaformat.store.catalog import RecordCatalog, ScanResult
+from mettaformat.store.maintenance import (
+    DEFAULT_TEMP_GRACE_S,
+    PruneReport,
+    SkippedFile,
+    clean_temp_files,
+    delete_records,
+    plan_prune,
+)
+from mettaformat.store.record import PolicyRecord, as_int, stat_signature
+from mettaformat.store.retention import RetentionPolicy
+from mettaformat.store.selectors import Mode, Selection, SelectorName, latest_first, select_records
+from mettaformat.store.uri import check_file_name, local_path, resolve_uri, split_scheme
+
+__all__ = ["PolicyStore", "PolicyStoreWarning"]
+
+#: The suffix of the files the store writes.
+STORE_SUFFIX: Final = ".mfmt"
+
+CacheKey = tuple[str, int, int, int]
+
+
+class PolicyStoreWarning(UserWarning):
+    """A selection returned fewer policies than asked for, or fell back to the latest ones."""
+
+
+class PolicyStore:
+    """Policies in a directory (or any URI), selected by metadata and loaded on demand.
+
+    Args:
+        root: the default location: a directory path or ``file://`` URI; where ``save`` writes
+            and what ``policies()`` / ``records()`` / ``prune()`` use when no URI is given.
+        cache_size: how many loaded policies to keep (LRU).
+        device: where loaded policies are placed.
+        use_index: read and maintain ``<dir>/.mettaformat-index`` (see
+            :mod:`mettaformat.store.index`).
+
+    Raises:
+        ValueError: ``Cache size must be positive`` when ``cache_size`` <= 0.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        device: str | torch.device = "cpu",
+        use_index: bool = True,
+    ) -> None:
+        self.root: Path | None = local_path(root) if root is not None else None
+        self.device = torch.device(device)
+        self.cache: PolicyCache[CacheKey, MettaAgent] = PolicyCache(cache_size)
+        self._catalog = RecordCatalog(use_index=use_index)
+
+    def __repr__(self) -> str:
+        return f"PolicyStore(root={str(self.root) if self.root else None!r}, device={str(self.device)!r})"
+
+    # -- listing and selecting (metadata only) --------------------------------------------------
+    def _uri(self, uri: str | os.PathLike[str] | None) -> str:
+        if uri is not None:
+            return os.fspath(uri)
+        if self.root is None:
+            raise StoreError("no URI given and the PolicyStore has no root")
+        return os.fspath(self.root)
+
+    def scan(self, uri: str | os.PathLike[str] | None = None) -> ScanResult:
+        """Records of every checkpoint ``uri`` names (default: the root), and the unreadable files.
+
+        Raises:
+            StoreError: an unknown scheme, or a path that does not exist.
+        """
+        return self._catalog.scan(resolve_uri(self._uri(uri)))
+
+    def records(self, uri: str | os.PathLike[str] | None = None) -> list[PolicyRecord]:
+        """Records of the readable checkpoints at ``uri``, newest first. Never loads weights.
+
+        Raises:
+            StoreError: an unknown scheme, or a path that does not exist.
+        """
+        return latest_first(self.scan(uri).records)
+
+    def select(
+        self,
+        uri: str | os.PathLike[str] | None = None,
+        *,
+        n: int = 1,
+        metric: str = "score",
+        selector: SelectorName = "top",
+        mode: Mode = "max",
+        seed: int | None = None,
+        fallback_to_latest: bool = False,
+    ) -> Selection:
+        """Choose checkpoints by metadata, without loading weights.
+
+        See :func:`mettaformat.store.selectors.select_records` for the selectors.
+
+        Returns:
+            A :class:`Selection`: the records, what was excluded and why, the shortfall, and
+            whether ``top`` fell back to the latest.
+
+        Raises:
+            StoreError: an unknown scheme or selector, a missing path, ``n`` below 1.
+        """
+        scan = self.scan(uri)
+        return select_records(
+            scan.records,
+            selector=selector,
+            n=n,
+            metric=metric,
+            mode=mode,
+            seed=seed,
+            fallback_to_latest=fallback_to_latest,
+            unreadable=scan.unreadable,
+        )
+
+    # -- loading --------------------------------------------------------------------------------
+    def policy(self, uri: str | os.PathLike[str] | None = None) -> MettaAgent:
+        """Load one policy: the file ``uri`` names, or the latest one in a directory or glob.
+
+        Raises:
+            StoreError: nothing loadable at ``uri`` (the message says why).
+            ModelReconstructionError: no builder is registered for the model type.
+            FormatError, LegacyImportError, IntegrityError: the file is damaged.
+        """
+        selection = self.select(uri, selector="latest", n=1)
+        if not selection.records:
+            raise StoreError(_nothing_found(self._uri(uri), selection))
+        return self.load(selection.records[0])
+
+    def policies(
+        self,
+        uri: str | os.PathLike[str] | None = None,
+        n: int = 1,
+        metric: str = "score",
+        selector: SelectorName = "top",
+        mode: Mode = "max",
+        seed: int | None = None,
+        fallback_to_latest: bool = False,
+    ) -> list[MettaAgent]:
+        """Load the policies :meth:`select` chooses.
+
+        Warns (:class:`PolicyStoreWarning`) when fewer than ``n`` qualify or ``top`` fell
+        back to the latest policies.
+
+        Raises:
+            StoreError: no policy qualifies, or as for :meth:`select`.
+            ModelReconstructionError, FormatError, LegacyImportError, IntegrityError: as for
+                :meth:`policy`.
+        """
+        selection = self.select(
+            uri, n=n, metric=metric, selector=selector, mode=mode, seed=seed, fallback_to_latest=fallback_to_latest
+        )
+        if not selection.records:
+            raise StoreError(_nothing_found(self._uri(uri), selection))
+        if selection.shortfall or selection.fell_back:
+            warnings.warn(f"{self._uri(uri)}: {selection.describe()}", PolicyStoreWarning, stacklevel=2)
+        return [self.load(r) for r in selection.records]
+
+    def load(self, record: PolicyRecord) -> MettaAgent:
+        """Load the policy of ``record`` (cached).
+
+        Raises:
+            StoreError: the file was replaced or deleted since ``record`` was read (HOSTILE H4:
+                its metadata no longer describes the file).
+            ModelReconstructionError, FormatError, LegacyImportError, IntegrityError: as for
+                :meth:`policy`.
+        """
+        key: CacheKey = (str(record.path), record.mtime_ns, record.size, record.ino)
+        agent = self.cache.get(key)
+        if agent is not None:
+            return agent
+        self._check_unchanged(record, "since it was listed")
+        ckpt = load_any(record.path, device=self.device)
+        agent = MettaAgent.from_checkpoint(ckpt, device=self.device)
+        # The signature must hold across the load too, or the weights may be another version's.
+        self._check_unchanged(record, "while it was being loaded")
+        self.cache.put(key, agent)
+        return agent
+
+    @staticmethod
+    def _check_unchanged(record: PolicyRecord, when: str) -> None:
+        try:
+            signature = stat_signature(os.lstat(record.path))
+        except OSError as e:
+            raise StoreError(f"{record.path} cannot be loaded: {e.strerror}", region=str(record.path)) from e
+        if signature != record.signature:
+            raise StoreError(f"{record.path} changed {when}; list it again", region=str(record.path))
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(
+        self,
+        name: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+        agent: MettaAgent | nn.Module | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        model_type: str = "pytorch",
+        compression: Compression = "none",
+        level: int = ZSTD_DEFAULT_LEVEL,
+        durable: bool = False,
+    ) -> PolicyRecord:
+        """Save a policy atomically and return its record.
+
+        Args:
+            name: file name inside the root (must end in ``.mfmt``); default
+                ``model_{epoch:04d}.mfmt`` from the merged metadata's ``epoch``.
+            path: an explicit target path or ``file://`` URI instead of ``root/name``.
+            agent: a :class:`MettaAgent`, or a bare ``nn.Module`` (saved with ``model_type``).
+            metadata: merged over the agent's metadata (``PolicyMetadata`` or a dict).
+            model_type: the registry name for a bare module.
+            compression: ``"none"`` or ``"zstd"``.
+            level: zstd level.
+            durable: fsync before the rename.
+
+        Returns:
+            The record of the file written (read back from its header).
+
+        Raises:
+            TypeError: ``agent`` is missing or not a module.
+            StoreError: no name can be derived (no root, no integer epoch), an invalid name,
+                or a name not ending in ``.mfmt``.
+            WriteError: the metadata cannot be stored, or an I/O error (the old file is kept).
+        """
+        if isinstance(agent, MettaAgent):
+            base = agent
+        elif isinstance(agent, nn.Module):
+            base = MettaAgent(agent, model_type=model_type)
+        else:
+            raise TypeError(f"PolicyStore.save needs agent=<MettaAgent or nn.Module>, got {type(agent).__name__}")
+        merged = {**base.metadata, **dict(metadata or {})}
+        target = self._target(name, path, merged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ckpt = base.to_checkpoint()
+        ckpt.metadata = merged
+        ckpt.name = base.name or target.name
+        ckpt.uri = target.resolve().as_uri()
+        write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable)
+        # Crash leftovers are cleaned by the next save (HOSTILE I5); young ones may be live writes.
+        clean_temp_files(target.parent, grace_s=DEFAULT_TEMP_GRACE_S)
+        # Read back from the header (and indexed): the record then equals what a later listing
+        # returns. Going through the catalog also copes with a concurrent saver replacing the file.
+        scan = self._catalog.scan([Path(os.path.abspath(target))])
+        if not scan.records:
+            detail = scan.unreadable[0].detail if scan.unreadable else "it vanished (deleted by another process?)"
+            raise StoreError(f"saved {target}, but cannot read it back: {detail}", region=str(target))
+        return scan.records[0]
+
+    def _target(self, name: str | None, path: str | os.PathLike[str] | None, metadata: Mapping[str, Any]) -> Path:
+        if path is not None:
+            target = local_path(path)
+            check_file_name(target.name)
+        else:
+            if self.root is None:
+                raise StoreError("PolicyStore.save needs path=... when the store has no root")
+            if name is None:
+                epoch = as_int(metadata.get("epoch"))
+                if epoch is None or epoch < 0:
+                    raise StoreError(
+                        "cannot name the checkpoint: the metadata has no non-negative integer 'epoch'; "
+                        "pass name= or path="
+                    )
+                name = f"model_{epoch:04d}{STORE_SUFFIX}"
+            target = self.root / check_file_name(name)
+        if target.suffix != STORE_SUFFIX:
+            raise StoreError(f"PolicyStore writes mettaformat containers; {target.name!r} must end in {STORE_SUFFIX}")
+        return target
+
+    # -- retention ------------------------------------------------------------------------------
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        uri: str | os.PathLike[str] | None = None,
+        *,
+        dry_run: bool = False,
+        temp_grace_s: float = DEFAULT_TEMP_GRACE_S,
+        allow_delete_all: bool = False,
+    ) -> PruneReport:
+        """Delete the checkpoints ``policy`` does not keep, and crash-leftover temp files.
+
+        Unreadable files are never deleted (reported as skipped), nor a checkpoint re-saved
+        since it was listed. Temp files younger than ``temp_grace_s`` may be saves in progress
+        and are kept.
+
+        Args:
+            policy: what to keep (``LatestN(3) | BestN(5, "score")``...).
+            uri: a directory or glob (default: the root).
+            dry_run: report only; delete nothing.
+            temp_grace_s: minimum age of a temp file before it is removed.
+            allow_delete_all: permit a prune that keeps no checkpoint at all.
+
+        Returns:
+            A :class:`PruneReport`.
+
+        Raises:
+            StoreError: the policy keeps nothing while checkpoints exist (unless
+                ``allow_delete_all``), or as for :meth:`scan`.
+        """
+        if not isinstance(policy, RetentionPolicy):
+            raise TypeError(f"prune needs a RetentionPolicy, got {type(policy).__name__}")
+        target = self._uri(uri)
+        scan = self.scan(target)
+        kept, doomed, kept_by = plan_prune(scan.records, policy)
+        if scan.records and not kept and not allow_delete_all:
+            raise StoreError(
+                f"{policy!r} keeps none of the {len(scan.records)} checkpoints at {target}; "
+                "pass allow_delete_all=True to delete them all"
+            )
+        skipped = [SkippedFile(e.path, f"unreadable: {e.detail}") for e in scan.unreadable]
+        if dry_run:
+            deleted = doomed
+        else:
+            deleted, not_deleted = delete_records(doomed)
+            skipped.extend(not_deleted)
+            self._forget(deleted)
+        temps: list[Path] = []
+        for directory in sorted(self._directories(target, scan)):
+            temps.extend(clean_temp_files(directory, grace_s=temp_grace_s, dry_run=dry_run))
+        return PruneReport(
+            policy=repr(policy),
+            dry_run=dry_run,
+            kept=tuple(kept),
+            deleted=tuple(deleted),
+            kept_by=kept_by,
+            skipped=tuple(skipped),
+            temp_files_removed=tuple(temps),
+        )
+
+    def clean_temp_files(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        grace_s: float = DEFAULT_TEMP_GRACE_S,
+        dry_run: bool = False,
+    ) -> list[Path]:
+        """Remove temp files older than ``grace_s`` from ``directory`` (default: the root).
+
+        Raises:
+            StoreError: no directory given and no root.
+            ValueError: a negative ``grace_s``.
+        """
+        return clean_temp_files(local_path(self._uri(directory)), grace_s=grace_s, dry_run=dry_run)
+
+    def _forget(self, deleted: list[PolicyRecord]) -> None:
+        self._catalog.forget(r.path for r in deleted)
+        gone = {str(r.path) for r in deleted}
+        for key in self.cache.keys():
+            if key[0] in gone:
+                self.cache.pop(key)
+
+    @staticmethod
+    def _directories(target: str, scan: ScanResult) -> set[Path]:
+        dirs = {r.path.parent for r in scan.records}
+        scheme, _ = split_scheme(target)
+        if scheme in (None, "file"):
+            path = local_path(target)
+            if path.is_dir():
+                dirs.add(Path(os.path.abspath(path)))
+        return dirs
+
+
+def _nothing_found(uri: str, selection: Selection) -> str:
+    if not selection.candidates:
+        first = selection.excluded[0] if selection.excluded else None
+        why = f"; unreadable: {first.path.name}: {first.detail}" if first is not None else ""
+        return f"No policy records found at {uri}{why}"
+    return f"No policy at {uri} qualifies: {selection.describe()}"
