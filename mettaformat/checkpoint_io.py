@@ -45,6 +45,11 @@ def write_checkpoint(
     Raises:
         WriteError: metadata using the reserved key, values an object tree cannot hold, I/O errors.
     """
+    from mettaformat.legacy.graph import storable_checkpoint  # local: legacy imports this module
+
+    # Values the legacy importer keeps as markers (a defaultdict's factory, bare storages) become
+    # the LegacyObject records the pickle itself spelled, so that every import can be written.
+    ckpt = storable_checkpoint(ckpt)
     if CHECKPOINT_KEY in ckpt.metadata:
         raise WriteError(f"metadata key {CHECKPOINT_KEY!r} is reserved")
     versions = dict(ckpt.versions)

@@ -88,7 +88,7 @@ def test_swapped_tensor_bodies_are_detected(tmp_path: Path) -> None:
     bx, by = bytes(data[start + x.begin:start + x.end]), bytes(data[start + y.begin:start + y.end])
     data[start + x.begin:start + x.end], data[start + y.begin:start + y.end] = by, bx
     path.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="'x'|'y'"):
+    with pytest.raises(IntegrityError, match=r"'x'|'y'"):
         mettaformat.load_file(path)
 
 

@@ -16,16 +16,33 @@ from mettaformat.cli import (
     bench_cmd,
     compat_cmd,
     completion_cmd,
+    convert_cmd,
     diff_cmd,
     extract_cmd,
     inspect_cmd,
+    ls_cmd,
+    migrate_cmd,
+    prune_cmd,
     repair_cmd,
     validate_cmd,
 )
 from mettaformat.cli._output import sanitize
 from mettaformat.errors import MettaFormatError
 
-COMMANDS = (inspect_cmd, extract_cmd, validate_cmd, repair_cmd, compat_cmd, diff_cmd, bench_cmd, completion_cmd)
+COMMANDS = (
+    inspect_cmd,
+    convert_cmd,
+    migrate_cmd,
+    validate_cmd,
+    repair_cmd,
+    compat_cmd,
+    ls_cmd,
+    prune_cmd,
+    extract_cmd,
+    diff_cmd,
+    bench_cmd,
+    completion_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

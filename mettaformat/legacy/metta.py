@@ -138,7 +138,7 @@ def _policy_record(ckpt: Checkpoint, record: LegacyObject, limits: LegacyLimits)
     uri = attrs.get("uri")
     ckpt.uri = uri if isinstance(uri, str) else None
     metadata = next((attrs[k] for k in _METADATA_KEYS if attrs.get(k) is not None), None)
-    ckpt.metadata = _metadata(metadata)
+    ckpt.metadata = plain_metadata(metadata)
     ckpt.versions = {"checkpoint_format": 1}
     policy = next((attrs[k] for k in _POLICY_KEYS if attrs.get(k) is not None), None)
     ckpt.provenance["shape"] = "v1-policy-record"
@@ -166,7 +166,7 @@ def _v2(ckpt: Checkpoint, d: dict[Any, Any], limits: LegacyLimits) -> None:
             ckpt.versions[tag] = d[key]
     ckpt.name = d.get("name") if isinstance(d.get("name"), str) else None
     ckpt.uri = d.get("uri") if isinstance(d.get("uri"), str) else None
-    ckpt.metadata = _metadata(d.get("metadata"))
+    ckpt.metadata = plain_metadata(d.get("metadata"))
     if "model_state_dict" in d:
         ckpt.tensors = _tensor_dict(d["model_state_dict"], "model_state_dict")
         ckpt.provenance["shape"] = "v2-state-dict"
@@ -213,7 +213,7 @@ def _tensor_dict(value: Any, what: str) -> dict[str, torch.Tensor]:
     return dict(value)
 
 
-def _metadata(value: Any) -> dict[str, Any]:
+def plain_metadata(value: Any) -> dict[str, Any]:
     """Metadata as a plain dict: PolicyMetadata's items, numpy scalars as Python numbers."""
     if isinstance(value, LegacyObject):
         merged = dict(value.state) if isinstance(value.state, dict) else {}
