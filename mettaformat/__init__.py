@@ -5,6 +5,7 @@ The public surface is small:
 - :func:`save_file` / :func:`save` write a state dict (raw or zstd) atomically.
 - :func:`open` opens a file lazily; :func:`load_file` / :func:`load` load it whole.
 - :func:`load_any` reads any format (container, legacy Metta ``.pt``, ``.safetensors``).
+- :class:`PolicyStore` lists, selects (top/latest/random), caches and prunes checkpoints.
 - :class:`MettaAgent` saves and loads policies and training checkpoints;
   :func:`register_model_type` tells it how to rebuild a model.
 - :func:`check_checkpoint_compatibility` says whether a runtime can load a checkpoint.
@@ -22,6 +23,7 @@ from mettaformat.container.reader import LazyCheckpoint, load, load_file, open
 from mettaformat.container.writer import save, save_file
 from mettaformat.errors import MettaFormatError, ModelReconstructionError
 from mettaformat.registry import register_model_type
+from mettaformat.store import PolicyStore
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,7 @@ __all__ = [
     "MettaAgent",
     "MettaFormatError",
     "ModelReconstructionError",
+    "PolicyStore",
     "RuntimeVersions",
     "TrainingState",
     "__version__",
