@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["emit_json", "human_bytes", "jsonable", "sanitize", "table"]
+__all__ = ["emit_json", "human_bytes", "jsonable", "progress_bar", "sanitize", "table"]
 
 
 def sanitize(text: str) -> str:
@@ -65,3 +65,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, align: str =
     lines = [fmt(headers), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in cells]
     return "\n".join(lines)
+
+
+def progress_bar(total: int, desc: str, *, quiet: bool = False) -> Any:
+    """A tqdm bar on stderr, shown only on a terminal (never in pipes, logs or CI) and not with --quiet."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file", disable=quiet or not sys.stderr.isatty(), leave=False)

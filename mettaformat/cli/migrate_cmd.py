@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Any
 
-from mettaformat.cli._output import emit_json, sanitize
+from mettaformat.cli._output import emit_json, progress_bar, sanitize
 from mettaformat.migrate import MigrationResult, migrate
 
 
@@ -30,7 +29,7 @@ def add_parser(sub: Any) -> None:
 
 
 class _Reporter:
-    """One line per file, or a tqdm bar when stdout is a terminal and tqdm is installed."""
+    """One line per file, or a progress bar when stdout is a terminal."""
 
     def __init__(self, *, quiet: bool, silent: bool) -> None:
         self.quiet, self.silent = quiet, silent
@@ -40,12 +39,7 @@ class _Reporter:
         if self.silent:
             return
         if self.bar is None and total > 1 and sys.stdout.isatty():
-            try:
-                tqdm = importlib.import_module("tqdm").tqdm  # optional: not a dependency
-            except ImportError:
-                pass
-            else:
-                self.bar = tqdm(total=total, unit="file", disable=self.quiet)
+            self.bar = progress_bar(total, "migrate", quiet=self.quiet)
         if self.bar is not None:
             self.bar.update(1)
             if result.status == "failed":

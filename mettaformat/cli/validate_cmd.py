@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mettaformat.cli._output import emit_json, sanitize
+from mettaformat.cli._output import emit_json, progress_bar, sanitize
 from mettaformat.validate import validate
 
 
@@ -18,7 +18,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    reports = [validate(f, deep=args.deep) for f in args.files]
+    bar = progress_bar(len(args.files), "validate", quiet=args.quiet or len(args.files) < 2)
+    reports = []
+    for f in args.files:
+        reports.append(validate(f, deep=args.deep))
+        bar.update(1)
+    bar.close()
     if args.json:
         emit_json([r.to_dict() for r in reports])
     else:
