@@ -19,13 +19,13 @@ import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
 import torch
 
+from mettaformat._pool import shared_pool
 from mettaformat._torch import buffer_tensor, tensor_bytes
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
 from mettaformat.container.codecs import SectionReader, get_codec
@@ -300,8 +300,11 @@ class LazyCheckpoint:
             self.verify_structure()
         if s is None:
             return {}
-        out = self._decode_all(s) if not self._readers[s.name].zero_copy else {
-            entry.name: self._read(s, entry) for entry in s.tensors}
+        out = (
+            self._decode_all(s)
+            if not self._readers[s.name].zero_copy
+            else {entry.name: self._read(s, entry) for entry in s.tensors}
+        )
         target = torch.device(device)
         result: dict[str, torch.Tensor] = {}
         for name in s.order:
@@ -318,24 +321,25 @@ class LazyCheckpoint:
         source = self._mapped()
         reader = self._readers[s.name]
         out: dict[str, torch.Tensor] = {}
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            jobs = []
-            for entry in s.tensors:
-                buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-                futures = [pool.submit(task) for task in reader.decode_tasks(source, entry, buffer)]
-                jobs.append((entry, buffer, futures))
-            try:
-                for entry, buffer, futures in jobs:
-                    for future in futures:
-                        future.result()
-                    self._check(entry, s, tensor_bytes(buffer))
-                    dtype = dtype_from_tag(entry.dtype)
-                    out[entry.name] = buffer.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
-                        entry.shape, dtype=dtype)
-            finally:
-                for _, _, futures in jobs:  # on error, do not decode the rest
-                    for future in futures:
-                        future.cancel()
+        pool = shared_pool()
+        jobs = []
+        for entry in s.tensors:
+            buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+            futures = [pool.submit(task) for task in reader.decode_tasks(source, entry, buffer)]
+            jobs.append((entry, buffer, futures))
+        try:
+            for entry, buffer, futures in jobs:
+                for future in futures:
+                    future.result()
+                self._check(entry, s, tensor_bytes(buffer))
+                dtype = dtype_from_tag(entry.dtype)
+                out[entry.name] = (
+                    buffer.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
+                )
+        finally:
+            for _, _, futures in jobs:  # on error, do not decode the rest
+                for future in futures:
+                    future.cancel()
         return out
 
     # -- whole-file checks -------------------------------------------------------------------
@@ -358,9 +362,7 @@ class LazyCheckpoint:
                 raise IntegrityError("non-zero bytes in padding", region="padding", offset=start)
         index = bytes(source[self.tail.index_offset : self.tail.index_offset + self.tail.index_length])
         self.tail.verify_index(index)
-        if (
-            parse_index(index).index_msgpack() != self.header.index_msgpack()
-        ):
+        if parse_index(index).index_msgpack() != self.header.index_msgpack():
             raise IntegrityError(
                 "trailer index differs from the header's", region="trailer index", offset=self.tail.index_offset
             )
@@ -379,9 +381,8 @@ def _run(tasks: list[Callable[[], None]]) -> None:
         for task in tasks:
             task()
         return
-    with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 2)) as pool:
-        for future in [pool.submit(task) for task in tasks]:
-            future.result()
+    for future in [shared_pool().submit(task) for task in tasks]:
+        future.result()
 
 
 class TensorSlice:

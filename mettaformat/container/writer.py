@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Final
 
 import torch
 
 from mettaformat._atomic import atomic_fd
+from mettaformat._pool import shared_pool
 from mettaformat._torch import storage_key
 from mettaformat.constants import (
     CHECKSUM_NAMES,
@@ -134,8 +134,10 @@ def _frames_size(codec: Codec, plan: StreamPlan) -> int:
         return 0
     if len(plan.header) > MAX_FRAME_RAW_SIZE:
         # frame 0 holds the whole safetensors header; readers cap every frame at this size
-        raise WriteError(f"{len(plan.tensors)} tensors make a {len(plan.header)}-byte safetensors header, more than "
-                         f"a zstd frame may hold ({MAX_FRAME_RAW_SIZE}); save this section uncompressed")
+        raise WriteError(
+            f"{len(plan.tensors)} tensors make a {len(plan.header)}-byte safetensors header, more than "
+            f"a zstd frame may hold ({MAX_FRAME_RAW_SIZE}); save this section uncompressed"
+        )
     count = 1  # the safetensors header frame
     for p in plan.tensors:
         width = p.tensor.element_size()
@@ -163,8 +165,9 @@ def _split_trees(
             raise WriteError(f"tree {tree_name!r} has the same name as a section")
         found: dict[str, torch.Tensor] = {}
 
-        def ref(t: torch.Tensor, path: str, _found: dict[str, torch.Tensor] = found, _section: str = tree_name
-                ) -> tuple[str, str]:
+        def ref(
+            t: torch.Tensor, path: str, _found: dict[str, torch.Tensor] = found, _section: str = tree_name
+        ) -> tuple[str, str]:
             key = storage_key(t)
             if key is not None and key in stored:  # the same tensor referenced twice stays one tensor
                 return stored[key]
@@ -226,20 +229,20 @@ def _write(
     reserved = len(encode_msgpack(header.to_msgpack()))
     position = align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
     written: list[SectionEntry] = []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for entry in entries:
-            plan = plans[entry.name]
-            result = codec.write(fd, position, plan, pool)
-            written.append(
-                replace(
-                    entry,
-                    offset=position,
-                    length=result.length,
-                    frames=result.frames,
-                    tensors=entries_from_plan(plan, result.checksums),
-                )
+    pool = shared_pool()
+    for entry in entries:
+        plan = plans[entry.name]
+        result = codec.write(fd, position, plan, pool)
+        written.append(
+            replace(
+                entry,
+                offset=position,
+                length=result.length,
+                frames=result.frames,
+                tensors=entries_from_plan(plan, result.checksums),
             )
-            position = align_offset(position + result.length, MFMT_DEFAULT_ALIGNMENT)
+        )
+        position = align_offset(position + result.length, MFMT_DEFAULT_ALIGNMENT)
     data_end = written[-1].end if written else align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
     # Build the section maps once; only the file length changes between the encodings below.
     index_map = replace(header, sections=tuple(written), file_length=0).index_msgpack()

@@ -19,7 +19,7 @@ import torch
 from mettaformat.container.header import SectionEntry, TensorEntry
 from mettaformat.container.stream import StreamPlan
 
-__all__ = ["Codec", "SectionReader", "WrittenStream", "pwrite_all"]
+__all__ = ["Codec", "SectionReader", "WrittenStream", "pwrite_all", "pwritev_all"]
 
 
 @dataclass
@@ -66,3 +66,30 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+#: Buffers per pwritev call (POSIX guarantees at least 16; Linux allows 1024).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+
+def pwritev_all(fd: int, buffers: list[memoryview], offset: int, keep: object = None) -> None:
+    """Write consecutive ``buffers`` at ``offset`` with as few system calls as possible.
+
+    ``keep`` holds the objects that own the buffers' memory until the write is done.
+    """
+    if not hasattr(os, "pwritev"):
+        for buf in buffers:
+            pwrite_all(fd, buf, offset)
+            offset += len(buf)
+        return
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    first = 0
+    while first < len(pending):
+        written = os.pwritev(fd, pending[first : first + _IOV_MAX], offset)
+        offset += written
+        # skip what was written; a partial write leaves the rest of one buffer
+        while first < len(pending) and written >= len(pending[first]):
+            written -= len(pending[first])
+            first += 1
+        if written:
+            pending[first] = pending[first][written:]

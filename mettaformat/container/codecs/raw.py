@@ -5,15 +5,16 @@ Normative description: ``spec/codecs/raw.md``.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Final
 
 import torch
 
 from mettaformat._torch import contiguous_cpu, tensor_bytes
-from mettaformat.container.codecs.base import WrittenStream, pwrite_all
+from mettaformat.container.codecs.base import WrittenStream, pwrite_all, pwritev_all
 from mettaformat.container.header import SectionEntry, TensorEntry
 from mettaformat.container.layout import checksum
 from mettaformat.container.stream import StreamPlan
@@ -21,23 +22,54 @@ from mettaformat.errors import LayoutError
 
 __all__ = ["RawCodec"]
 
+#: Consecutive tensors are written with one pwritev once this many bytes are gathered.
+_BATCH_BYTES: Final = 8 << 20
+#: Bytes handed to the writer thread and not yet written (bounds the copies of non-contiguous tensors).
+_MAX_IN_FLIGHT: Final = 256 << 20
+
 
 @dataclass(frozen=True)
 class RawCodec:
     name: ClassVar[str] = "raw"
 
     def write(self, fd: int, offset: int, plan: StreamPlan, pool: Executor) -> WrittenStream:
+        """Hash on this thread while a worker writes: tensors are gathered into large pwritev
+        batches, since a thread handoff per small tensor cost more than the write itself."""
         pwrite_all(fd, plan.header, offset)
         data_start = offset + len(plan.header)
         checksums: dict[str, int] = {}
+        in_flight: deque[tuple[Future[None], int]] = deque()
+        flying = 0
+        batch: list[memoryview] = []
+        keep: list[Any] = []  # tensors whose memory the batch views (contiguous copies included)
+        batch_start = batch_bytes = 0
+
+        def flush() -> None:
+            nonlocal batch, keep, batch_bytes, flying
+            if batch:
+                future = pool.submit(pwritev_all, fd, batch, data_start + batch_start, keep)
+                in_flight.append((future, batch_bytes))
+                flying += batch_bytes
+            batch, keep, batch_bytes = [], [], 0
+            while in_flight and (flying > _MAX_IN_FLIGHT or in_flight[0][0].done()):
+                done, size = in_flight.popleft()
+                done.result()
+                flying -= size
+
         for p in plan.tensors:
             t = contiguous_cpu(p.tensor, p.name)  # a copy only when the tensor was not contiguous
             data = tensor_bytes(t)
-            # The write runs on a worker (it releases the GIL) while this thread hashes.
-            written = pool.submit(pwrite_all, fd, data, data_start + p.begin)
             checksums[p.name] = checksum(data)
-            written.result()
-            del t, data
+            if not batch:
+                batch_start = p.begin
+            batch.append(data)
+            keep.append(t)
+            batch_bytes += len(data)
+            if batch_bytes >= _BATCH_BYTES:
+                flush()
+        flush()
+        for future, _ in in_flight:
+            future.result()
         return WrittenStream(length=plan.length, checksums=checksums)
 
     def open_section(self, section: SectionEntry) -> _RawSection:
