@@ -51,7 +51,7 @@ def main() -> None:
     for vector in sorted(VECTORS.glob("valid_zstd*.mfmt")):
         with mettaformat.open(vector) as ckpt:
             data = vector.read_bytes()
-            for reader in ckpt._readers.values():
+            for reader in (ckpt.section_reader(s) for s in ckpt.sections):
                 for offset, clen, rlen, flt in getattr(reader, "frames", []):
                     add("zstd_frame", bytes([flt]) + struct.pack("<I", rlen) + data[offset:offset + clen])
     torch.manual_seed(0)

@@ -187,7 +187,7 @@ def _validate_container(path: str | os.PathLike[str], deep: bool, report: Valida
                 # Checking a zstd tensor's checksums means decoding it: each frame carries a zstd
                 # content checksum and each tensor an xxh3 over its decoded bytes.
                 try:
-                    tensor = ckpt._read(s, t)
+                    tensor = ckpt.read_entry(s, t)
                     report.tensors_checked += 1
                 except MettaFormatError as e:
                     report.problems.append(Problem(f"section {s.name!r} tensor {t.name!r}", e.message))

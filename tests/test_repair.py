@@ -35,8 +35,8 @@ def tensor_region(path: Path, name: str) -> tuple[int, int]:
             t = s.by_name()[name]
             start = s.offset + s.stream_header_length
             return start + t.begin, start + t.end
-        first, end = f._readers["model"].tensor_frames[name]  # type: ignore[attr-defined]
-        frames = f._readers["model"].frames  # type: ignore[attr-defined]
+        first, end = f.section_reader("model").tensor_frames[name]  # type: ignore[attr-defined]
+        frames = f.section_reader("model").frames  # type: ignore[attr-defined]
         return frames[first][0], frames[end - 1][0] + frames[end - 1][1]
 
 

@@ -46,14 +46,12 @@ def extract_safetensors(
         if entry is None:
             raise TensorNotFoundError(section, region="sections")
         ckpt.verify_structure()
-        reader = ckpt._readers[section]
-        data = ckpt._mapped()
-        header = reader.stream_header(data)
+        header = ckpt.stream_header(section)
         with atomic_fd(target) as fd:
             pwrite_all(fd, header, 0)
             for t in entry.tensors:
                 # one tensor in memory at a time (zstd) or a view of the mapping (raw)
-                tensor = ckpt._read(entry, t)
+                tensor = ckpt.read_entry(entry, t)
                 pwrite_all(fd, tensor_bytes(tensor.reshape(-1).view(torch.uint8)), len(header) + t.begin)
             os.ftruncate(fd, entry.stream_length)
         dropped = []

@@ -284,6 +284,24 @@ class LazyCheckpoint:
                 offset=s.offset + s.stream_header_length + entry.begin if s.codec == "raw" else None,
             )
 
+    def section_reader(self, section: str) -> SectionReader:
+        """The codec reader of ``section`` (frame tables, zero-copy views) for tools such as repair.
+
+        Raises:
+            TensorNotFoundError: no such section.
+        """
+        if section not in self._readers:
+            raise TensorNotFoundError(section, region="sections")
+        return self._readers[section]
+
+    def read_entry(self, section: SectionEntry, entry: TensorEntry) -> torch.Tensor:
+        """Read one tensor entry of ``section`` (uncached; checksum verified if ``verify``)."""
+        return self._read(section, entry)
+
+    def stream_header(self, section: str) -> bytes:
+        """The safetensors header bytes of ``section``'s stream (decoded for zstd sections)."""
+        return self.section_reader(section).stream_header(self._mapped())
+
     def get_slice(self, name: str, *, section: str = "model") -> TensorSlice:
         """A handle whose ``[...]`` reads part of a tensor (only the pages touched, for raw sections)."""
         s, entry = self._entry(name, section)
