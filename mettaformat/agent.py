@@ -283,7 +283,10 @@ class MettaAgent(nn.Module):
 
         Raises:
             ModelReconstructionError: as for :meth:`load`.
-            FormatError: the file holds no training state.
+            FormatError, LegacyImportError, IntegrityError: the file cannot be read.
+
+        A checkpoint without training state (a plain policy) loads with an empty
+        ``training_state``: the optimizer, scheduler and RNGs are left as they are.
         """
         ckpt = load_any(path, lazy=False)
         agent = cls.from_checkpoint(ckpt, model=model, device=device, lazy=False)

@@ -17,10 +17,17 @@ from mettaformat.bench import compare_formats, markdown_table
 from mettaformat.cli._output import emit_json, sanitize
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="compare size and load time across formats for your checkpoints")
     p.add_argument("files", nargs="*", metavar="FILE")
-    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--repeat", type=_positive, default=7, help="timed runs per measurement (median reported)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -31,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
         inputs.append((f, {k: v.contiguous() for k, v in load_any(f, migrate=False).tensors.items()}))
     if not inputs:
         g = torch.Generator().manual_seed(0)
-        inputs.append(("synthetic 64 MiB fp32", {f"layer{i}.weight": torch.randn(256, 256, generator=g)
-                                                 for i in range(256)}))
+        inputs.append(
+            ("synthetic 64 MiB fp32", {f"layer{i}.weight": torch.randn(256, 256, generator=g) for i in range(256)})
+        )
     report = []
     for name, weights in inputs:
         raw = sum(t.numel() * t.element_size() for t in weights.values())

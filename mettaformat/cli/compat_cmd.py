@@ -20,11 +20,21 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    runtime = RuntimeVersions(observation_space=args.observation_space, action_space=args.action_space,
-                              layer=args.layer)
+    runtime = RuntimeVersions(
+        observation_space=args.observation_space, action_space=args.action_space, layer=args.layer
+    )
     report = check_checkpoint_compatibility(args.file, runtime)
     if args.json:
         emit_json({"file": args.file, **report.to_dict()})
     else:
-        print(sanitize(str(report)).replace("\\n", "\n"))
+        # Rendered item by item: a newline inside a hostile file name must stay escaped.
+        lines = [f"Compatibility Level: {report.level.value}"]
+        for title, items in (
+            ("Errors", report.errors),
+            ("Warnings", report.warnings),
+            ("Recommendations", report.recommendations),
+        ):
+            if items:
+                lines += [f"\n{title}:", *(f"  - {sanitize(item)}" for item in items)]
+        print("\n".join(lines))
     return report.exit_code

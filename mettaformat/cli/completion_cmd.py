@@ -15,8 +15,7 @@ def add_parser(sub: Any) -> None:
 def _commands(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
     for action in parser._actions:  # argparse has no public API for walking subparsers
         if isinstance(action, argparse._SubParsersAction):
-            return {name: [o for a in sub._actions for o in a.option_strings]
-                    for name, sub in action.choices.items()}
+            return {name: [o for a in sub._actions for o in a.option_strings] for name, sub in action.choices.items()}
     return {}
 
 
@@ -27,7 +26,7 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
     return f"""_mettaformat() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} cmd=${{COMP_WORDS[1]}} opts
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "{' '.join(commands)} {globals_}" -- "$cur")); return
+        COMPREPLY=($(compgen -W "{" ".join(commands)} {globals_}" -- "$cur")); return
     fi
     case "$cmd" in
 {cases}

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     for key, (va, vb) in d.metadata.items():
         print(f"metadata {sanitize(key)}: {sanitize(repr(va))[:80]} -> {sanitize(repr(vb))[:80]}")
     if not args.quiet:
-        print(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, {d.unchanged} unchanged, "
-              f"{len(d.metadata)} metadata differences")
+        print(
+            f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, {d.unchanged} unchanged, "
+            f"{len(d.metadata)} metadata differences"
+        )
     return 1

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from mettaformat.anyformat import load_any, sniff_format
+from mettaformat.checkpoint_io import split_metadata
 from mettaformat.cli._output import emit_json, human_bytes, jsonable, sanitize, table
 from mettaformat.container.reader import LazyCheckpoint
+from mettaformat.dtypes import tag_from_dtype
+from mettaformat.errors import WriteError
 
 
 def add_parser(sub: Any) -> None:
@@ -18,18 +24,45 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _dtype_tag(t: torch.Tensor) -> str:
+    """The safetensors tag containers use, so every format reports dtypes the same way."""
+    try:
+        return tag_from_dtype(t.dtype)
+    except WriteError:  # a dtype safetensors has no tag for (complex128...): torch's name
+        return str(t.dtype).removeprefix("torch.")
+
+
+def _entries(section: str, tensors: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    return [
+        {
+            "section": section,
+            "name": k,
+            "dtype": _dtype_tag(t),
+            "shape": list(t.shape),
+            "bytes": t.numel() * t.element_size(),
+            "alias_of": None,
+        }
+        for k, t in tensors.items()
+    ]
+
+
 def describe_other(path: str, kind: str) -> dict[str, Any]:
     """A legacy or safetensors file, through the safe importer (nothing in it runs)."""
     ckpt = load_any(path, migrate=False)
-    tensors = [{"section": "model", "name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                "bytes": t.numel() * t.element_size(), "alias_of": None} for k, t in ckpt.tensors.items()]
-    legacy = [{"section": "legacy", "name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-               "bytes": t.numel() * t.element_size(), "alias_of": None} for k, t in ckpt.legacy_tensors.items()]
+    version = ckpt.versions.get("checkpoint_format")
     return {
-        "path": path, "format": kind, "version": ckpt.versions.get("checkpoint_format"),
-        "shape": ckpt.provenance.get("shape"), "file_bytes": os.path.getsize(path), "checksum": None,
-        "sections": [], "tensors": tensors + legacy, "metadata": ckpt.metadata, "trees": [],
-        "model_type": ckpt.model_type, "name": ckpt.name,
+        "path": path,
+        "format": kind,
+        "version": str(version) if version is not None else None,
+        "shape": ckpt.provenance.get("shape"),
+        "file_bytes": os.path.getsize(path),
+        "checksum": None,
+        "sections": [],
+        "tensors": _entries("model", ckpt.tensors) + _entries("legacy", ckpt.legacy_tensors),
+        "metadata": ckpt.metadata,
+        "trees": [],
+        "model_type": ckpt.model_type,
+        "name": ckpt.name,
         "class_paths": ckpt.provenance.get("class_paths", []),
     }
 
@@ -71,16 +104,21 @@ def describe(path: str) -> dict[str, Any]:
                         "alias_of": s.aliases.get(name),
                     }
                 )
+        user, own = split_metadata(ckpt.metadata)
         return {
             "path": path,
             "format": "mettaformat",
             "version": f"{pre.major}.{pre.minor}",
+            "shape": "container",
             "file_bytes": os.path.getsize(path),
             "checksum": h.checksum,
             "sections": sections,
             "tensors": tensors,
-            "metadata": ckpt.metadata,
+            "metadata": user,
             "trees": list(h.trees),
+            "model_type": own.get("model_type"),
+            "name": own.get("name"),
+            "class_paths": [],
         }
 
 
@@ -91,21 +129,40 @@ def run(args: argparse.Namespace) -> int:
         return 0
     path = sanitize(info["path"])
     if info["format"] != "mettaformat":
-        print(f"{path}: {info['format']} ({info['shape']}), checkpoint_format_version {info['version']}, "
-              f"{human_bytes(info['file_bytes'])}; imported safely, nothing in it executed")
+        print(
+            f"{path}: {info['format']} ({info['shape']}), checkpoint_format_version {info['version']}, "
+            f"{human_bytes(info['file_bytes'])}; imported safely, nothing in it executed"
+        )
         if args.verbose and info["class_paths"]:
             print("classes named in the pickle: " + ", ".join(map(sanitize, info["class_paths"])))
     else:
         print(f"{path}: mettaformat {info['version']}, {human_bytes(info['file_bytes'])}, checksums {info['checksum']}")
         print()
-        rows = [[s["name"], s["codec"], human_bytes(s["stored_bytes"]), human_bytes(s["raw_bytes"]),
-                 f"{s['ratio']:.3f}" if s["ratio"] else "-", s["tensors"]] for s in info["sections"]]
+        rows = [
+            [
+                s["name"],
+                s["codec"],
+                human_bytes(s["stored_bytes"]),
+                human_bytes(s["raw_bytes"]),
+                f"{s['ratio']:.3f}" if s["ratio"] else "-",
+                s["tensors"],
+            ]
+            for s in info["sections"]
+        ]
         print(table(["section", "codec", "stored", "raw", "ratio", "tensors"], rows, align="llrrrr"))
     if not args.quiet:
         print()
-        rows = [[(f"{t['section']}:" if t["section"] != "model" else "") + t["name"]
-                 + (f" -> {t['alias_of']}" if t["alias_of"] else ""), t["dtype"],
-                 "x".join(map(str, t["shape"])) or "()", t["bytes"]] for t in info["tensors"]]
+        rows = [
+            [
+                (f"{t['section']}:" if t["section"] != "model" else "")
+                + t["name"]
+                + (f" -> {t['alias_of']}" if t["alias_of"] else ""),
+                t["dtype"],
+                "x".join(map(str, t["shape"])) or "()",
+                t["bytes"],
+            ]
+            for t in info["tensors"]
+        ]
         print(table(["tensor", "dtype", "shape", "bytes"], rows, align="lllr"))
     if info["metadata"]:
         print()

@@ -7,6 +7,8 @@ Exit codes: 0 success; 1 the command ran and found a problem (or failed on bad i
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -69,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(args)
         return code
+    except BrokenPipeError:  # output piped into head & co.: stop quietly
+        # Point stdout at /dev/null so the interpreter's final flush does not complain again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        return 0
     except (MettaFormatError, OSError) as e:
         if args.debug:
             traceback.print_exc()
@@ -76,9 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # output piped into head & co.
-        sys.stderr.close()
-        return 0
 
 
 if __name__ == "__main__":

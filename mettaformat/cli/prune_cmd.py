@@ -18,6 +18,13 @@ from mettaformat.store.maintenance import DEFAULT_TEMP_GRACE_S
 from mettaformat.store.retention import AnyOf
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # rejects negatives and NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number of seconds")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("prune", help="delete checkpoints outside the retention rules (keep-last/best/every)")
     p.add_argument("dir", help="a directory or glob")
@@ -32,7 +39,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--temp-grace",
         metavar="SECONDS",
-        type=float,
+        type=_seconds,
         default=DEFAULT_TEMP_GRACE_S,
         help=f"remove temp files older than this (default {DEFAULT_TEMP_GRACE_S:.0f})",
     )

@@ -23,9 +23,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(report.to_dict())
     else:
-        print(f"wrote {sanitize(report.output)} (index from the {report.index_from}): "
-              f"{len(report.recovered)} tensors recovered, {len(report.lost)} lost, "
-              f"{len(report.zero_filled)} zero-filled")
+        print(
+            f"wrote {sanitize(report.output)} (index from the {report.index_from}): "
+            f"{len(report.recovered)} tensors recovered, {len(report.lost)} lost, "
+            f"{len(report.zero_filled)} zero-filled"
+        )
         for name in report.lost:
             print(f"  lost: {sanitize(name)}")
         for name in report.zero_filled:

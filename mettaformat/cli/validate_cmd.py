@@ -31,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
             status = "ok" if r.ok else f"{len(r.problems)} problem(s)"
             if r.ok and args.quiet:
                 continue
-            print(f"{sanitize(r.path)}: {r.format or 'unknown format'}"
-                  f"{f' ({r.shape})' if r.shape else ''}, {r.tensors_checked} tensors checked: {status}")
+            print(
+                f"{sanitize(r.path)}: {r.format or 'unknown format'}"
+                f"{f' ({r.shape})' if r.shape else ''}, {r.tensors_checked} tensors checked: {status}"
+            )
             for p in r.problems:
                 print(f"  {sanitize(p.region)}: {sanitize(p.message)}")
     return 0 if all(r.ok for r in reports) else 1

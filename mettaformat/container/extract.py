@@ -44,7 +44,9 @@ def extract_safetensors(
     with LazyCheckpoint(source, verify=True) as ckpt:
         entry = ckpt.header.section(section)
         if entry is None:
-            raise TensorNotFoundError(section, region="sections")
+            raise TensorNotFoundError(
+                section, region=f"sections (no section named {section!r}; the file has {', '.join(ckpt.sections)})"
+            )
         ckpt.verify_structure()
         header = ckpt.stream_header(section)
         with atomic_fd(target) as fd:

@@ -328,6 +328,9 @@ class PolicyStore:
         """
         if not isinstance(policy, RetentionPolicy):
             raise TypeError(f"prune needs a RetentionPolicy, got {type(policy).__name__}")
+        # Checked before anything is deleted: a bad grace period must not fail halfway.
+        if not temp_grace_s >= 0:  # also rejects NaN
+            raise StoreError(f"temp file grace period must be a non-negative number of seconds, not {temp_grace_s}")
         target = self._uri(uri)
         scan = self.scan(target)
         kept, doomed, kept_by = plan_prune(scan.records, policy)
