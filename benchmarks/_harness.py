@@ -12,9 +12,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -51,8 +49,8 @@ def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1, *, budget_s:
     unmapping a file is not part of a load). ``setup`` runs before each call, unmeasured.
     A ``gc.collect()`` runs before each call: call ``gc.freeze()`` once after the imports and
     data sets are loaded, or each collection walks every long-lived object (about 0.1 s here).
-    With ``budget_s``, the number of measured runs is cut (never below 2, or 1 when even the
-    warm-up exceeded the budget) so that they take about that long; ``runs`` says how many ran.
+    With ``budget_s``, the number of measured runs is cut (never below 2) so that they take about
+    that long; ``runs`` says how many ran.
     """
     def once() -> float:
         if setup is not None:
@@ -68,7 +66,7 @@ def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1, *, budget_s:
     for _ in range(warmup):
         first = once()
     if budget_s is not None and first is not None and first * repeat > budget_s:
-        repeat = max(2 if first < budget_s else 1, int(budget_s / first))
+        repeat = max(2, int(budget_s / first))
     times = [once() for _ in range(repeat)]
     return Timing(statistics.median(times), min(times), max(times), len(times), warmup)
 
@@ -82,6 +80,15 @@ def _version(module: str) -> str | None:
     v = getattr(mod, "__version__", None)
     if v is None and module == "msgpack":
         v = ".".join(map(str, mod.version))
+    if v is None:
+        v = getattr(mod, "VERSION", None)
+    if v is None:
+        try:
+            from importlib.metadata import version
+
+            v = version(module)
+        except Exception:
+            v = None
     return str(v) if v is not None else None
 
 
@@ -178,7 +185,8 @@ def reference_bandwidths(workdir: Path, size: int = 256 * MiB, repeat: int = 5) 
 
 
 # -- peak RSS of a child process ----------------------------------------------------------------
-#: Paste into a child's code: ``rss()`` current RSS, ``peak()`` VmHWM, ``reset_peak()`` sets VmHWM to now.
+#: Paste into a child's code: ``rss()`` current RSS, ``peak()`` VmHWM, ``reset_peak()`` sets VmHWM to now
+#: (writing 5 to ``/proc/self/clear_refs``; check that ``peak()`` right after it is close to ``rss()``).
 CHILD_RSS_HELPERS = """
 def _status(key):
     for line in open('/proc/self/status'):
@@ -194,38 +202,10 @@ def reset_peak():
 """
 
 
-def peak_rss_subprocess(code: str, *, timeout: float = 600.0, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Run ``code`` in a fresh ``python -c`` and return its peak RSS (bytes) and wall time.
-
-    ``peak_rss_bytes`` is the child's ``ru_maxrss`` from ``os.wait4`` on its pid
-    (``getrusage(RUSAGE_CHILDREN)`` would give the maximum over every child ever waited for).
-    Caveat: Linux keeps ``ru_maxrss`` across fork and exec, so a child of a big parent reports
-    at least the parent's RSS at fork time. For a per-step figure, have the child call
-    :data:`CHILD_RSS_HELPERS`' ``reset_peak()`` then ``peak()`` (``VmHWM``, reset through
-    ``/proc/self/clear_refs``) and print it; the child's stdout is returned as ``output``.
-    """
-    child_env = dict(os.environ if env is None else env)
-    child_env.setdefault("PYTHONPATH", str(REPO_ROOT))
-    with tempfile.TemporaryFile() as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO_ROOT, env=child_env)
-        deadline = t0 + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.005)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-    return {"peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": wall, "returncode": proc.returncode,
-            "output": text[-2000:]}
+# ``ru_maxrss`` (``wait4``, ``getrusage(RUSAGE_CHILDREN)``) is not used for peak memory: Linux carries a
+# parent's maximum RSS across fork and exec into the child's, so a child of a big parent reports at
+# least that. ``bench_container.peak_rss`` runs a fresh child per operation that resets and reads its
+# own ``VmHWM`` with the helpers above.
 
 
 # -- data sets ----------------------------------------------------------------------------------

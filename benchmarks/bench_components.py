@@ -38,6 +38,7 @@ from benchmarks._harness import REPO_ROOT, MiB, environment, load_minilm, markdo
 from mettaformat._torch import tensor_bytes, writable_bytes
 from mettaformat.container.codecs import zstd as zmod
 from mettaformat.container.codecs.shuffle import shuffle, unshuffle
+from mettaformat.dtypes import tag_from_dtype
 
 FRAME = 4 << 20
 
@@ -47,7 +48,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 
 # -- compression ratio ---------------------------------------------------------------------------
-def _force_shuffle(self: Any, raw: torch.Tensor, width: int) -> int:
+def _force_shuffle(self: Any, raw: torch.Tensor, width: int, dtype: str = "") -> int:
     return zmod.FILTER_SHUFFLE if width > 1 and raw.numel() >= 4096 else zmod.FILTER_NONE
 
 
@@ -100,7 +101,7 @@ def filter_decisions(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         w = t.element_size()
         if w == 1 or raw.numel() < 4096:
             continue
-        flt = codec._choose_filter(raw, w)
+        flt = codec._choose_filter(raw, w, tag_from_dtype(t.dtype))
         if flt == zmod.FILTER_SHUFFLE:
             shuffled += 1
         else:
@@ -141,7 +142,7 @@ def decode_pieces(path: Path, repeat: int) -> dict[str, Any]:
 
     def dec_alloc() -> None:
         d = zmod._decompressor()
-        for off, clen, rlen, _ in frames:
+        for off, clen, _rlen, _ in frames:
             d.decompress(source[off:off + clen])
 
     def dec_temp_alloc() -> None:  # what the library does for shuffled frames: a fresh temp per frame

@@ -311,6 +311,38 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# -- targets -------------------------------------------------------------------------------------
+def store_targets(n: int, file_bytes: int, small_bytes: int, check: dict[str, dict[str, Timing]],
+                  growth: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """BENCH.md: select the top 5 of 1,000 checkpoints by metric, reading headers only, in under 0.5 s.
+
+    From the full-size files when ``n`` is 1,000 (the interleaved size check), else from the
+    growth point at 1,000 (small files with the same 27-tensor header; the size check shows
+    that file size does not matter). Cold (no index: one header read per file) and warm (index).
+    """
+    source: dict[str, Timing] | None = None
+    label = ""
+    if n == 1000:
+        source, label = check["full"], f"1000 full-size ({file_bytes / 1e6:.2f} MB each)"
+    else:
+        point = next((g for g in growth if g["count"] == 1000), None)
+        if point is not None:
+            t = point["timings"]["select(top 5)"]
+            source = {"cold": t["cold"], "warm (index)": t["warm (index)"]}
+            label = f"1000 small ({small_bytes / 1e3:.1f} kB each, same header)"
+    out: list[dict[str, Any]] = []
+    if source is None:
+        return out
+    for mode, what in (("cold", "no index: one header read per file"), ("warm (index)", "index present")):
+        t = source[mode]
+        met, met_min = t.median < TARGET_S, t.min < TARGET_S
+        out.append({"area": "store", "target": f"select top 5 of 1,000 by metric, {mode} ({what})", "dataset": label,
+                    "value": t.median, "value_from_min": t.min, "value_interleaved": None, "goal": f"< {TARGET_S} s",
+                    "met": met, "noisy": met != met_min,
+                    "detail": f"{t.median * 1e3:.0f} ms ({t.min * 1e3:.0f}–{t.max * 1e3:.0f}), {t.runs} runs"})
+    return out
+
+
 # -- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,16 +351,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp"), help="where files are written (default /tmp)")
     ap.add_argument("--count", type=int, default=1000, help="full-size checkpoints (default 1000)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--growth", type=int, nargs="+", default=None,
+                    help="checkpoint counts for the growth table (default 100 300 1000 3000 10000; --quick: to 1000)")
+    ap.add_argument("--legacy-count", type=int, default=None, help=".pt files listed through the store (default --count; --quick: 100)")
+    ap.add_argument("--old-runs", type=int, default=None, help="runs of the old torch.load-everything listing (default 3; --quick: 1)")
+    ap.add_argument("--skip-latest", action="store_true", help="measure policies(top 5) only, not latest")
+    ap.add_argument("--repeat", type=int, default=None, help="measured runs per timing (default 5; --quick: 3)")
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
     workdir = Path(args.dir) / f"mettaformat-bench-store-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     mettaformat.register_model_type(MODEL_TYPE, build_model, replace=True)
-    repeat = 3 if args.quick else 5
+    repeat = args.repeat or (3 if args.quick else 5)
     budget = 1.5 if args.quick else 10.0
-    growth_points = [100, 300, 1000] if args.quick else [100, 300, 1000, 3000, 10000]
-    legacy_count = min(args.count, 100 if args.quick else args.count)
+    growth_points = args.growth or ([100, 300, 1000] if args.quick else [100, 300, 1000, 3000, 10000])
+    legacy_count = min(args.count, args.legacy_count or (100 if args.quick else args.count))
+    old_runs = args.old_runs or (1 if args.quick else 3)
     n = args.count
     env = environment(workdir)
     results: dict[str, Any] = {"environment": env, "quick": args.quick, "count": n, "target_s": TARGET_S}
@@ -361,17 +400,17 @@ def main(argv: list[str] | None = None) -> int:
         # 1. full size: the new store in every mode
         log("measuring the store on full-size files ...")
         store_t = measure_modes(full_dir, {"policies(top 5)": top5}, repeat, budget)
-        store_t.update(measure_modes(full_dir, {"latest": latest}, repeat, budget, index_build=not args.quick))
+        if not args.skip_latest:
+            store_t.update(measure_modes(full_dir, {"latest": latest}, repeat, budget, index_build=not args.quick))
         # the old way
         log("measuring the old approach (torch.load of every file) ...")
         pt_files = sorted(pt_dir.glob("*.pt"))
         listing: list[Any] = []
-        old_pass = timeit(lambda: listing.append(old_listing(pt_files)), 1 if args.quick else 3, 0)
+        old_pass = timeit(lambda: listing.append(old_listing(pt_files)), old_runs, 0)
         records = listing[0]
-        old = {
-            "policies(top 5)": plus(old_pass, timeit(lambda: old_load(old_top(records, 5)), repeat, 1)),
-            "latest": plus(old_pass, timeit(lambda: old_load(old_latest(records)), repeat, 1)),
-        }
+        old = {"policies(top 5)": plus(old_pass, timeit(lambda: old_load(old_top(records, 5)), repeat, 1))}
+        if not args.skip_latest:
+            old["latest"] = plus(old_pass, timeit(lambda: old_load(old_latest(records)), repeat, 1))
         print(
             f"## {n} checkpoints of a Metta-sized policy ({params:,} params, {len(sd)} tensors; "
             f".mfmt {file_bytes / 1e6:.2f} MB, .pt {pt_bytes / 1e6:.2f} MB)\n"
@@ -490,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["size_check"] = {"count": n, "full": fc, "small": sc, "ratio_cold": ratio}
         results["growth"] = growth
+        results["targets"] = store_targets(n, file_bytes, small_bytes, check, growth)
+        print("\n## Store target (BENCH.md)\n")
+        print(markdown_table(
+            ["target", "checkpoints", "median s", "min s", "goal", "result"],
+            [[t["target"], t["dataset"], f"{t['value']:.3f}", f"{t['value_from_min']:.3f}", t["goal"],
+              ("met" if t["met"] else "**not met**") + (" (noisy)" if t["noisy"] else "")] for t in results["targets"]],
+        ))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
