@@ -11,17 +11,26 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["shared_pool"]
+__all__ = ["shared_pool", "usable_cores"]
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset),
+    rather than every core of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 2
 
 
 def shared_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="mettaformat")
+            _pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="mettaformat")
         return _pool
 
 

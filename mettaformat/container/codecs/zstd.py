@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Final
 import torch
 import zstandard
 
+from mettaformat._pool import usable_cores
 from mettaformat._torch import contiguous_cpu, tensor_bytes, writable_bytes
 from mettaformat.constants import MAX_FRAME_RAW_SIZE, MAX_ZSTD_WINDOW, ZSTD_DEFAULT_FRAME_SIZE, ZSTD_DEFAULT_LEVEL
 from mettaformat.container.codecs.base import WrittenStream, pwrite_all
@@ -140,7 +141,7 @@ class ZstdCodec:
         frames: list[tuple[int, int, int]] = []
         pending: deque[tuple[Future[bytes], int, int, Any]] = deque()
         position = offset
-        limit = 4 * (getattr(pool, "_max_workers", 2) or 2)  # compressed chunks in flight
+        limit = 4 * usable_cores()  # compressed chunks in flight
 
         def drain(keep: int) -> None:
             nonlocal position
