@@ -29,7 +29,17 @@ from mettaformat.legacy.tensors import (
 if TYPE_CHECKING:
     from mettaformat.legacy.unpickler import PickleVM
 
-__all__ = ["Builtin", "RecordedDefaultDict", "build", "call", "extend_list", "resolve_global", "set_items", "stub_call"]
+__all__ = [
+    "Builtin",
+    "RecordedDefaultDict",
+    "build",
+    "call",
+    "extend_list",
+    "ordered_dict",
+    "resolve_global",
+    "set_items",
+    "stub_call",
+]
 
 BuiltinFn = Callable[["PickleVM", tuple[Any, ...]], Any]
 
@@ -180,7 +190,8 @@ def _container(kind: type) -> BuiltinFn:
     return fn
 
 
-def _ordered_dict(vm: PickleVM, args: tuple[Any, ...]) -> dict[Any, Any]:
+def ordered_dict(vm: PickleVM, args: tuple[Any, ...]) -> dict[Any, Any]:
+    """``collections.OrderedDict(*args)`` as a plain dict (the VM inlines the no-argument case)."""
     _arity(vm, args, "OrderedDict", 0, 1)
     return dict(_iterable(vm, args[0], "OrderedDict")) if args else {}
 
@@ -281,7 +292,7 @@ _TABLE: dict[tuple[str, str], tuple[BuiltinFn, bool]] = {
     ("torch._tensor", "_rebuild_from_type_v2"): (_rebuild_from_type_v2, False),
     ("torch", "Size"): (_size, True),
     ("torch", "device"): (_device, True),
-    ("collections", "OrderedDict"): (_ordered_dict, True),
+    ("collections", "OrderedDict"): (ordered_dict, True),
     ("collections", "defaultdict"): (_defaultdict, True),
     ("_codecs", "encode"): (_encode, False),
     ("copy_reg", "_reconstructor"): (_reconstructor, False),

@@ -123,7 +123,10 @@ def load_legacy_stream(
         return known
 
     main.persistent_load = persistent_load
-    value = main.run(allow_trailing=True)
+    try:
+        value = main.run(allow_trailing=True)
+    finally:
+        main.persistent_load = None  # it closes over the VM: no cycle outlives the run
     keys_vm = PickleVM(buf, start=main.pos, region=f"{_REGION} storage keys", limits=limits)
     keys = keys_vm.run(allow_trailing=True)
     _fill_storages(buf, keys_vm.pos, keys, roots)

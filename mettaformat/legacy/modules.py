@@ -14,9 +14,8 @@ components, non-persistent buffers, cached index tensors) are reported as ``lega
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import torch
 
@@ -110,6 +109,9 @@ class _Budget:
 
     def spend(self) -> None:
         self.used += 1
+        self.check()
+
+    def check(self) -> None:
         if self.used > self.limit:
             raise LegacyLimitError("object graph nodes visited", self.used, self.limit, region="module graph")
 
@@ -151,58 +153,96 @@ def _state_dict(root: Any, budget: _Budget, notes: list[str], classes: dict[str,
     return out
 
 
-def _children(value: Any) -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield str(k), v
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield str(i), v
-    elif isinstance(value, LegacyObject):
-        attrs = module_attrs(value)
-        if attrs is not None and is_module(value):
-            # Name submodules, parameters and buffers the way state_dict keys do.
-            for key in ("_modules", "_parameters", "_buffers"):
-                yield from ((str(k), v) for k, v in _named(attrs, key).items())
-            yield from ((str(k), v) for k, v in attrs.items() if k not in _MODULE_KEYS)
-            return
-        if attrs is not None:
-            yield from ((str(k), v) for k, v in attrs.items())
-        elif value.state is not None:
-            yield "state", value.state
-        for i, v in enumerate(value.args):
-            yield f"args.{i}", v
-        for k, v in value.items:
-            yield str(k), v
-        for i, v in enumerate(value.listitems):
-            yield str(i), v
+#: A position in the object graph: ``(key, parent position)``, ``(_ROOT, None)`` for the root.
+#: Keys are spelled with ``str()`` only for the few paths that name a found tensor.
+_Node: TypeAlias = "tuple[Any, _Node | None]"
+_ROOT: Final = object()
+
+
+def _children(value: LegacyObject) -> list[tuple[Any, Any]]:
+    # (name, child) pairs of a record, in the order (and under the names) paths are spelled.
+    attrs = module_attrs(value)
+    pairs: list[tuple[Any, Any]] = []
+    if attrs is not None:
+        modules = attrs.get("_modules")
+        parameters = attrs.get("_parameters")
+        buffers = attrs.get("_buffers")
+        if isinstance(modules, dict) or isinstance(parameters, dict) or isinstance(buffers, dict):
+            # A module (is_module): name submodules, parameters and buffers as state_dict does.
+            for named in (modules, parameters, buffers):
+                if isinstance(named, dict):
+                    pairs += named.items()
+            pairs += [kv for kv in attrs.items() if kv[0] not in _MODULE_KEYS]
+            return pairs
+    if attrs is not None:
+        pairs.extend(attrs.items())
+    elif value.state is not None:
+        pairs.append(("state", value.state))
+    pairs.extend((f"args.{i}", v) for i, v in enumerate(value.args))
+    pairs.extend(value.items)
+    pairs.extend(enumerate(value.listitems))
+    return pairs
+
+
+def _path(node: _Node) -> str:
+    keys: list[Any] = []
+    while node[0] is not _ROOT:
+        keys.append(node[0])
+        node = node[1]  # type: ignore[assignment]  # only the root's parent is None
+    path = ""
+    for key in reversed(keys):
+        path = f"{path}.{key!s}" if path else str(key)
+    return path
 
 
 def _graph_tensors(root: Any, held: set[int], budget: _Budget) -> dict[str, torch.Tensor]:
-    """Tensors reachable from ``root`` that are not in the state dict, by first path found."""
+    """Tensors reachable from ``root`` that are not in the state dict, by first path found.
+
+    Depth-first, children in order; each container is visited once (cycles and shared
+    subgraphs are cut by identity) and charged to ``budget``. Work items are
+    ``(value, key, parent position)``; leaves are filtered out before they are pushed.
+    """
     found: dict[str, torch.Tensor] = {}
     seen: set[int] = set(held)
-    work: list[tuple[str, Any]] = [("", root)]
+    add = seen.add
+    work: list[tuple[Any, Any, _Node | None]] = [(root, _ROOT, None)]
+    pop = work.pop
+    extend = work.extend
     tensor_type = torch.Tensor
+    leaf = _LEAF_TYPES
+    used = budget.used
+    limit = budget.limit
     while work:
-        path, value = work.pop()
+        value, key, parent = pop()
         cls = type(value)
-        # Scalars dominate real graphs (configs, feature tables): skip them before anything else.
-        if cls in _LEAF_TYPES:
+        # Dicts (module internals, configs) are most of what gets pushed; scalars never are.
+        if cls is not dict:
+            if cls in leaf:
+                continue
+            if isinstance(value, tensor_type):
+                if id(value) not in seen:
+                    add(id(value))
+                    found[_path((key, parent))] = value
+                continue
+            if not (cls is list or cls is tuple or isinstance(value, (dict, LegacyObject))):
+                continue
+        ident = id(value)
+        if ident in seen:
             continue
-        if isinstance(value, tensor_type):
-            if id(value) not in seen:
-                seen.add(id(value))
-                found[path] = value
+        add(ident)
+        used += 1
+        if used > limit:
+            budget.used = used
+            budget.check()
+        if not value and cls is not LegacyObject:
             continue
-        if id(value) in seen or not (
-            cls is dict or cls is list or cls is tuple or isinstance(value, (dict, LegacyObject))
-        ):
-            continue
-        seen.add(id(value))
-        budget.spend()
-        prefix = f"{path}." if path else ""
-        entries = [(f"{prefix}{name}", child) for name, child in _children(value) if type(child) not in _LEAF_TYPES]
-        entries.reverse()
-        work.extend(entries)
+        node = (key, parent)
+        if isinstance(value, dict):
+            extend([(v, k, node) for k, v in reversed(value.items()) if type(v) not in leaf])
+        elif cls is list or cls is tuple:
+            indices = range(len(value) - 1, -1, -1)
+            extend([(v, i, node) for i, v in zip(indices, reversed(value), strict=True) if type(v) not in leaf])
+        else:
+            extend([(v, k, node) for k, v in reversed(_children(value)) if type(v) not in leaf])
+    budget.used = used
     return dict(sorted(found.items()))

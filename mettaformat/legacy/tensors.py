@@ -153,10 +153,14 @@ def tensor_from_buffer(
 
 def _int_tuple(value: object, what: str, region: str) -> tuple[int, ...]:
     # bool is an int subclass; a pickle that writes True as a size is malformed (HOSTILE F7).
-    if not isinstance(value, tuple) or not all(type(x) is int for x in value):
+    if not isinstance(value, tuple):
         raise LegacyFormatError(f"tensor {what} must be a tuple of ints, got {type(value).__name__}", region=region)
-    if any(x < 0 or x >= _MAX_DIM for x in value):
-        raise LegacyFormatError(f"tensor {what} {value!r} has a negative or oversized entry", region=region)
+    for x in value:
+        if type(x) is not int:
+            raise LegacyFormatError(f"tensor {what} must be a tuple of ints, got {type(value).__name__}", region=region)
+    for x in value:
+        if x < 0 or x >= _MAX_DIM:
+            raise LegacyFormatError(f"tensor {what} {value!r} has a negative or oversized entry", region=region)
     return value
 
 
@@ -210,13 +214,14 @@ def rebuild_view(
         raise LegacyFormatError("an untyped storage needs _rebuild_tensor_v3 and a dtype", region=region)
     numel = base.numel()
     logical = 1
-    for n in shape:
+    last = storage_offset
+    for n, s in zip(shape, strides, strict=True):
         logical *= n
+        last += (n - 1) * s
     if logical == 0:
         if storage_offset > numel:
             raise LegacyFormatError(f"storage offset {storage_offset} is past the storage end {numel}", region=region)
         return torch.empty(shape, dtype=base.dtype)
-    last = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
     if last >= numel:
         raise LegacyFormatError(
             f"view (offset {storage_offset}, size {shape}, stride {strides}) reaches element {last} "

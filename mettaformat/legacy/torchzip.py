@@ -302,4 +302,7 @@ def load_torch_zip(zip_: TorchZip, *, limits: LegacyLimits = DEFAULT_LIMITS) -> 
         return ref
 
     vm.persistent_load = persistent_load
-    return vm.run(), vm.globals_seen
+    try:
+        return vm.run(), vm.globals_seen
+    finally:
+        vm.persistent_load = None  # it closes over the VM: no cycle outlives the run

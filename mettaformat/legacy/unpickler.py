@@ -24,6 +24,7 @@ from mettaformat.errors import LegacyFormatError, LegacyLimitError, MettaFormatE
 from mettaformat.legacy import allowlist
 from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
 from mettaformat.legacy.opcodes import bind_handlers
+from mettaformat.legacy.vmloop import run_unframed
 
 __all__ = ["PersistentLoad", "PickleVM", "unpickle"]
 
@@ -90,9 +91,15 @@ class PickleVM:
         self.result: Any = None
         self._deep_tuples: dict[int, tuple[int, tuple[Any, ...]]] = {}
         self._globals: dict[tuple[str, str], Any] = {}
-        self._dispatch: list[Callable[[], bool | None]] = [self._unknown] * 256
+        self._dispatch: list[Callable[[], bool | None]] = []
+
+    def _bind(self) -> list[Callable[[], bool | None]]:
+        # The handlers close over this VM: they are made for a run and dropped after it, so
+        # that the VM (and through its memo the whole graph) is not kept alive by a cycle.
+        dispatch: list[Callable[[], bool | None]] = [self._unknown] * 256
         for code, handler in bind_handlers(self).items():
-            self._dispatch[code] = handler
+            dispatch[code] = handler
+        return dispatch
 
     # -- context used by allowlist handlers -------------------------------------------------
     @property
@@ -157,18 +164,12 @@ class PickleVM:
             LegacyUnsupportedError: unsupported tensor kinds or pickle features (F25).
             UnsafeContentError: opcodes that can only serve to run code (F8).
         """
-        data = self.data
-        end = self.end
-        dispatch = self._dispatch
+        self._dispatch = self._bind()
         try:
-            while True:
-                pos = self.pos
-                if pos >= end:
-                    self.fail("pickle ends without STOP")
-                self.op_pos = pos
-                self.pos = pos + 1
-                if dispatch[data[pos]]():
-                    break
+            # Unframed streams (torch's protocol 2) run in the fast loop; the first FRAME hands
+            # the rest of the stream to the generic loop below.
+            if self.frame_end >= 0 or not run_unframed(self):
+                self._run_framed()
         except MettaFormatError:
             raise
         except (IndexError, KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
@@ -177,13 +178,32 @@ class PickleVM:
             raise LegacyFormatError(
                 f"malformed pickle: {type(e).__name__}: {e}", region=self.region, offset=self.offset
             ) from e
-        if not allow_trailing and self.pos != end:
-            self.fail(f"{end - self.pos} bytes after STOP")
+        finally:
+            self._dispatch = []
+        if not allow_trailing and self.pos != self.end:
+            self.fail(f"{self.end - self.pos} bytes after STOP")
         return self.result
+
+    def _run_framed(self) -> None:
+        data = self.data
+        end = self.end
+        dispatch = self._dispatch
+        while True:
+            pos = self.pos
+            if pos >= end:
+                self.fail("pickle ends without STOP")
+            self.op_pos = pos
+            self.pos = pos + 1
+            if dispatch[data[pos]]():
+                return
 
     # -- reading (used by opcode handlers) ------------------------------------------------
     def read(self, n: int) -> bytes | bytearray:
         """Consume ``n`` bytes, checking the length against what is left first (F16, F15)."""
+        p = self._consume(n)
+        return self.data[p : p + n]
+
+    def _consume(self, n: int) -> int:
         p = self.pos
         q = p + n
         if n < 0 or q > self.end:
@@ -195,7 +215,7 @@ class PickleVM:
                 self.fail("an opcode crosses the end of its FRAME")
             self.frame_end = -1
         self.pos = q
-        return self.data[p:q]
+        return p
 
     def readline(self) -> bytes:
         """Consume a protocol-0 text argument up to and including its newline."""
@@ -203,7 +223,8 @@ class PickleVM:
         i = self.data.find(b"\n", p, min(self.end, p + _MAX_LINE))
         if i < 0:
             self.fail("unterminated text argument")
-        return bytes(self.read(i + 1 - p)[:-1])
+        self._consume(i + 1 - p)
+        return bytes(self.data[p:i])
 
     def _unknown(self) -> bool | None:
         self.fail(f"unknown opcode 0x{self.data[self.op_pos]:02x}")
