@@ -133,7 +133,8 @@ def read_checkpoint(
             ckpt.tensors = {}
             return ckpt
         reader.to(device)
-        ckpt.tensors = reader.load_section("model", device) if not lazy else reader.state_dict("model")
+        # Not lazy: weights are copied into memory, so they no longer depend on the file.
+        ckpt.tensors = reader.load_section("model", device, copy=True) if not lazy else reader.state_dict("model")
         if "legacy" in reader.tree_names:
             ckpt.legacy_graph = reader.tree("legacy")
         if "legacy" in reader.sections:

@@ -196,3 +196,16 @@ def test_extraction_reports_tied_tensors(tmp_path: Path, shared_tensor_state_dic
     assert report.aliases == {"head.weight": "embed.weight"}
     with safetensors.safe_open(out, "pt") as f:
         assert "head.weight" in (f.metadata() or {})["mettaformat.aliases"]
+
+
+@pytest.mark.parametrize("compression", CODECS)
+def test_copying_load_does_not_depend_on_the_file(tmp_path: Path, compression: str) -> None:
+    path = tmp_path / "copy.mfmt"
+    original = {"w": torch.randn(300, 40), "b": torch.arange(7)}
+    mettaformat.save_file(original, path, compression=compression)  # type: ignore[arg-type]
+    loaded = mettaformat.load_file(path, mmap=False)
+    if Path("/proc/self/maps").exists():
+        assert _mapping_of(loaded["w"].data_ptr()) != str(path.resolve())
+    with open(path, "r+b") as f:  # truncating a mapped file would make reading the tensor fatal
+        f.truncate(100)
+    assert all(torch.equal(loaded[k], v) for k, v in original.items())

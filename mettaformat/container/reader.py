@@ -26,7 +26,7 @@ from typing import Any, Final
 import torch
 
 from mettaformat._pool import shared_pool
-from mettaformat._torch import buffer_tensor, tensor_bytes
+from mettaformat._torch import buffer_tensor, tensor_bytes, writable_bytes
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
 from mettaformat.container.codecs import SectionReader, get_codec
 from mettaformat.container.header import SectionEntry, TensorEntry, parse_header, parse_index
@@ -65,18 +65,20 @@ def open(path: str | os.PathLike[str], *, verify: bool = True) -> LazyCheckpoint
 
 
 def load_file(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True, mmap: bool = True
 ) -> dict[str, torch.Tensor]:
     """Load the model state dict of a container.
 
-    Raw sections map zero-copy; zstd frames decode on all cores straight into their
-    destination tensors. With ``verify`` every checksum and the file structure are checked.
+    Raw sections map zero-copy (``mmap=True``) or are read into fresh memory (``mmap=False``:
+    the tensors then no longer depend on the file, which may change or disappear); zstd frames
+    decode on all cores straight into their destination tensors. With ``verify`` every
+    checksum and the file structure are checked.
 
     Raises:
         FormatError, IntegrityError: the file is malformed or damaged (the error names where).
     """
     with LazyCheckpoint(path, verify=verify) as ckpt:
-        return ckpt.load_section("model", device=device)
+        return ckpt.load_section("model", device=device, copy=not mmap)
 
 
 def load(data: bytes, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -311,18 +313,24 @@ class LazyCheckpoint:
         """A mapping of ``section``'s tensors that reads each one on first access."""
         return LazyStateDict(self, section)
 
-    def load_section(self, section: str = "model", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Read every tensor of ``section`` (decoding frames on all cores); verify the structure too."""
+    def load_section(
+        self, section: str = "model", device: str | torch.device = "cpu", *, copy: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Read every tensor of ``section`` (decoding frames on all cores); verify the structure too.
+
+        ``copy=True`` reads raw sections into fresh memory instead of mapping them.
+        """
         s = self.header.section(section)
         if self.verify:
             self.verify_structure()
         if s is None:
             return {}
-        out = (
-            self._decode_all(s)
-            if not self._readers[s.name].zero_copy
-            else {entry.name: self._read(s, entry) for entry in s.tensors}
-        )
+        if not self._readers[s.name].zero_copy:
+            out = self._decode_all(s)
+        elif copy:
+            out = self._read_copy(s)
+        else:
+            out = {entry.name: self._read(s, entry) for entry in s.tensors}
         target = torch.device(device)
         result: dict[str, torch.Tensor] = {}
         for name in s.order:
@@ -332,6 +340,32 @@ class LazyCheckpoint:
                 tensor = moved if moved is not None else tensor.to(target)
             result[name] = tensor
         return result
+
+    def _read_copy(self, s: SectionEntry) -> dict[str, torch.Tensor]:
+        """A raw section's data region read with preadv into one fresh buffer; tensors view it."""
+        data_length = s.stream_length - s.stream_header_length
+        buffer = torch.empty(data_length, dtype=torch.uint8)
+        target = writable_bytes(buffer)
+        offset, done = s.offset + s.stream_header_length, 0
+        while done < data_length:
+            if hasattr(os, "preadv"):
+                n = os.preadv(self._fd, [target[done:]], offset + done)
+            else:  # platforms without preadv: one bounded copy at a time
+                chunk = os.pread(self._fd, min(data_length - done, 1 << 26), offset + done)
+                target[done : done + len(chunk)] = chunk
+                n = len(chunk)
+            if n <= 0:
+                raise LayoutError(f"file ended {data_length - done} bytes early", region=f"section {s.name!r}",
+                                  offset=offset + done)
+            done += n
+        out: dict[str, torch.Tensor] = {}
+        for entry in s.tensors:
+            part = buffer[entry.begin : entry.end]
+            self._check(entry, s, tensor_bytes(part))
+            dtype = dtype_from_tag(entry.dtype)
+            out[entry.name] = part.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
+                entry.shape, dtype=dtype)
+        return out
 
     def _decode_all(self, s: SectionEntry) -> dict[str, torch.Tensor]:
         """Decode every frame of a compressed section at once on all cores, straight into the
