@@ -226,7 +226,6 @@ def build_files(out: Path) -> None:
     save("legacy_stream_d", pr, agent, md, _use_new_zipfile_serialization=False)
     # trainer_state.pt shapes (LEGACY.md 3).
     opt = torch.optim.Adam(bp.parameters(), lr=1e-3)
-    bp(torch.zeros(1)) if False else None
     for p in bp.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
