@@ -31,7 +31,6 @@ import pstats
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,36 +44,9 @@ DEFAULT = FIXTURES_METTA / "v1_era_d_model_0050.pt"
 
 
 def _install_stand_ins() -> None:
-    import torch.nn as nn
 
-    class StandIn(types.ModuleType):
-        def __getattr__(self, name: str) -> Any:
-            if name.startswith("__"):
-                raise AttributeError(name)
-            if name == "PolicyMetadata":
-                cls: type = type(name, (dict,), {"__module__": self.__name__})
-            elif name == "Any":
-                cls = object
-            elif self.__name__.startswith(("metta.agent", "tensordict.nn")) and name[0].isupper():
-                cls = type(name, (nn.Module,), {"__module__": self.__name__})
-            else:
-                cls = type(name, (), {"__module__": self.__name__})
-            setattr(self, name, cls)
-            return cls
-
-    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-            if name.split(".")[0] in ("metta", "gymnasium", "omegaconf", "tensordict"):
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            return None
-
-        def create_module(self, spec: Any) -> Any:
-            return StandIn(spec.name)
-
-        def exec_module(self, module: Any) -> None:
-            module.__path__ = []
-
-    sys.meta_path.insert(0, Finder())
+    from tests.legacy_helpers.standins import install
+    install()
 
 
 def _read(path: Path) -> bytearray:

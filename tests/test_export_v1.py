@@ -42,31 +42,8 @@ COMPARE = textwrap.dedent(
     if args[0] == "--src":
         sys.path.insert(0, args[1]); args = args[2:]
     else:
-        class StandIn(types.ModuleType):
-            def __getattr__(self, name):
-                if name.startswith("__"):
-                    raise AttributeError(name)
-                if name == "PolicyMetadata":
-                    cls = type(name, (dict,), {"__module__": self.__name__})
-                elif name == "Any":
-                    cls = object
-                elif self.__name__.startswith(("metta.agent", "tensordict.nn")) and name[0].isupper():
-                    cls = type(name, (nn.Module,), {"__module__": self.__name__})
-                else:
-                    cls = type(name, (), {"__module__": self.__name__})
-                setattr(self, name, cls)
-                return cls
-
-        class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in ("metta", "gymnasium", "omegaconf", "tensordict"):
-                    return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            def create_module(self, spec):
-                return StandIn(spec.name)
-            def exec_module(self, module):
-                module.__path__ = []
-
-        sys.meta_path.insert(0, Finder())
+        from tests.legacy_helpers.standins import install
+        install()
 
     def same(a, b, path, seen):
         if (id(a), id(b)) in seen:

@@ -26,29 +26,8 @@ TORCH_LOAD = textwrap.dedent(
 
     PREFIXES = ("metta", "gymnasium", "omegaconf")
 
-    class StandIn(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            if name == "PolicyMetadata":
-                cls = type(name, (dict,), {"__module__": self.__name__})
-            elif self.__name__.startswith("metta.agent.lib") or name == "MettaAgent":
-                cls = type(name, (nn.Module,), {"__module__": self.__name__})
-            else:
-                cls = type(name, (), {"__module__": self.__name__})
-            setattr(self, name, cls)
-            return cls
-
-    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in PREFIXES:
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        def create_module(self, spec):
-            return StandIn(spec.name)
-        def exec_module(self, module):
-            module.__path__ = []
-
-    sys.meta_path.insert(0, Finder())
+    from tests.legacy_helpers.standins import install
+    install()
     path = sys.argv[1]
     torch.load(path, weights_only=False)
     times = []
