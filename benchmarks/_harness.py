@@ -315,20 +315,22 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def json_default(o: Any) -> Any:
+    """JSON for what benchmark results hold: timings, dataclasses, paths (anything else as repr)."""
+    if isinstance(o, Timing):
+        return o.as_ms()
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
 
-    def default(o: Any) -> Any:
-        if isinstance(o, Timing):
-            return o.as_ms()
-        if hasattr(o, "__dataclass_fields__"):
-            return asdict(o)
-        if isinstance(o, Path):
-            return str(o)
-        return repr(o)
-
-    target.write_text(json.dumps(data, indent=2, default=default))
+    target.write_text(json.dumps(data, indent=2, default=json_default))
     return target
 
 

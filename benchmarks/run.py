@@ -79,7 +79,9 @@ def run_area(area: str, quick: bool, workdir: Path) -> tuple[str, dict[str, Any]
         args = bench_container.build_parser().parse_args((["--quick"] if quick else []) + ["--dir", str(workdir)])
         parts: list[str] = []
         doc = bench_container.run(args, emit=parts.append, preamble=False)
-        return "\n".join(parts), json.loads(json.dumps(doc, default=_json_default))
+        from benchmarks._harness import json_default
+
+        return "\n".join(parts), json.loads(json.dumps(doc, default=json_default))
     if area == "training":
         from benchmarks import bench_training
 
@@ -97,20 +99,6 @@ def run_area(area: str, quick: bool, workdir: Path) -> tuple[str, dict[str, Any]
 
         return _call_main(bench_legacy.main, ["--quick"] if quick else ["--repeat", "5"])
     raise ValueError(area)
-
-
-def _json_default(o: Any) -> Any:
-    from dataclasses import asdict
-
-    from benchmarks._harness import Timing
-
-    if isinstance(o, Timing):
-        return o.as_ms()
-    if hasattr(o, "__dataclass_fields__"):
-        return asdict(o)
-    if isinstance(o, Path):
-        return str(o)
-    return repr(o)
 
 
 # -- the merged report --------------------------------------------------------------------------
