@@ -112,7 +112,9 @@ def read_checkpoint(
     Raises:
         FormatError, IntegrityError: the file is malformed or damaged.
     """
-    reader = LazyCheckpoint(path, verify=verify)
+    # Not lazy: every tensor (weights, optimizer state, legacy graph) is copied into memory, so
+    # nothing depends on the file afterwards.
+    reader = LazyCheckpoint(path, verify=verify, copy=not lazy)
     try:
         user, own = split_metadata(reader.metadata)
         ckpt = Checkpoint(
@@ -133,8 +135,7 @@ def read_checkpoint(
             ckpt.tensors = {}
             return ckpt
         reader.to(device)
-        # Not lazy: weights are copied into memory, so they no longer depend on the file.
-        ckpt.tensors = reader.load_section("model", device, copy=True) if not lazy else reader.state_dict("model")
+        ckpt.tensors = reader.load_section("model", device) if not lazy else reader.state_dict("model")
         if "legacy" in reader.tree_names:
             ckpt.legacy_graph = reader.tree("legacy")
         if "legacy" in reader.sections:

@@ -209,3 +209,21 @@ def test_copying_load_does_not_depend_on_the_file(tmp_path: Path, compression: s
     with open(path, "r+b") as f:  # truncating a mapped file would make reading the tensor fatal
         f.truncate(100)
     assert all(torch.equal(loaded[k], v) for k, v in original.items())
+
+
+def test_eager_checkpoint_loads_copy_every_section(tmp_path: Path) -> None:
+    from mettaformat.checkpoint_io import read_checkpoint
+    from mettaformat.container.writer import write_container
+
+    path = tmp_path / "t.mfmt"
+    state = {"state": {0: {"exp_avg": torch.randn(64)}}, "param_groups": [{"lr": 0.1}]}
+    write_container(path, {"model": {"w": torch.randn(32, 32)}}, trees={"optimizer": state})
+    ckpt = read_checkpoint(path, lazy=False)
+    assert ckpt.training is not None and ckpt.training.optimizer is not None
+    exp_avg = ckpt.training.optimizer["state"][0]["exp_avg"]
+    if Path("/proc/self/maps").exists():
+        for t in (ckpt.tensors["w"], exp_avg):
+            assert _mapping_of(t.data_ptr()) != str(path.resolve())
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    assert torch.equal(exp_avg, state["state"][0]["exp_avg"])

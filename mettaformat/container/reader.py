@@ -92,9 +92,11 @@ def load(data: bytes, device: str | torch.device = "cpu") -> dict[str, torch.Ten
 class LazyCheckpoint:
     """An open container. See :func:`open`."""
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, copy: bool = False) -> None:
         self.path = Path(path)
         self.verify = verify
+        #: read raw tensors into fresh memory instead of mapping them (they then outlive the file)
+        self.copy = copy
         self._device: torch.device = torch.device("cpu")
         # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer appears
         # (a hang, not an error). _open() rejects anything but a regular file right after, and
@@ -266,6 +268,8 @@ class LazyCheckpoint:
         source = self._mapped()
         reader = self._readers[s.name]
         dtype = dtype_from_tag(entry.dtype)
+        if reader.zero_copy and self.copy:
+            return self._read_copy(s, entries=(entry,))[entry.name]
         if reader.zero_copy:
             view = reader.view(source, entry)
             self._check(entry, s, view)
@@ -314,12 +318,14 @@ class LazyCheckpoint:
         return LazyStateDict(self, section)
 
     def load_section(
-        self, section: str = "model", device: str | torch.device = "cpu", *, copy: bool = False
+        self, section: str = "model", device: str | torch.device = "cpu", *, copy: bool | None = None
     ) -> dict[str, torch.Tensor]:
         """Read every tensor of ``section`` (decoding frames on all cores); verify the structure too.
 
-        ``copy=True`` reads raw sections into fresh memory instead of mapping them.
+        ``copy=True`` reads raw sections into fresh memory instead of mapping them (default: as
+        the checkpoint was opened).
         """
+        copy = self.copy if copy is None else copy
         s = self.header.section(section)
         if self.verify:
             self.verify_structure()
@@ -341,12 +347,15 @@ class LazyCheckpoint:
             result[name] = tensor
         return result
 
-    def _read_copy(self, s: SectionEntry) -> dict[str, torch.Tensor]:
-        """A raw section's data region read with preadv into one fresh buffer; tensors view it."""
-        data_length = s.stream_length - s.stream_header_length
+    def _read_copy(self, s: SectionEntry, entries: tuple[TensorEntry, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Raw tensors read with preadv into one fresh buffer that they view (the whole data region,
+        or just the span of ``entries``), so they do not depend on the file afterwards."""
+        chosen = s.tensors if entries is None else entries
+        start = min((e.begin for e in chosen), default=0)
+        data_length = max((e.end for e in chosen), default=0) - start
         buffer = torch.empty(data_length, dtype=torch.uint8)
         target = writable_bytes(buffer)
-        offset, done = s.offset + s.stream_header_length, 0
+        offset, done = s.offset + s.stream_header_length + start, 0
         while done < data_length:
             if hasattr(os, "preadv"):
                 n = os.preadv(self._fd, [target[done:]], offset + done)
@@ -355,12 +364,13 @@ class LazyCheckpoint:
                 target[done : done + len(chunk)] = chunk
                 n = len(chunk)
             if n <= 0:
-                raise LayoutError(f"file ended {data_length - done} bytes early", region=f"section {s.name!r}",
-                                  offset=offset + done)
+                raise LayoutError(
+                    f"file ended {data_length - done} bytes early", region=f"section {s.name!r}", offset=offset + done
+                )
             done += n
         out: dict[str, torch.Tensor] = {}
-        for entry in s.tensors:
-            part = buffer[entry.begin : entry.end]
+        for entry in chosen:
+            part = buffer[entry.begin - start : entry.end - start]
             self._check(entry, s, tensor_bytes(part))
             dtype = dtype_from_tag(entry.dtype)
             out[entry.name] = part.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
