@@ -1,0 +1,189 @@
+"""``MettaStorageWriter``: each rank writes one container; the coordinator commits an index last.
+
+Every save gets a fresh id chosen by the coordinator, and each rank writes
+``__<rank>_<id>.mfmt`` atomically (temp + rename). The files of a previous save are left alone
+until the new index has replaced the old one, so a rank dying mid-save leaves the previous
+checkpoint loadable and the new one invisible. Each container holds the rank's shards in the
+section ``"shards"`` and its non-tensor items in the object tree ``"objects"``; its metadata
+records, per shard, the tensor's name, global shape and the shard's global offsets.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
+from mettaformat.container.reader import LazyCheckpoint
+from mettaformat.container.tree import encode_tree
+from mettaformat.container.writer import write_container
+from mettaformat.dcp.index import (
+    INDEX_NAME,
+    DcpIndex,
+    FileRecord,
+    TensorRecord,
+    is_rank_file,
+    rank_file_name,
+    write_index,
+)
+from mettaformat.dcp.planners import lookup_object
+from mettaformat.dtypes import tag_from_dtype
+from mettaformat.errors import WriteError
+
+__all__ = ["SHARDS_SECTION", "OBJECTS_TREE", "MettaStorageWriter", "StoredItem"]
+
+SHARDS_SECTION: Final = "shards"
+OBJECTS_TREE: Final = "objects"
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """Where one shard or object lives: the rank file and, for shards, the tensor name in it."""
+
+    file: str
+    name: str
+
+
+class MettaStorageWriter(StorageWriter):
+    """Write a distributed checkpoint as one container per rank, with no pickle anywhere.
+
+    Args:
+        path: the checkpoint directory (created if missing); ``dcp.save(..., checkpoint_id=)``
+            may replace it.
+        compression: ``"none"`` (raw, memory-mapped on load) or ``"zstd"``.
+        level: zstd level.
+        durable: fsync each file before it is renamed into place.
+
+    Example:
+        >>> dcp.save(state_dict, storage_writer=MettaStorageWriter("ckpt/step_100"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        compression: Compression = "none",
+        level: int = ZSTD_DEFAULT_LEVEL,
+        durable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.compression: Compression = compression
+        self.level = level
+        self.durable = durable
+        self.is_coordinator = False
+        self.save_id = ""
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = Path(checkpoint_id)
+        self.save_id = ""
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return "://" not in os.fspath(checkpoint_id)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=str(self.path))
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # One id per save, chosen once and sent to every rank with its plan.
+        save_id = uuid.uuid4().hex[:16]
+        return [replace(p, storage_data=rank_file_name(rank, save_id)) for rank, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        file_name = plan.storage_data
+        if not isinstance(file_name, str) or not is_rank_file(file_name):
+            raise WriteError(f"the global plan gave no rank file name ({file_name!r}); was prepare_global_plan run?")
+        tensors: dict[str, torch.Tensor] = {}
+        objects: dict[str, Any] = {}
+        shards: list[dict[str, Any]] = []
+        results: list[WriteResult] = []
+        for item in plan.items:
+            fqn = item.index.fqn
+            if item.type == WriteItemType.BYTE_IO:
+                objects[fqn] = lookup_object(planner, item)
+                results.append(WriteResult(item.index, 0, StoredItem(file_name, fqn)))
+                continue
+            tensor = planner.resolve_data(item)
+            if not isinstance(tensor, torch.Tensor) or item.tensor_data is None:
+                raise WriteError(f"tensor item {fqn!r} resolved to {type(tensor).__name__}")
+            tensor = tensor.detach()
+            name = fqn if fqn not in tensors else f"{fqn}@{','.join(map(str, item.tensor_data.chunk.offsets))}"
+            tensors[name] = tensor
+            shards.append({
+                "fqn": fqn,
+                "name": name,
+                "offsets": list(item.tensor_data.chunk.offsets),
+                "global_shape": list(item.tensor_data.size),
+            })
+            results.append(WriteResult(item.index, tensor.numel() * tensor.element_size(), StoredItem(file_name, name)))
+        try:
+            encode_tree(objects)  # refuse what cannot be stored before any byte is written
+        except ValueError as e:
+            raise WriteError(
+                f"non-tensor state cannot be stored without pickle: {e}. Store plain values "
+                "(numbers, strings, lists, dicts, tuples, tensors) instead"
+            ) from None
+        if results:
+            write_container(
+                self.path / file_name,
+                {SHARDS_SECTION: tensors},
+                metadata={"dcp": {"shards": shards}},
+                trees={OBJECTS_TREE: objects} if objects else None,
+                compression=self.compression,
+                level=self.level,
+                durable=self.durable,
+            )
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        files: dict[str, FileRecord] = {}
+        for result in (r for rank in results for r in rank):
+            name = result.storage_data.file
+            if name not in files:
+                files[name] = _record(self.path / name)
+        tensors: dict[str, TensorRecord] = {}
+        objects: list[str] = []
+        for fqn, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                tensors[fqn] = TensorRecord(tag_from_dtype(md.properties.dtype, name=fqn), tuple(md.size))
+            else:
+                objects.append(fqn)
+        save_id = next(iter(files)).split("_")[-1].removesuffix(".mfmt") if files else uuid.uuid4().hex[:16]
+        planner_data = {k: tuple(v) for k, v in metadata.planner_data.items()} if metadata.planner_data else None
+        write_index(self.path, DcpIndex(save_id, files, tensors, tuple(objects), planner_data), durable=self.durable)
+        _remove_uncommitted(self.path, set(files))
+
+
+def _record(path: Path) -> FileRecord:
+    with LazyCheckpoint(path, verify=False) as ckpt:
+        return FileRecord(path.name, ckpt.file_size, ckpt.preamble.header_checksum)
+
+
+def _remove_uncommitted(directory: Path, keep: set[str]) -> None:
+    """After the commit, rank files of other saves (older ones, or ones that never committed) go."""
+    for entry in os.scandir(directory):
+        if is_rank_file(entry.name) and entry.name not in keep and entry.name != INDEX_NAME:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
