@@ -96,6 +96,11 @@ def _iterable(vm: PickleVM, value: Any, name: str) -> Any:
     return value
 
 
+_DCP_RECORD_MODULES: Final = frozenset(
+    {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"}
+)
+
+
 def _is_tensor_kind_we_refuse(module: str, name: str) -> bool:
     # Sparse, quantized, meta, nested, wrapper-subclass, device-numpy and DTensor rebuilds
     # (HOSTILE F25). Allowlisted rebuilds never reach this check.
@@ -103,7 +108,8 @@ def _is_tensor_kind_we_refuse(module: str, name: str) -> bool:
         if name.startswith("_rebuild"):
             return True
         if module.startswith(("torch.distributed", "torch.nested", "torch._subclasses")):
-            return True
+            # DCP's .metadata records are plain dataclasses, recorded inertly like any class
+            return module not in _DCP_RECORD_MODULES
     return False
 
 
