@@ -6,7 +6,8 @@ to the next, which is how format confusion attacks work):
 - ``MFMT_MAGIC``: a mettaformat container;
 - ``PK\\x03\\x04`` or the pickled torch legacy magic: a legacy torch checkpoint, imported by the
   safe importer (nothing in it is executed);
-- a little-endian length followed by ``{``: a ``.safetensors`` file.
+- a little-endian length followed by ``{``: a ``.safetensors`` file;
+- a directory with a DCP commit file (ours or torch's ``.metadata``): a distributed checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mettaformat.migrations import apply_migrations
 
 __all__ = ["FormatName", "load_any", "sniff_format"]
 
-FormatName = Literal["mettaformat", "torch-zip", "torch-legacy-stream", "safetensors"]
+FormatName = Literal["mettaformat", "torch-zip", "torch-legacy-stream", "safetensors", "dcp", "torch-dcp"]
 _SNIFF_BYTES: Final = 64
 
 
@@ -40,6 +41,12 @@ def sniff_format(path: str | os.PathLike[str]) -> FormatName:
     """
     from mettaformat.legacy import sniff as sniff_legacy
 
+    if os.path.isdir(path):  # a distributed checkpoint directory (ours or torch's)
+        from mettaformat.dcp.consolidate import sniff_dcp
+
+        dcp_kind = sniff_dcp(path)
+        if dcp_kind is not None:
+            return dcp_kind
     # Non-blocking open, then a regular-file check: a FIFO or device named as a checkpoint must
     # fail at once instead of blocking the reader (HOSTILE H1).
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -76,7 +83,8 @@ def load_any(
 
     Args:
         path: a ``.mfmt`` container, a legacy Metta ``.pt`` file (v1 PolicyRecord, v2 dict,
-            raw state dict, bare module, trainer state) or a ``.safetensors`` file.
+            raw state dict, bare module, trainer state), a ``.safetensors`` file, or a
+            distributed checkpoint directory (consolidated; see :mod:`mettaformat.dcp`).
         migrate: apply registered schema migrations (with a warning each); False shows the
             checkpoint exactly as stored.
         device: where to place tensors.
@@ -96,6 +104,10 @@ def load_any(
         ckpt = read_checkpoint(path, device=device, lazy=lazy)
     elif kind == "safetensors":
         ckpt = _read_safetensors(path)
+    elif kind in ("dcp", "torch-dcp"):
+        from mettaformat.dcp.consolidate import read_dcp
+
+        ckpt = read_dcp(path)
     else:
         from mettaformat.legacy import import_legacy
 

@@ -31,8 +31,8 @@ from mettaformat.legacy.graph import storable_checkpoint
 
 __all__ = ["CONVERT_TARGETS", "ConvertReport", "ConvertTarget", "convert", "target_for_path", "write_target"]
 
-ConvertTarget = Literal["mfmt", "v1", "v2", "v2-full", "pt", "safetensors"]
-CONVERT_TARGETS: Final = ("mfmt", "v1", "v2", "v2-full", "pt", "safetensors")
+ConvertTarget = Literal["mfmt", "v1", "v2", "v2-full", "pt", "safetensors", "dcp"]
+CONVERT_TARGETS: Final = ("mfmt", "v1", "v2", "v2-full", "pt", "safetensors", "dcp")
 _BY_SUFFIX: Final[dict[str, ConvertTarget]] = {".mfmt": "mfmt", ".safetensors": "safetensors"}
 
 
@@ -103,7 +103,7 @@ def write_target(
     """
     if to not in CONVERT_TARGETS:
         raise WriteError(f"unknown target {to!r}; use one of {', '.join(CONVERT_TARGETS)}")
-    if compression != "none" and to != "mfmt":
+    if compression != "none" and to not in ("mfmt", "dcp"):
         raise WriteError(f"compression applies to mfmt containers only, not {to}")
     if model is not None and to not in ("v1", "v2-full"):
         raise WriteError(f"model= applies to v1 and v2-full only, not {to}")
@@ -113,6 +113,11 @@ def write_target(
         except RecursionError as e:
             raise WriteError(f"{dst}: object graph too deep for this interpreter") from e
         return ExportReport(os.fspath(dst), "mfmt")
+    if to == "dcp":  # a distributed checkpoint directory, loadable on any number of ranks
+        from mettaformat.dcp.consolidate import write_dcp
+
+        not_carried, notes = write_dcp(ckpt, dst, compression=compression, strict=strict)
+        return ExportReport(os.fspath(dst), "dcp", not_carried=not_carried, notes=notes)
     if to == "v1":
         return export_v1(ckpt, dst, model=model, strict=strict)
     if to == "v2":
@@ -175,8 +180,17 @@ def convert(
         shape=ckpt.provenance.get("shape"),
         target=to,
         tensors=len(ckpt.tensors),
-        bytes_in=src_path.stat().st_size,
-        bytes_out=dst_path.stat().st_size,
+        bytes_in=_size(src_path),
+        bytes_out=_size(dst_path),
         not_carried=report.not_carried,
         notes=report.notes,
     )
+
+
+def _size(path: Path) -> int:
+    """A file's size, or the total of a distributed checkpoint directory's files."""
+    if path.is_dir():
+        from mettaformat.dcp.consolidate import directory_bytes
+
+        return directory_bytes(path)
+    return path.stat().st_size

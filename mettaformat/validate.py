@@ -164,6 +164,10 @@ def validate(path: str | os.PathLike[str], *, deep: bool = False) -> ValidationR
             _validate_container(path, deep, report)
         elif report.format == "safetensors":
             _validate_safetensors(path, report)
+        elif report.format in ("dcp", "torch-dcp"):
+            from mettaformat.dcp.report import validate_dcp
+
+            validate_dcp(path, report.format, deep, report)
         else:
             _validate_legacy(path, report)
     except MettaFormatError as e:

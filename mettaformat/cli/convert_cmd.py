@@ -13,7 +13,7 @@ from mettaformat.errors import WriteError
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert between mfmt, legacy v1/v2 .pt, state-dict .pt and safetensors",
+        help="convert between mfmt, legacy v1/v2 .pt, state-dict .pt, safetensors and DCP directories",
         description="Read SRC as stored (no schema migrations) and write DST. Anything the target "
         "format cannot carry is listed; --strict refuses instead.",
     )
@@ -22,9 +22,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--to",
         choices=CONVERT_TARGETS,
-        help="target format (default: from DST's suffix, .mfmt or .safetensors; required for .pt)",
+        help="target format (default: from DST's suffix, .mfmt or .safetensors; required for .pt and dcp, "
+        "a distributed checkpoint directory)",
     )
-    p.add_argument("--compression", choices=("none", "zstd"), default="none", help="mfmt only")
+    p.add_argument("--compression", choices=("none", "zstd"), default="none", help="mfmt and dcp only")
     p.add_argument("--strict", action="store_true", help="fail if the target cannot carry everything")
     p.add_argument(
         "--allow-objects",

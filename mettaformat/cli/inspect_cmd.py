@@ -70,6 +70,10 @@ def describe_other(path: str, kind: str) -> dict[str, Any]:
 def describe(path: str) -> dict[str, Any]:
     """Everything inspect shows, as plain data (reads the header only for containers)."""
     kind = sniff_format(path)
+    if kind in ("dcp", "torch-dcp"):  # a distributed checkpoint directory
+        from mettaformat.dcp.report import describe_dcp
+
+        return describe_dcp(path, kind)
     if kind != "mettaformat":
         return describe_other(path, kind)
     with LazyCheckpoint(path, verify=False) as ckpt:
@@ -128,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
         emit_json(info)
         return 0
     path = sanitize(info["path"])
-    if info["format"] != "mettaformat":
+    if info["shape"] == "distributed":
+        print(f"{path}: {info['format']} distributed checkpoint, {sanitize(info['version'] or 'torch layout')}, "
+              f"{human_bytes(info['file_bytes'])}; read safely, nothing in it executed")
+    elif info["format"] != "mettaformat":
         print(
             f"{path}: {info['format']} ({info['shape']}), checkpoint_format_version {info['version']}, "
             f"{human_bytes(info['file_bytes'])}; imported safely, nothing in it executed"

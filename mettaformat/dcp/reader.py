@@ -39,7 +39,7 @@ from mettaformat.dcp.writer import OBJECTS_TREE, SHARDS_SECTION, StoredItem
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import FormatError, IntegrityError, LayoutError, MettaFormatError
 
-__all__ = ["MettaStorageReader", "ShardRecord", "read_layout"]
+__all__ = ["MettaStorageReader", "ShardRecord", "check_coverage", "read_layout"]
 
 MAX_SHARDS = 1_000_000
 
@@ -131,23 +131,37 @@ def _volume(sizes: tuple[int, ...]) -> int:
 
 
 def _check_coverage(directory: Path, index: DcpIndex, shards: list[ShardRecord]) -> None:
-    """Shards of a tensor must not overlap and must cover it, or loads would read garbage or nothing."""
     if len(shards) > MAX_SHARDS:
         raise FormatError(f"{directory}: {len(shards)} shards, more than {MAX_SHARDS}", region="index")
-    by_fqn: dict[str, list[ShardRecord]] = defaultdict(list)
+    by_fqn: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = defaultdict(list)
     for s in shards:
-        by_fqn[s.fqn].append(s)
+        by_fqn[s.fqn].append((s.offsets, s.sizes))
     for fqn, tensor in index.tensors.items():
-        mine = by_fqn.get(fqn, [])
-        if sum(_volume(s.sizes) for s in mine) != _volume(tensor.shape) or (not mine and _volume(tensor.shape)):
-            raise LayoutError(f"{directory}: the shards of {fqn!r:.80} do not cover its shape {tensor.shape}",
+        check_coverage(str(directory), fqn, tensor.shape, by_fqn.get(fqn, []))
+
+
+def check_coverage(
+    where: str, fqn: str, shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
+) -> None:
+    """Shards of a tensor must lie inside it, not overlap, and cover it, or loads would read garbage.
+
+    Raises:
+        LayoutError: naming ``where`` and the tensor.
+    """
+    for offsets, sizes in boxes:
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+            o + s > g for o, s, g in zip(offsets, sizes, shape, strict=True)
+        ):
+            raise LayoutError(f"{where}: a shard of {fqn!r:.80} at {offsets} x {sizes} lies outside {shape}",
                               region="index")
-        nonempty = [s for s in mine if _volume(s.sizes)]
-        for i, a in enumerate(nonempty):
-            for b in nonempty[i + 1 :]:
-                spans = zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
-                if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in spans):
-                    raise LayoutError(f"{directory}: two shards of {fqn!r:.80} overlap", region="index")
+    if sum(_volume(s) for _, s in boxes) != _volume(shape) or (not boxes and _volume(shape)):
+        raise LayoutError(f"{where}: the shards of {fqn!r:.80} do not cover its shape {shape}", region="index")
+    nonempty = [b for b in boxes if _volume(b[1])]
+    for i, (a_off, a_size) in enumerate(nonempty):
+        for b_off, b_size in nonempty[i + 1 :]:
+            spans = zip(a_off, a_size, b_off, b_size, strict=True)
+            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in spans):
+                raise LayoutError(f"{where}: two shards of {fqn!r:.80} overlap", region="index")
 
 
 class MettaStorageReader(StorageReader):
