@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks [--quick] [--only container,training,store,legacy] [--dir DIR]
+    python -m benchmarks [--quick] [--only container,training,store,legacy,dcp] [--dir DIR]
                          [--json OUT.json] [--plot OUT.png] [--report docs/benchmarks.md]
     python -m benchmarks --from-json bench-out/full.json --plot docs/benchmarks.png --report docs/benchmarks.md
 
@@ -15,6 +15,7 @@ Areas (each also runs alone as ``python -m benchmarks.bench_<area>``):
 - ``training``: ``save_for_training`` / ``load_for_training`` against ``torch.save`` of a module.
 - ``store``: PolicyStore selection over 1,000 checkpoints against the old load-everything way.
 - ``legacy``: the safe legacy importer against ``torch.load(weights_only=False)``.
+- ``dcp``: distributed checkpoints (2 CPU ranks x 256 MiB) against torch's FileSystemWriter/Reader.
 
 ``--quick`` (CI) runs smaller data sets with fewer repeats, in about a minute on 2 idle cores.
 The report goes to stdout; progress to stderr. Every timing is a median of several runs after a
@@ -37,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-AREAS = ("container", "training", "store", "legacy")
+AREAS = ("container", "training", "store", "legacy", "dcp")
 
 
 def log(msg: str) -> None:
@@ -98,6 +99,10 @@ def run_area(area: str, quick: bool, workdir: Path) -> tuple[str, dict[str, Any]
         from benchmarks import bench_legacy
 
         return _call_main(bench_legacy.main, ["--quick"] if quick else ["--repeat", "5"])
+    if area == "dcp":
+        from benchmarks import bench_dcp
+
+        return _call_main(bench_dcp.main, (["--quick"] if quick else []) + ["--dir", str(workdir)])
     raise ValueError(area)
 
 

@@ -1,0 +1,145 @@
+"""Distributed checkpoints: MettaStorageWriter/Reader against torch's FileSystemWriter/Reader.
+
+Two CPU ranks (gloo) each hold the same amount of sharded state (``Shard(0)`` DTensors plus a
+few non-tensor items); every round saves and loads it with both layers, interleaved, in one run.
+Times are the slowest rank's (what a job waits for), minimum over rounds; sizes are the whole
+checkpoint directory. ``python -m benchmarks.bench_dcp [--quick] [--mib 256] [--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+
+from benchmarks._harness import environment, markdown_table, write_json
+
+MiB = 1 << 20
+WORLD = 2
+TARGET = 1.1  # within 1.1x of torch's layer
+
+
+def _state(mib_per_rank: int, mesh: Any) -> dict[str, Any]:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    n_tensors = 16
+    rows = mib_per_rank * MiB * WORLD // n_tensors // (1024 * 4)
+    g = torch.Generator().manual_seed(0)
+    state: dict[str, Any] = {
+        f"layers.{i}.weight": distribute_tensor(torch.randn(rows, 1024, generator=g), mesh, [Shard(0)])
+        for i in range(n_tensors)
+    }
+    state.update({"step": 1000, "trainer": {"lr": 3e-4, "epoch": 7}})
+    return state
+
+
+def _layers(root: Path) -> dict[str, tuple[Any, Any]]:
+    from mettaformat.dcp import MettaStorageReader, MettaStorageWriter
+
+    return {
+        "mettaformat": (lambda: MettaStorageWriter(root / "metta"), lambda: MettaStorageReader(root / "metta")),
+        "torch FileSystem": (lambda: dcp.FileSystemWriter(root / "torch"), lambda: dcp.FileSystemReader(root / "torch")),
+    }
+
+
+def _timed(fn: Any) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    elapsed = torch.tensor([time.perf_counter() - t0])
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed.item())
+
+
+def _worker(rank: int, tmp: str, mib: int, rounds: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    root = Path(tmp)
+    state = _state(mib, mesh)
+    target = {k: (torch.zeros_like(v) if isinstance(v, DTensor) else type(v)()) for k, v in state.items()}
+    target["trainer"] = dict.fromkeys(state["trainer"], 0)
+    times: dict[str, dict[str, list[float]]] = {}
+    for _ in range(rounds):
+        for name, (writer, reader) in _layers(root).items():
+            t = times.setdefault(name, {"save": [], "load": []})
+            t["save"].append(_timed(lambda w=writer: dcp.save(state, storage_writer=w())))
+            t["load"].append(_timed(lambda r=reader: dcp.load(target, storage_reader=r())))
+            for k, v in state.items():
+                if isinstance(v, DTensor):
+                    assert torch.equal(target[k].to_local(), v.to_local()), (name, k)
+            assert target["step"] == state["step"] and target["trainer"] == state["trainer"], name
+    if rank == 0:
+        sizes = {name: sum(p.stat().st_size for p in (root / d).iterdir())
+                 for name, d in (("mettaformat", "metta"), ("torch FileSystem", "torch"))}
+        (root / "result.json").write_text(json.dumps({"times": times, "sizes": sizes}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(mib: int, rounds: int, workdir: str | None) -> dict[str, Any]:
+    tmp = tempfile.mkdtemp(prefix="mf-bench-dcp-", dir=workdir)
+    try:
+        mp.spawn(_worker, args=(tmp, mib, rounds), nprocs=WORLD, join=True)
+        raw = json.loads((Path(tmp) / "result.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = {name: {op: min(v) for op, v in ops.items()} for name, ops in raw["times"].items()}
+    ours, theirs = raw["times"]["mettaformat"], raw["times"]["torch FileSystem"]
+    targets = []
+    for op in ("save", "load"):
+        from_medians = statistics.median(ours[op]) / statistics.median(theirs[op])
+        from_mins = min(ours[op]) / min(theirs[op])
+        interleaved = statistics.median(a / b for a, b in zip(ours[op], theirs[op], strict=True))
+        verdicts = {v <= TARGET for v in (from_medians, from_mins, interleaved)}
+        targets.append({
+            "area": "dcp", "target": f"dcp {op} vs FileSystem{'Writer' if op == 'save' else 'Reader'}",
+            "goal": f"<= {TARGET}x", "dataset": f"{WORLD}x{mib} MiB", "value": from_medians,
+            "value_from_min": from_mins, "value_interleaved": interleaved, "met": interleaved <= TARGET,
+            "noisy": len(verdicts) > 1,
+            "detail": f"slowest rank, {rounds} interleaved rounds; sizes {raw['sizes']['mettaformat']} vs "
+                      f"{raw['sizes']['torch FileSystem']} bytes",
+        })
+    return {"mib_per_rank": mib, "rounds": rounds, "times": raw["times"], "best": best, "sizes": raw["sizes"],
+            "targets": targets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--mib", type=int, default=256, help="sharded state per rank, MiB")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="32 MiB per rank, 2 rounds")
+    ap.add_argument("--dir", default=None, help="where the checkpoints go (default: the temp directory)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    mib, rounds = (32, 2) if args.quick else (args.mib, args.rounds)
+    doc = run(mib, rounds, args.dir)
+    rows = []
+    for name, b in doc["best"].items():
+        ref = doc["best"]["torch FileSystem"]
+        rows.append([name, f"{doc['sizes'][name] / MiB:.1f} MiB", f"{b['save'] * 1e3:.0f}", f"{b['load'] * 1e3:.0f}",
+                     f"{b['save'] / ref['save']:.2f}x", f"{b['load'] / ref['load']:.2f}x"])
+    print(f"## Distributed checkpoint, {WORLD} ranks x {mib} MiB (Shard(0) DTensors), best of {rounds}\n")
+    print(markdown_table(["layer", "checkpoint size", "save ms", "load ms", "save vs torch", "load vs torch"], rows))
+    for t in doc["targets"]:
+        print(f"\n{t['target']}: {t['value_interleaved']:.2f}x (goal {t['goal']}: {'met' if t['met'] else 'not met'})")
+    if args.json:
+        write_json(args.json, {"environment": environment(), **doc})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
