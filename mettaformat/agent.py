@@ -164,14 +164,24 @@ class MettaAgent(nn.Module):
         level: int = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         all_ranks: bool = False,
+        distributed: bool = False,
     ) -> Path | None:
         """Save the model plus optimizer, scheduler, counters and RNG states; no pickle anywhere.
 
         ``trainer_state`` holds counters such as ``{"epoch": 3, "agent_step": 4096}``.
+        ``distributed=True``: every rank calls this and writes its own shards (FSDP2/DTensor
+        models) into the directory ``path`` through :mod:`mettaformat.dcp`; resume with
+        ``load_for_training(path, model=..., distributed=True)`` on any number of ranks.
 
         Raises:
             WriteError: as for :meth:`save` (for example a scheduler holding a lambda).
         """
+        if distributed:
+            from mettaformat.dcp.training import save_sharded_training
+
+            save_sharded_training(self, path, optimizer, scheduler, trainer_state, compression=compression,
+                                  durable=durable)
+            return Path(path)
         if not _is_writer_rank(all_ranks):
             return None
         training = capture_training_state(optimizer, scheduler, trainer_state)
@@ -274,8 +284,12 @@ class MettaAgent(nn.Module):
         scheduler: Any = None,
         *,
         restore_rng_state: bool = True,
+        distributed: bool = False,
     ) -> MettaAgent:
         """Load a training checkpoint, ready to resume immediately.
+
+        ``distributed=True``: a directory written by ``save_for_training(..., distributed=True)``;
+        every rank calls this with its (sharded) ``model``, which is required.
 
         The model is rebuilt (or ``model`` is filled), then ``optimizer`` and ``scheduler`` get
         their saved state and the RNGs are restored. Counters are in ``agent.trainer_state``.
@@ -288,6 +302,12 @@ class MettaAgent(nn.Module):
         A checkpoint without training state (a plain policy) loads with an empty
         ``training_state``: the optimizer, scheduler and RNGs are left as they are.
         """
+        if distributed:
+            if model is None:
+                raise ModelReconstructionError("load_for_training(distributed=True) needs the (sharded) model")
+            from mettaformat.dcp.training import load_sharded_training
+
+            return load_sharded_training(cls, path, model, optimizer, scheduler, restore_rng_state=restore_rng_state)
         ckpt = load_any(path, lazy=False)
         agent = cls.from_checkpoint(ckpt, model=model, device=device, lazy=False)
         training = ckpt.training or TrainingState()

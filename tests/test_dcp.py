@@ -291,3 +291,30 @@ def test_missing_index_says_why(tmp_path: Path) -> None:
     (tmp_path / "ck").mkdir()
     with pytest.raises(FormatError, match="no committed distributed checkpoint"):
         read_index(tmp_path / "ck")
+
+
+# -- MettaAgent ---------------------------------------------------------------------------------
+def test_agent_training_checkpoint_through_dcp_resumes_exactly(tmp_path: Path) -> None:
+    def trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        optim = torch.optim.Adam(model.parameters(), lr=0.01)
+        model(torch.ones(2, 4)).sum().backward()
+        optim.step()
+        return model, optim
+
+    model, optim = trained(0)
+    agent = mettaformat.MettaAgent(model, model_type="mlp", metadata={"epoch": 3}, agent_attributes={"obs": {0: 1.5}})
+    counters = {"epoch": 3, "agent_step": 4096, "by_env": {7: 0.25}}
+    agent.save_for_training(tmp_path / "ck", optim, trainer_state=counters, distributed=True)
+    expected_next = torch.rand(3)  # what the RNG gives right after the save
+    assert pickle_findings(tmp_path / "ck") == []
+
+    model2, optim2 = trained(1)
+    resumed = mettaformat.MettaAgent.load_for_training(tmp_path / "ck", model=model2, optimizer=optim2,
+                                                       distributed=True)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert resumed.trainer_state == counters and resumed.agent_attributes == {"obs": {0: 1.5}}
+    assert resumed.model_type == "mlp" and resumed.metadata == {"epoch": 3}
+    assert equal(model2.state_dict(), model.state_dict())
+    assert equal(optim2.state_dict()["state"], optim.state_dict()["state"])

@@ -72,7 +72,7 @@ def test_two_rank_save_loads_bit_identical_on_one_rank(resharded: Path, saved: s
 
 
 def test_checkpoint_directories_hold_no_pickle(resharded: Path, tmp_path: Path) -> None:
-    for saved in ("dim0", "dim1", "fsdp"):
+    for saved in ("dim0", "dim1", "fsdp", "agent"):
         names = os.listdir(resharded / saved)
         assert INDEX_NAME in names and len(names) == 3, names  # the index and one container per rank
         assert pickle_findings(resharded / saved) == []
@@ -92,6 +92,21 @@ def test_fsdp2_checkpoint_loads_into_a_plain_model_on_one_rank(resharded: Path) 
     for k, v in model.state_dict().items():
         assert torch.equal(v, expected[k]), k
     assert state["step"] == 5
+
+
+def test_sharded_agent_checkpoint_resumes_on_one_rank(resharded: Path) -> None:
+    model = dcp_ranks.build_model(5)
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        agent = mettaformat.MettaAgent.load_for_training(resharded / "agent", model=model, optimizer=optim,
+                                                         distributed=True)
+    expected = mettaformat.load_file(resharded / "fsdp-expected.mfmt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    assert agent.trainer_state == dcp_ranks.COUNTERS
+    assert agent.provenance["rng_not_restored"] == ["saved on 2 ranks, resumed on 1"]
+    assert set(optim.state_dict()["state"]) == {0, 1, 2, 3}
 
 
 def test_rank_killed_mid_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None:

@@ -135,7 +135,8 @@ class MettaStorageWriter(StorageWriter):
             })
             results.append(WriteResult(item.index, tensor.numel() * tensor.element_size(), StoredItem(file_name, name)))
         try:
-            encode_tree(objects)  # refuse what cannot be stored before any byte is written
+            # refuse what cannot be stored before any byte is written
+            encode_tree(objects, lambda _tensor, name: (OBJECTS_TREE, name))
         except ValueError as e:
             raise WriteError(
                 f"non-tensor state cannot be stored without pickle: {e}. Store plain values "

@@ -25,6 +25,7 @@ from mettaformat.container.writer import write_container
 from mettaformat.dcp import MettaStorageReader, MettaStorageWriter
 
 WORLD = 2
+COUNTERS = {"epoch": 2, "agent_step": 8192, "per_env": {3: 0.5}}
 
 
 def full_tensors() -> dict[str, torch.Tensor]:
@@ -127,6 +128,20 @@ def _fsdp(rank: int, mesh: Any, root: Path) -> None:
     full = {k: v.full_tensor() for k, v in msd.items()}
     if rank == 0:
         mettaformat.save_file(full, root / "fsdp-expected.mfmt")
+
+    # The same job through MettaAgent: every rank saves its shards and resumes its own RNG.
+    torch.manual_seed(100 + rank)
+    agent = mettaformat.MettaAgent(model, model_type="mlp", metadata={"epoch": 2})
+    agent.save_for_training(root / "agent", optim, trainer_state=COUNTERS, distributed=True)
+    expected_next = torch.rand(4)
+    model3, optim3 = sharded(3)
+    resumed = mettaformat.MettaAgent.load_for_training(root / "agent", model=model3, optimizer=optim3,
+                                                       distributed=True)
+    assert torch.equal(torch.rand(4), expected_next)
+    assert resumed.trainer_state == COUNTERS and resumed.metadata == {"epoch": 2}
+    resumed_sd, _ = get_state_dict(model3, optim3)
+    for k, v in msd.items():
+        assert torch.equal(resumed_sd[k].full_tensor(), v.full_tensor()), k
 
 
 class DyingWriter(MettaStorageWriter):
