@@ -318,3 +318,10 @@ def test_agent_training_checkpoint_through_dcp_resumes_exactly(tmp_path: Path) -
     assert resumed.model_type == "mlp" and resumed.metadata == {"epoch": 3}
     assert equal(model2.state_dict(), model.state_dict())
     assert equal(optim2.state_dict()["state"], optim.state_dict()["state"])
+
+
+@pytest.mark.parametrize("name", mettaformat.dcp.__all__)
+def test_public_dcp_names_are_in_the_api_reference(name: str) -> None:
+    from tests.test_api_reference import documented
+
+    assert f"mettaformat.dcp.{name}" in documented(), f"docs/api.md has no entry for mettaformat.dcp.{name}"
