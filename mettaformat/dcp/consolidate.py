@@ -19,15 +19,14 @@ import torch
 from mettaformat.checkpoint import Checkpoint, TrainingState
 from mettaformat.constants import Compression
 from mettaformat.container.reader import LazyCheckpoint
-from mettaformat.container.tree import decode_tree
 from mettaformat.dcp.index import INDEX_NAME, TORCH_METADATA_NAME
-from mettaformat.dcp.reader import check_coverage, read_layout
+from mettaformat.dcp.reader import ShardRecord, check_coverage, decode_object, read_layout
 from mettaformat.dcp.torch_layout import read_torch_item, read_torch_layout
-from mettaformat.dcp.writer import OBJECTS_TREE, SHARDS_SECTION, MettaStorageWriter
+from mettaformat.dcp.writer import SHARDS_SECTION, MettaStorageWriter
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import FormatError, MettaFormatError, WriteError
 
-__all__ = ["DcpKind", "directory_bytes", "read_dcp", "sniff_dcp", "write_dcp"]
+__all__ = ["DcpKind", "directory_bytes", "read_dcp", "read_objects", "sniff_dcp", "write_dcp"]
 
 DcpKind = Literal["dcp", "torch-dcp"]
 
@@ -81,22 +80,34 @@ def read_dcp(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint
 
 
 def _read_ours(directory: Path, verify: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
-    index, shards, objects = read_layout(directory)
+    index, shards, _ = read_layout(directory)
     tensors = {fqn: torch.empty(t.shape, dtype=dtype_from_tag(t.dtype)) for fqn, t in index.tensors.items()}
-    values: dict[str, Any] = {}
-    by_file: dict[str, list[Any]] = {}
+    by_file: dict[str, list[ShardRecord]] = {}
     for s in shards:
         by_file.setdefault(s.item.file, []).append(s)
-    for file in set(by_file) | set(objects.values()):
+    for file, mine in by_file.items():
         with LazyCheckpoint(directory / file, verify=verify) as ckpt:
-            for s in by_file.get(file, ()):
+            for s in mine:
                 region = tuple(slice(o, o + n) for o, n in zip(s.offsets, s.sizes, strict=True))
                 tensors[s.fqn][region].copy_(ckpt.get_tensor(s.item.name, section=SHARDS_SECTION))
-            raw = ckpt.header.trees.get(OBJECTS_TREE, {})
-            for fqn in (f for f, owner in objects.items() if owner == file):
-                values[fqn] = decode_tree(raw[fqn], lambda sec, n, c=ckpt: c.get_tensor(n, section=sec),
-                                          path=f"{ckpt.path}: object {fqn!r}")
-    return tensors, values, index.planner_data
+    objects, planner_data = read_objects(directory)
+    return tensors, objects, planner_data
+
+
+def read_objects(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
+    """Every non-tensor item of one of our directories, decoded, with DCP's flattening map.
+
+    Raises:
+        FormatError, IntegrityError: as for :class:`~mettaformat.dcp.MettaStorageReader`.
+    """
+    directory = Path(path)
+    index, _, owners = read_layout(directory)
+    values: dict[str, Any] = {}
+    for file in set(owners.values()):
+        with LazyCheckpoint(directory / file) as ckpt:
+            for fqn in (f for f, owner in owners.items() if owner == file):
+                values[fqn] = decode_object(ckpt, fqn)
+    return values, index.planner_data
 
 
 def _read_torch(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any, set[tuple[str, str]]]:
@@ -152,8 +163,8 @@ def write_dcp(
             if k in state:
                 raise WriteError(f"trainer_state item {k!r} has the name of a tensor or training tree")
             state[k] = v
-    from torch.distributed.checkpoint import save
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_saver import save
 
     try:
         with warnings.catch_warnings():

@@ -39,7 +39,7 @@ from mettaformat.dcp.writer import OBJECTS_TREE, SHARDS_SECTION, StoredItem
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import FormatError, IntegrityError, LayoutError, MettaFormatError
 
-__all__ = ["MettaStorageReader", "ShardRecord", "check_coverage", "read_layout"]
+__all__ = ["MettaStorageReader", "ShardRecord", "check_coverage", "decode_object", "read_layout"]
 
 MAX_SHARDS = 1_000_000
 
@@ -91,6 +91,18 @@ def read_layout(directory: Path, *, verify: bool = False) -> tuple[DcpIndex, lis
     return index, shards, objects
 
 
+def decode_object(ckpt: LazyCheckpoint, fqn: str) -> Any:
+    """Decode the non-tensor item ``fqn`` of a rank file (its tensors, if any, are read too)."""
+    raw = ckpt.header.trees.get(OBJECTS_TREE)
+    if not isinstance(raw, dict) or fqn not in raw:
+        raise FormatError(f"{ckpt.path}: no object {fqn!r:.80}", region="trees")
+
+    def tensor(section: str, name: str) -> torch.Tensor:
+        return ckpt.get_tensor(name, section=section)
+
+    return decode_tree(raw[fqn], tensor, path=f"{ckpt.path}: object {fqn!r}")
+
+
 def _file_shards(ckpt: LazyCheckpoint, index: DcpIndex, file: str) -> list[ShardRecord]:
     where = str(ckpt.path)
     info = ckpt.metadata.get("dcp")
@@ -105,7 +117,7 @@ def _file_shards(ckpt: LazyCheckpoint, index: DcpIndex, file: str) -> list[Shard
             raise FormatError(f"{where}: malformed shard record", region="metadata")
         fqn, name = shard["fqn"], shard["name"]
         tensor = index.tensors.get(fqn)
-        entry = entries.get(section.aliases.get(name, name)) if section is not None else None
+        entry = entries.get(section.aliases.get(name) or name) if section is not None else None
         if tensor is None or entry is None:
             raise FormatError(f"{where}: shard {name!r:.80} of {fqn!r:.80} is not in the index or the file",
                               region="metadata")
@@ -243,10 +255,7 @@ class MettaStorageReader(StorageReader):
         stored = self._stored(item)
         try:
             if item.type == LoadItemType.BYTE_IO:
-                raw = ckpt.header.trees[OBJECTS_TREE][stored.name]
-                value = decode_tree(raw, lambda sec, n: ckpt.get_tensor(n, section=sec),
-                                    path=f"{ckpt.path}: object {stored.name!r}")
-                assign_object(planner, item, value)
+                assign_object(planner, item, decode_object(ckpt, stored.name))
                 return
             if self.verify:
                 source = ckpt.get_tensor(stored.name, section=SHARDS_SECTION)

@@ -84,15 +84,15 @@ def validate_dcp(path: str | os.PathLike[str], kind: str, deep: bool, report: Va
         return
     index, _, _ = read_layout(directory)
     for name in index.files:
-        with LazyCheckpoint(directory / name, verify=True) as ckpt:
+        with LazyCheckpoint(directory / name, verify=True) as rank_file:
             try:
-                ckpt.verify_structure()
-                for s in ckpt.header.sections:
+                rank_file.verify_structure()
+                for s in rank_file.header.sections:
                     for t in s.tensors:
-                        ckpt.read_entry(s, t)
+                        rank_file.read_entry(s, t)
                         report.tensors_checked += 1
-                for tree in ckpt.tree_names:
-                    ckpt.tree(tree)
+                for tree in rank_file.tree_names:
+                    rank_file.tree(tree)
             except MettaFormatError as e:
                 report.problems.append(Problem(f"{name}: {e.region or 'file'}", e.message))
     if deep:

@@ -12,27 +12,26 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load
+from torch.distributed.checkpoint.state_dict_saver import save
 
 from mettaformat.checkpoint import TrainingState
 from mettaformat.constants import Compression
-from mettaformat.container.reader import LazyCheckpoint
-from mettaformat.container.tree import decode_tree
-from mettaformat.dcp.reader import MettaStorageReader, read_layout
-from mettaformat.dcp.writer import OBJECTS_TREE, MettaStorageWriter
+from mettaformat.dcp.consolidate import read_objects
+from mettaformat.dcp.reader import MettaStorageReader
+from mettaformat.dcp.writer import MettaStorageWriter
 from mettaformat.training import capture_rng, restore_rng
 
 if TYPE_CHECKING:
     from mettaformat.agent import MettaAgent
 
-__all__ = ["load_sharded_training", "read_objects", "save_sharded_training"]
+__all__ = ["load_sharded_training", "save_sharded_training"]
 
 #: Items stored whole, as 1-tuples (see save_sharded_training).
 _WHOLE = ("agent", "trainer_state", "rng")
@@ -88,28 +87,14 @@ def save_sharded_training(
         state["scheduler"] = scheduler.state_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one process without a process group is fine
-        dcp.save(state, storage_writer=MettaStorageWriter(path, compression=compression, durable=durable),
+        save(state, storage_writer=MettaStorageWriter(path, compression=compression, durable=durable),
                  no_dist=_world()[1] == 1)
 
 
-def read_objects(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Every non-tensor item of a checkpoint directory, nested again by its key path (no DCP needed)."""
-    directory = Path(path)
-    index, _, owners = read_layout(directory)
-    nesting = index.planner_data or {}
-    out: dict[str, Any] = {}
-    for file in set(owners.values()):
-        with LazyCheckpoint(directory / file) as ckpt:
-            raw = ckpt.header.trees.get(OBJECTS_TREE, {})
-            for fqn in (f for f, owner in owners.items() if owner == file):
-                value = decode_tree(raw[fqn], lambda sec, n, c=ckpt: c.get_tensor(n, section=sec),
-                                    path=f"{ckpt.path}: object {fqn!r}")
-                keys = nesting.get(fqn, (fqn,))
-                node = out
-                for key in keys[:-1]:
-                    node = node.setdefault(key, {})
-                node[keys[-1]] = value
-    return out
+def _whole_items(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The items stored whole by :func:`save_sharded_training`, unwrapped from their 1-tuples."""
+    values, _ = read_objects(path)
+    return {k: v[0] for k, v in values.items() if k in _WHOLE and isinstance(v, tuple) and len(v) == 1}
 
 
 def load_sharded_training(
@@ -134,12 +119,12 @@ def load_sharded_training(
     rank, world = _world()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one process without a process group is fine
-        dcp.load(target, storage_reader=MettaStorageReader(path), no_dist=world == 1)
+        load(target, storage_reader=MettaStorageReader(path), no_dist=world == 1)
     set_state_dict(inner, optimizer if optimizer is not None else [], model_state_dict=target["model"],
                    optim_state_dict=target.get("optimizer", {}))
     if scheduler is not None:
         scheduler.load_state_dict(target["scheduler"])
-    objects = {k: v[0] for k, v in read_objects(path).items() if k in _WHOLE and isinstance(v, tuple) and v}
+    objects = _whole_items(path)
     own = objects.get("agent", {})
     agent = agent_cls(model, model_type=own.get("model_type") or "brain", name=own.get("name"), uri=own.get("uri"),
                       metadata=own.get("metadata"), agent_attributes=own.get("agent_attributes"),
