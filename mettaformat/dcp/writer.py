@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from mettaformat._atomic import TEMP_SUFFIX, is_temp_file
 from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
 from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.container.tree import encode_tree
@@ -181,9 +182,13 @@ def _record(path: Path) -> FileRecord:
 
 
 def _remove_uncommitted(directory: Path, keep: set[str]) -> None:
-    """After the commit, rank files of other saves (older ones, or ones that never committed) go."""
+    """After the commit, files of other saves go: older rank files, rank files of saves that never
+    committed, and temp files a killed rank left behind."""
     for entry in os.scandir(directory):
-        if is_rank_file(entry.name) and entry.name not in keep and entry.name != INDEX_NAME:
+        name = entry.name
+        if name.startswith(".") and is_temp_file(name):  # .<target>.<random>.mfmt-tmp
+            name = name[1:].removesuffix(TEMP_SUFFIX).rpartition(".")[0]
+        if (is_rank_file(name) and name not in keep) or (name == INDEX_NAME and entry.name != INDEX_NAME):
             try:
                 os.unlink(entry.path)
             except FileNotFoundError:
