@@ -141,7 +141,7 @@ def run(mib: int, rounds: int, workdir: str | None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mib", type=int, default=256, help="sharded state per rank, MiB")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="32 MiB per rank, 2 rounds")
     ap.add_argument("--dir", default=None, help="where the checkpoints go (default: the temp directory)")
     ap.add_argument("--json", default=None)

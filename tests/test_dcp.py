@@ -325,3 +325,15 @@ def test_public_dcp_names_are_in_the_api_reference(name: str) -> None:
     from tests.test_api_reference import documented
 
     assert f"mettaformat.dcp.{name}" in documented(), f"docs/api.md has no entry for mettaformat.dcp.{name}"
+
+
+def test_spec_page_lists_the_index_fields_the_writer_writes(tmp_path: Path) -> None:
+    import re
+
+    spec = (Path(__file__).resolve().parents[1] / "spec" / "DCP.md").read_text()
+    body_table = spec[spec.index("The body:") : spec.index("## 4.")]
+    documented = set(re.findall(r"^\| `(\w+)` \|", body_table, re.M))
+    save(state(), tmp_path / "ck")
+    outer = msgpack.unpackb((tmp_path / "ck" / INDEX_NAME).read_bytes())
+    assert set(msgpack.unpackb(outer["body"])) == documented
+    assert set(outer) == set(re.findall(r"^\| `(\w+)` \|", spec[spec.index("## 3.") : spec.index("The body:")], re.M))
