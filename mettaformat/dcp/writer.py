@@ -127,6 +127,8 @@ class MettaStorageWriter(StorageWriter):
                 raise WriteError(f"tensor item {fqn!r} resolved to {type(tensor).__name__}")
             tensor = tensor.detach()
             name = fqn if fqn not in tensors else f"{fqn}@{','.join(map(str, item.tensor_data.chunk.offsets))}"
+            while name in tensors:  # another tensor may already be called "fqn@offsets"
+                name += "'"
             tensors[name] = tensor
             shards.append({
                 "fqn": fqn,
