@@ -33,6 +33,14 @@ from mettaformat.container.header import SectionEntry, TensorEntry, parse_header
 from mettaformat.container.layout import Preamble, TrailerTail, checksum
 from mettaformat.container.stream import check_stream_header
 from mettaformat.container.tree import decode_tree
+from mettaformat.container.verify import (
+    OrderedHasher,
+    file_identity,
+    hash_views,
+    is_verified,
+    mark_verified,
+    read_and_hash,
+)
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import FormatError, IntegrityError, LayoutError, MettaFormatError, TensorNotFoundError
 
@@ -126,6 +134,7 @@ class LazyCheckpoint:
             raise FormatError(f"{self.path} is not a regular file", region="file")
         os.set_blocking(self._fd, True)
         self.file_size = size = st.st_size
+        self._identity = file_identity(st)
         preamble = Preamble.unpack(self._pread(min(size, PREAMBLE_SIZE), 0, "preamble"), size)
         self.preamble = preamble
         self.tail = TrailerTail.unpack(self._pread(TRAILER_TAIL_SIZE, size - TRAILER_TAIL_SIZE, "trailer"), size)
@@ -271,24 +280,53 @@ class LazyCheckpoint:
         if reader.zero_copy and self.copy:
             return self._read_copy(s, entries=(entry,))[entry.name]
         if reader.zero_copy:
-            view = reader.view(source, entry)
-            self._check(entry, s, view)
+            if self._needs_check(s, entry):
+                self._check(entry, s, checksum(reader.view(source, entry)))
             assert self._map is not None
             return buffer_tensor(
                 self._map, s.offset + s.stream_header_length + entry.begin, entry.nbytes, dtype, entry.shape
             )
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
-        _run(reader.decode_tasks(source, entry, out))
-        self._check(entry, s, tensor_bytes(out))
+        tasks, digest = self._decode_tasks(reader, source, s, entry, out)
+        _run(tasks)
+        if digest is not None:
+            self._check(entry, s, digest())
         return out.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
 
-    def _check(self, entry: TensorEntry, s: SectionEntry, data: memoryview) -> None:
-        if self.verify and checksum(data) != entry.checksum:
+    def _needs_check(self, s: SectionEntry, entry: TensorEntry) -> bool:
+        """Verifying, and this tensor of this very file was not verified before in this process."""
+        return self.verify and not is_verified(self._identity, (s.name, entry.name))
+
+    def _check(self, entry: TensorEntry, s: SectionEntry, digest: int) -> None:
+        if digest != entry.checksum:
             raise IntegrityError(
                 f"checksum mismatch in tensor {entry.name!r}",
                 region=f"section {s.name!r}",
                 offset=s.offset + s.stream_header_length + entry.begin if s.codec == "raw" else None,
             )
+        mark_verified(self._identity, [(s.name, entry.name)])
+
+    def _check_all(self, s: SectionEntry, entries: list[TensorEntry], digests: list[int]) -> None:
+        for entry, digest in zip(entries, digests, strict=True):
+            if digest != entry.checksum:
+                self._check(entry, s, digest)  # raises, naming the tensor
+        mark_verified(self._identity, [(s.name, e.name) for e in entries])
+
+    def _decode_tasks(
+        self, reader: SectionReader, source: memoryview, s: SectionEntry, entry: TensorEntry, out: torch.Tensor
+    ) -> tuple[list[Callable[[], None]], Callable[[], int] | None]:
+        """The decode jobs of one tensor and, when verifying, what gives its digest once they ran.
+        Each decoded piece is hashed while still in the CPU cache when the reader tells the pieces'
+        lengths (``piece_lengths``, one per job); otherwise the tensor is hashed afterwards."""
+        tasks = reader.decode_tasks(source, entry, out)
+        if not self._needs_check(s, entry):
+            return tasks, None
+        lengths = getattr(reader, "piece_lengths", None)
+        pieces = lengths(entry) if lengths is not None else None
+        if pieces is None or len(pieces) != len(tasks) or sum(pieces) != entry.nbytes:
+            return tasks, lambda: checksum(tensor_bytes(out))
+        hasher = OrderedHasher(tensor_bytes(out), pieces)
+        return hasher.wrap(tasks), hasher.intdigest
 
     def section_reader(self, section: str) -> SectionReader:
         """The codec reader of ``section`` (frame tables, zero-copy views) for tools such as repair.
@@ -336,7 +374,7 @@ class LazyCheckpoint:
         elif copy:
             out = self._read_copy(s)
         else:
-            out = {entry.name: self._read(s, entry) for entry in s.tensors}
+            out = self._map_all(s)
         target = torch.device(device)
         result: dict[str, torch.Tensor] = {}
         for name in s.order:
@@ -347,31 +385,39 @@ class LazyCheckpoint:
             result[name] = tensor
         return result
 
+    def _map_all(self, s: SectionEntry) -> dict[str, torch.Tensor]:
+        """Every raw tensor as a zero-copy view; checksums are computed on all cores at once."""
+        source = self._mapped()
+        reader = self._readers[s.name]
+        unchecked = [e for e in s.tensors if self._needs_check(s, e)]
+        self._check_all(s, unchecked, hash_views([reader.view(source, e) for e in unchecked]))
+        verify, self.verify = self.verify, False  # checked above
+        try:
+            return {entry.name: self._read(s, entry) for entry in s.tensors}
+        finally:
+            self.verify = verify
+
     def _read_copy(self, s: SectionEntry, entries: tuple[TensorEntry, ...] | None = None) -> dict[str, torch.Tensor]:
-        """Raw tensors read with preadv into one fresh buffer that they view (the whole data region,
-        or just the span of ``entries``), so they do not depend on the file afterwards."""
+        """Raw tensors read into one fresh buffer that they view (the whole data region, or just the
+        span of ``entries``), so they do not depend on the file afterwards. Each chunk is hashed as
+        soon as it is read, on all cores: the bytes come from memory once."""
         chosen = s.tensors if entries is None else entries
         start = min((e.begin for e in chosen), default=0)
         data_length = max((e.end for e in chosen), default=0) - start
         buffer = torch.empty(data_length, dtype=torch.uint8)
-        target = writable_bytes(buffer)
-        offset, done = s.offset + s.stream_header_length + start, 0
-        while done < data_length:
-            if hasattr(os, "preadv"):
-                n = os.preadv(self._fd, [target[done:]], offset + done)
-            else:  # platforms without preadv: one bounded copy at a time
-                chunk = os.pread(self._fd, min(data_length - done, 1 << 26), offset + done)
-                target[done : done + len(chunk)] = chunk
-                n = len(chunk)
-            if n <= 0:
-                raise LayoutError(
-                    f"file ended {data_length - done} bytes early", region=f"section {s.name!r}", offset=offset + done
-                )
-            done += n
+        offset = s.offset + s.stream_header_length + start
+        unchecked = [e for e in chosen if self._needs_check(s, e)]
+        # spans must not overlap: tied names share one entry, so entries are distinct ranges
+        spans = [(e.begin - start, e.end - start) for e in unchecked]
+        done, digests = read_and_hash(self._fd, writable_bytes(buffer), offset, spans, hash_=bool(unchecked))
+        if done < data_length:
+            raise LayoutError(
+                f"file ended {data_length - done} bytes early", region=f"section {s.name!r}", offset=offset + done
+            )
+        self._check_all(s, unchecked, digests)
         out: dict[str, torch.Tensor] = {}
         for entry in chosen:
             part = buffer[entry.begin - start : entry.end - start]
-            self._check(entry, s, tensor_bytes(part))
             dtype = dtype_from_tag(entry.dtype)
             out[entry.name] = part.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
                 entry.shape, dtype=dtype)
@@ -387,19 +433,20 @@ class LazyCheckpoint:
         jobs = []
         for entry in s.tensors:
             buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-            futures = [pool.submit(task) for task in reader.decode_tasks(source, entry, buffer)]
-            jobs.append((entry, buffer, futures))
+            tasks, digest = self._decode_tasks(reader, source, s, entry, buffer)
+            jobs.append((entry, buffer, digest, [pool.submit(task) for task in tasks]))
         try:
-            for entry, buffer, futures in jobs:
+            for entry, buffer, digest, futures in jobs:
                 for future in futures:
                     future.result()
-                self._check(entry, s, tensor_bytes(buffer))
+                if digest is not None:
+                    self._check(entry, s, digest())
                 dtype = dtype_from_tag(entry.dtype)
                 out[entry.name] = (
                     buffer.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
                 )
         finally:
-            for _, _, futures in jobs:  # on error, do not decode the rest
+            for *_, futures in jobs:  # on error, do not decode the rest
                 for future in futures:
                     future.cancel()
         return out

@@ -279,6 +279,11 @@ class _ZstdSection:
     def view(self, source: memoryview, entry: TensorEntry) -> memoryview:
         raise TypeError("zstd sections have no zero-copy views")
 
+    def piece_lengths(self, entry: TensorEntry) -> list[int]:
+        """Raw length of each of ``decode_tasks``' jobs, in order (lets the reader hash as they finish)."""
+        first, end = self.tensor_frames[entry.name]
+        return [self.frames[i][2] for i in range(first, end)]
+
     def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
         first, end = self.tensor_frames[entry.name]
         width = itemsize(entry.dtype)
