@@ -3,23 +3,38 @@
 A crash at any point leaves either the previous file or the complete new one at the target
 path. The temp file lives in the target's directory because a rename is only atomic (and
 only cheap) within one file system.
+
+Without ``durable``, a large old version is swapped with the new file in one atomic exchange
+(``renameat2(RENAME_EXCHANGE)``, Linux) and deleted in the background. A plain rename over an
+existing file makes ext4 start writing the new file back inside the rename (its guard for
+programs that never fsync) and frees the old blocks there too: a quarter second per 512 MiB
+measured here, more than half of a save. Readers see the old file or the new one either way; only
+``durable=True`` promises the new one survives a power loss. A process killed between the swap
+and the deletion leaves the old version under a temp name, cleaned like any leftover.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import stat
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from mettaformat._pool import shared_pool
 from mettaformat.errors import MettaFormatError, WriteError
 
 __all__ = ["TEMP_SUFFIX", "atomic_fd", "fsync_dir", "is_temp_file"]
 
 #: Suffix of in-progress files; readers never list them and the store cleans leftovers.
 TEMP_SUFFIX: Final = ".mfmt-tmp"
+#: Old versions at least this large are released in the background.
+_RELEASE_IN_BACKGROUND: Final = 64 << 20
 
 
 def is_temp_file(path: str | os.PathLike[str]) -> bool:
@@ -29,6 +44,9 @@ def is_temp_file(path: str | os.PathLike[str]) -> bool:
 @contextmanager
 def atomic_fd(path: str | os.PathLike[str], *, durable: bool = False) -> Iterator[int]:
     """Yield a file descriptor whose content replaces ``path`` when the block succeeds.
+
+    With ``durable``, the file is fsynced before the rename and the directory after it, so the new
+    version survives a power loss; without, the replacement is atomic but not yet on disk.
 
     Raises:
         WriteError: the temp file cannot be created, or an OSError happened while writing,
@@ -47,14 +65,50 @@ def atomic_fd(path: str | os.PathLike[str], *, durable: bool = False) -> Iterato
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        if not durable and _large_regular_file(target) and _exchange(tmp, target):
+            shared_pool().submit(tmp.unlink, missing_ok=True)  # now the old version
+        else:
+            os.replace(tmp, target)
     except BaseException as e:
         # Never leave a partial temp file, and never retry an fsync after EIO (fsyncgate).
         tmp.unlink(missing_ok=True)
         if isinstance(e, MettaFormatError) or not isinstance(e, (OSError, ValueError, RuntimeError)):
             raise
         raise WriteError(f"saving {target} failed: {e}") from e
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
+
+
+def _large_regular_file(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size >= _RELEASE_IN_BACKGROUND
+
+
+_AT_FDCWD: Final = -100
+_RENAME_EXCHANGE: Final = 2
+_renameat2: Any = None
+if sys.platform.startswith("linux"):
+    try:
+        _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library older than glibc 2.28
+        _renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the names ``a`` and ``b``; False where the platform or file system cannot
+    (then nothing happened)."""
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(b))
 
 
 def fsync_dir(directory: Path) -> None:

@@ -68,7 +68,8 @@ def save_file(
         metadata: a tree of plain values (see ``spec/FORMAT.md``, "Object trees").
         compression: ``"none"`` (raw, zero-copy loading) or ``"zstd"`` (smaller, decoded on load).
         level: zstd level (1 is nearly as small and much faster; 19 is slow).
-        durable: also fsync the file before the rename, so it survives power loss.
+        durable: also fsync the file before the rename and the directory after it, so the new
+            version survives power loss (the rename is atomic either way).
 
     Raises:
         WriteError: invalid names or values, unsupported dtypes, or an I/O error (ENOSPC...).
