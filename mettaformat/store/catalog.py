@@ -13,6 +13,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -32,6 +33,9 @@ _READ_ATTEMPTS: Final = 3
 #: The in-process memo is dropped wholesale beyond this many entries (a bound, not an LRU:
 #: the on-disk index makes a refill cheap).
 _MEMO_LIMIT: Final = 200_000
+#: Header reads in flight during a scan, and the number of unread files worth starting them for.
+_CONCURRENT_READS: Final = 8
+_CONCURRENT_MIN: Final = 16
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +108,10 @@ class RecordCatalog:
         Files that cannot be read are reported in ``unreadable``, never raised: one damaged
         checkpoint must not hide the others.
         """
-        records: list[PolicyRecord] = []
         unreadable: list[Exclusion] = []
         indexes: dict[Path, dict[str, IndexEntry]] = {}
         fresh: dict[Path, dict[str, IndexEntry]] = {}
+        found: list[tuple[Path, FileSignature, PolicyRecord | None]] = []
         for path in paths:
             try:
                 st = os.lstat(path)
@@ -120,17 +124,15 @@ class RecordCatalog:
                 unreadable.append(Exclusion(path=path, reason="unreadable", detail="not a regular file"))
                 continue
             signature = stat_signature(st)
-            record = self._cached(path, signature, indexes)
-            if record is None:
-                try:
-                    record = self._read(path, signature)
-                except FileNotFoundError:
-                    continue
-                except (MettaFormatError, OSError) as e:
-                    unreadable.append(Exclusion(path=path, reason="unreadable", detail=str(e)))
-                    continue
-                fresh.setdefault(path.parent, {})[path.name] = IndexEntry.from_record(record)
-            records.append(record)
+            found.append((path, signature, self._cached(path, signature, indexes)))
+        read: dict[Path, PolicyRecord] = {}
+        for path, outcome in self._read_all([(p, sig) for p, sig, cached in found if cached is None]):
+            if isinstance(outcome, PolicyRecord):
+                read[path] = outcome
+                fresh.setdefault(path.parent, {})[path.name] = IndexEntry.from_record(outcome)
+            elif not isinstance(outcome, FileNotFoundError):  # a file deleted meanwhile is skipped
+                unreadable.append(Exclusion(path=path, reason="unreadable", detail=str(outcome)))
+        records = [r for path, _, cached in found if (r := cached or read.get(path)) is not None]
         if self.use_index:
             for directory, entries in fresh.items():
                 update_index(directory, entries)
@@ -148,6 +150,23 @@ class RecordCatalog:
                 update_index(directory, {}, removed=names)
 
     # -- internals -----------------------------------------------------------------------------
+    def _read_all(
+        self, missing: list[tuple[Path, FileSignature]]
+    ) -> list[tuple[Path, PolicyRecord | MettaFormatError | OSError]]:
+        """Read the records of files not in the memo or index, several at once: on a cold page
+        cache or a network file system each header read waits on the device."""
+
+        def read(item: tuple[Path, FileSignature]) -> tuple[Path, PolicyRecord | MettaFormatError | OSError]:
+            try:
+                return item[0], self._read(*item)
+            except (MettaFormatError, OSError) as e:
+                return item[0], e
+
+        if len(missing) < _CONCURRENT_MIN:
+            return [read(item) for item in missing]
+        with ThreadPoolExecutor(_CONCURRENT_READS, thread_name_prefix="mettaformat-scan") as pool:
+            return list(pool.map(read, missing))
+
     def _cached(
         self, path: Path, signature: FileSignature, indexes: dict[Path, dict[str, IndexEntry]]
     ) -> PolicyRecord | None:
