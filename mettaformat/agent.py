@@ -211,12 +211,17 @@ class MettaAgent(nn.Module):
     ) -> MettaAgent:
         """Rebuild an agent from a :class:`Checkpoint` (see :meth:`load`)."""
         config = dict(ckpt.provenance.get("config") or {})
+        built = model is None  # nobody else holds its parameters (an optimizer, say)
         if model is None:
             model = _build(ckpt, config)
         model = unwrap_model(model)
         target = torch.device(device)
-        # assign=True keeps zero-copy mapped weights as the parameters themselves (lazy load).
-        assign = lazy and target.type == "cpu"
+        # assign=True keeps zero-copy mapped weights as the parameters themselves (lazy load), and
+        # weights already loaded onto the target device (views of one allocation) in place.
+        on_target = built and target.type != "cpu" and all(
+            t.device.type == target.type and target.index in (None, t.device.index) for t in ckpt.tensors.values()
+        )
+        assign = (lazy and target.type == "cpu") or on_target
         try:
             result = model.load_state_dict(dict(ckpt.tensors), strict=strict, assign=assign)
         except RuntimeError as e:
@@ -271,7 +276,7 @@ class MettaAgent(nn.Module):
                 weights do not fit the built model.
             FormatError, LegacyImportError, IntegrityError: the file cannot be read.
         """
-        ckpt = load_any(path, migrate=migrate, lazy=lazy)
+        ckpt = load_any(path, migrate=migrate, lazy=lazy, device=device)
         return cls.from_checkpoint(ckpt, model=model, device=device, strict=strict, lazy=lazy)
 
     @classmethod
@@ -308,7 +313,7 @@ class MettaAgent(nn.Module):
             from mettaformat.dcp.training import load_sharded_training
 
             return load_sharded_training(cls, path, model, optimizer, scheduler, restore_rng_state=restore_rng_state)
-        ckpt = load_any(path, lazy=False)
+        ckpt = load_any(path, lazy=False, device=device)
         agent = cls.from_checkpoint(ckpt, model=model, device=device, lazy=False)
         training = ckpt.training or TrainingState()
         if optimizer is not None and training.optimizer is not None:

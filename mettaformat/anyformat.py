@@ -17,10 +17,11 @@ import os
 import stat
 import struct
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import torch
 
+from mettaformat._torch import storage_key
 from mettaformat.checkpoint import Checkpoint
 from mettaformat.checkpoint_io import read_checkpoint
 from mettaformat.constants import MAX_STREAM_HEADER_SIZE, MFMT_MAGIC
@@ -72,6 +73,18 @@ def sniff_format(path: str | os.PathLike[str]) -> FormatName:
     )
 
 
+def _to_device(tensors: Any, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Move tensors, keeping tied ones (the same view of the same storage) one tensor."""
+    moved: dict[Any, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        key = storage_key(t) or id(t)
+        if key not in moved:
+            moved[key] = t.to(device)
+        out[name] = moved[key]
+    return out
+
+
 def load_any(
     path: str | os.PathLike[str],
     *,
@@ -114,7 +127,7 @@ def load_any(
         ckpt = import_legacy(path)
     ckpt.uri = ckpt.uri or Path(path).resolve().as_uri()
     if torch.device(device).type != "cpu" and kind != "mettaformat":
-        ckpt.tensors = {k: v.to(device) for k, v in ckpt.tensors.items()}
+        ckpt.tensors = _to_device(ckpt.tensors, device)
     if migrate:
         apply_migrations(ckpt)
     return ckpt

@@ -20,6 +20,7 @@ import torch
 
 from mettaformat.checkpoint import Checkpoint, TrainingState
 from mettaformat.constants import MFMT_VERSION_MAJOR, ZSTD_DEFAULT_LEVEL, Compression
+from mettaformat.container.device_load import off_host
 from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.container.writer import write_container
 from mettaformat.errors import HeaderError, WriteError
@@ -135,7 +136,9 @@ def read_checkpoint(
             ckpt.tensors = {}
             return ckpt
         reader.to(device)
-        ckpt.tensors = reader.load_section("model", device) if not lazy else reader.state_dict("model")
+        # off the host, the whole section goes through one pipelined transfer
+        eager = not lazy or off_host(torch.device(device))
+        ckpt.tensors = reader.load_section("model", device) if eager else reader.state_dict("model")
         if "legacy" in reader.tree_names:
             ckpt.legacy_graph = reader.tree("legacy")
         if "legacy" in reader.sections:

@@ -60,3 +60,53 @@ def test_cuda_rng_state_is_saved_and_restored(tmp_path: Path) -> None:
     assert torch.equal(torch.randn(5, device="cuda"), expected)
     for state in fresh.state.values():
         assert all(v.device.type == "cuda" for v in state.values() if isinstance(v, torch.Tensor) and v.dim())
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn)
+
+
+def _every_dtype() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    out: dict[str, torch.Tensor] = {"odd": torch.arange(7, dtype=torch.int8)}
+    for dtype in _DTYPES:
+        x = torch.randn(70_001, generator=g) * 4
+        out[str(dtype)] = (x > 0) if dtype == torch.bool else x.to(dtype)
+    out["tied"] = out["torch.float32"]
+    out["big"] = torch.randn(20 << 20, generator=g)  # several ring slots
+    return out
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_pipelined_load_to_each_gpu(tmp_path: Path, compression: str, device: str) -> None:
+    if device == "cuda:1" and torch.cuda.device_count() < 2:
+        pytest.skip("needs a second CUDA device")
+    state = _every_dtype()
+    path = tmp_path / "m.mfmt"
+    mettaformat.save_file(state, path, compression=compression)  # type: ignore[arg-type]
+    loaded = mettaformat.load_file(path, device=device)
+    target = torch.device(device)
+    for k, v in state.items():
+        got = loaded[k]
+        assert got.device.type == "cuda" and (target.index is None or got.device.index == target.index), k
+        assert got.dtype == v.dtype and torch.equal(got.cpu().view(torch.uint8), v.view(torch.uint8)), k
+    assert loaded["tied"] is loaded["torch.float32"]
+    with mettaformat.open(path) as f:
+        f.to(device)
+        assert torch.equal(f.get_tensor("big").cpu(), state["big"])
+
+
+def test_agent_load_for_training_keeps_the_optimizer_on_the_models_parameters(tmp_path: Path) -> None:
+    model = build({}, {}, {}).cuda()
+    opt = torch.optim.Adam(model.parameters())
+    MettaAgent(model, model_type="gpu-mlp").save_for_training(tmp_path / "t.mfmt", optimizer=opt)
+    target = build({}, {}, {}).cuda()
+    fresh = torch.optim.Adam(target.parameters())
+    MettaAgent.load_for_training(tmp_path / "t.mfmt", device="cuda", model=target, optimizer=fresh)
+    assert [id(p) for p in target.parameters()] == [id(p) for p in fresh.param_groups[0]["params"]]
+    x = torch.randn(3, 16, device="cuda")
+    assert torch.equal(target(x), model(x))
+    built = MettaAgent.load(tmp_path / "t.mfmt", device="cuda")
+    assert all(p.device.type == "cuda" for p in built.parameters())
+    assert torch.equal(built(x), model(x))

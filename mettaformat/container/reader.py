@@ -29,6 +29,7 @@ from mettaformat._pool import shared_pool
 from mettaformat._torch import buffer_tensor, tensor_bytes, writable_bytes
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
 from mettaformat.container.codecs import SectionReader, get_codec
+from mettaformat.container.device_load import load_to_device, off_host, transport_for
 from mettaformat.container.header import SectionEntry, TensorEntry, parse_header, parse_index
 from mettaformat.container.layout import Preamble, TrailerTail, checksum
 from mettaformat.container.stream import check_stream_header
@@ -267,9 +268,10 @@ class LazyCheckpoint:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        tensor = self._read(s, entry)
-        if self._device.type != "cpu":
-            tensor = tensor.to(self._device)
+        if off_host(self._device):
+            tensor = load_to_device(self, s, (entry,), transport_for(self._device))[entry.name]
+        else:
+            tensor = self._read(s, entry)
         self._cache[key] = tensor
         return tensor
 
@@ -369,21 +371,16 @@ class LazyCheckpoint:
             self.verify_structure()
         if s is None:
             return {}
-        if not self._readers[s.name].zero_copy:
+        target = torch.device(device)
+        if off_host(target):  # straight to the device, never the whole model in host memory
+            out = load_to_device(self, s, s.tensors, transport_for(target))
+        elif not self._readers[s.name].zero_copy:
             out = self._decode_all(s)
         elif copy:
             out = self._read_copy(s)
         else:
             out = self._map_all(s)
-        target = torch.device(device)
-        result: dict[str, torch.Tensor] = {}
-        for name in s.order:
-            tensor = out[s.aliases.get(name, name)]
-            if target.type != "cpu":
-                moved = result.get(s.aliases.get(name, name))
-                tensor = moved if moved is not None else tensor.to(target)
-            result[name] = tensor
-        return result
+        return {name: out[s.aliases.get(name, name)] for name in s.order}
 
     def _map_all(self, s: SectionEntry) -> dict[str, torch.Tensor]:
         """Every raw tensor as a zero-copy view; checksums are computed on all cores at once."""
