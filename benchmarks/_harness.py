@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FIXTURES_METTA = REPO_ROOT.parent / "shared" / "fixtures" / "metta"
+#: The Metta fixtures beside the repository (``METTAFORMAT_FIXTURES`` points elsewhere).
+FIXTURES_METTA = Path(os.environ.get("METTAFORMAT_FIXTURES") or REPO_ROOT.parent / "shared" / "fixtures" / "metta")
 MiB = 1 << 20
 GiB = 1 << 30
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks [--quick] [--only container,training,store,legacy,dcp] [--dir DIR]
+    python -m benchmarks [--quick] [--only container,training,store,legacy,dcp,hotpaths,gpu] [--dir DIR]
                          [--json OUT.json] [--plot OUT.png] [--report docs/benchmarks.md]
     python -m benchmarks --from-json bench-out/full.json --plot docs/benchmarks.png --report docs/benchmarks.md
 
@@ -16,6 +16,12 @@ Areas (each also runs alone as ``python -m benchmarks.bench_<area>``):
 - ``store``: PolicyStore selection over 1,000 checkpoints against the old load-everything way.
 - ``legacy``: the safe legacy importer against ``torch.load(weights_only=False)``.
 - ``dcp``: distributed checkpoints (2 CPU ranks x 256 MiB) against torch's FileSystemWriter/Reader.
+- ``hotpaths``: the hot paths against their peers in one run, as ratios: lazy open + one tensor vs
+  ``safe_open``, verified vs unverified loads, raw save vs ``save_file``, legacy import vs
+  ``torch.load``, the store's cold scan, hashing bandwidth, growth tables (27 to 16,384 tensors;
+  10 MiB to 1 GiB).
+- ``gpu``: loading onto a GPU against safetensors, ``torch.load`` and fastsafetensors, as a share
+  of the pinned host-to-device bandwidth (prints why it is skipped without CUDA).
 
 ``--quick`` (CI) runs smaller data sets with fewer repeats, in about a minute on 2 idle cores.
 The report goes to stdout; progress to stderr. Every timing is a median of several runs after a
@@ -38,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-AREAS = ("container", "training", "store", "legacy", "dcp")
+AREAS = ("container", "training", "store", "legacy", "dcp", "hotpaths", "gpu")
 
 
 def log(msg: str) -> None:
@@ -103,6 +109,14 @@ def run_area(area: str, quick: bool, workdir: Path) -> tuple[str, dict[str, Any]
         from benchmarks import bench_dcp
 
         return _call_main(bench_dcp.main, (["--quick"] if quick else []) + ["--dir", str(workdir)])
+    if area == "hotpaths":
+        from benchmarks import bench_hotpaths
+
+        return _call_main(bench_hotpaths.main, (["--quick"] if quick else []) + ["--dir", str(workdir)])
+    if area == "gpu":
+        from benchmarks import bench_gpu
+
+        return _call_main(bench_gpu.main, (["--quick"] if quick else []) + ["--dir", str(workdir)])
     raise ValueError(area)
 
 

@@ -284,16 +284,21 @@ class LazyCheckpoint:
         if reader.zero_copy:
             if self._needs_check(s, entry):
                 self._check(entry, s, checksum(reader.view(source, entry)))
-            assert self._map is not None
-            return buffer_tensor(
-                self._map, s.offset + s.stream_header_length + entry.begin, entry.nbytes, dtype, entry.shape
-            )
+            return self._mapped_tensor(s, entry)
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
         tasks, digest = self._decode_tasks(reader, source, s, entry, out)
         _run(tasks)
         if digest is not None:
             self._check(entry, s, digest())
         return out.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
+
+    def _mapped_tensor(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
+        """A zero-copy view of a raw tensor (the mapping exists: :meth:`_mapped` was called)."""
+        assert self._map is not None
+        return buffer_tensor(
+            self._map, s.offset + s.stream_header_length + entry.begin, entry.nbytes, dtype_from_tag(entry.dtype),
+            entry.shape
+        )
 
     def _needs_check(self, s: SectionEntry, entry: TensorEntry) -> bool:
         """Verifying, and this tensor of this very file was not verified before in this process."""
@@ -388,11 +393,7 @@ class LazyCheckpoint:
         reader = self._readers[s.name]
         unchecked = [e for e in s.tensors if self._needs_check(s, e)]
         self._check_all(s, unchecked, hash_views([reader.view(source, e) for e in unchecked]))
-        verify, self.verify = self.verify, False  # checked above
-        try:
-            return {entry.name: self._read(s, entry) for entry in s.tensors}
-        finally:
-            self.verify = verify
+        return {entry.name: self._mapped_tensor(s, entry) for entry in s.tensors}
 
     def _read_copy(self, s: SectionEntry, entries: tuple[TensorEntry, ...] | None = None) -> dict[str, torch.Tensor]:
         """Raw tensors read into one fresh buffer that they view (the whole data region, or just the
