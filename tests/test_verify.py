@@ -184,3 +184,21 @@ def test_a_file_changed_just_before_its_verification_is_not_remembered(
     mettaformat.load_file(path)
     assert verify.is_verified(identity, ("model", "w"))
     assert not verify.is_verified(identity, ("other", "w"))
+
+
+def test_a_remembered_file_changed_in_place_while_open_is_checked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(verify, "RACY_WINDOW_NS", 0)
+    path = tmp_path / "m.mfmt"
+    mettaformat.save_file(_state(), path)
+    os.utime(path, (1, 1))  # the write below then surely moves the modification time
+    mettaformat.load_file(path)  # remembered as verified
+    with mettaformat.open(path) as f:
+        span = craft.parse(path.read_bytes()).tensor_span("b")
+        offset = craft.parse(path.read_bytes()).section()["offset"] + span[0]
+        with open(path, "r+b") as g:  # same size, new bytes: the timestamps change
+            g.seek(offset)
+            g.write(b"\xff" * 8)
+        with pytest.raises(IntegrityError, match="'b'"):
+            f.get_tensor("b")

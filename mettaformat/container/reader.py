@@ -301,8 +301,13 @@ class LazyCheckpoint:
         )
 
     def _needs_check(self, s: SectionEntry, entry: TensorEntry) -> bool:
-        """Verifying, and this tensor of this very file was not verified before in this process."""
-        return self.verify and not is_verified(self._identity, (s.name, entry.name))
+        """Verifying, and this tensor of this very file was not verified before in this process
+        (a file changed in place since it was opened is checked again)."""
+        if not self.verify:
+            return False
+        if not is_verified(self._identity, (s.name, entry.name)):
+            return True
+        return self._fd < 0 or file_identity(os.fstat(self._fd)) != self._identity
 
     def _check(self, entry: TensorEntry, s: SectionEntry, digest: int) -> None:
         if digest != entry.checksum:
