@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -339,9 +339,10 @@ def _pipeline(
         while pending:
             issue()
     finally:
-        for *_, futures, _ in pending:
-            for future in futures:
-                future.cancel()
+        started = [future for *_, futures, _ in pending for future in futures]
+        for future in started:
+            future.cancel()
+        wait(started)  # running reads and decodes use the ring and the file's mapping
         transport.finish()
 
 

@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import wait
 from typing import Final
 
 import xxhash
@@ -116,9 +117,12 @@ def hash_views(views: Sequence[memoryview]) -> list[int]:
 
     runs = _balanced_runs(sizes, workers)
     futures = [shared_pool().submit(run, r) for r in runs[1:]]
-    digests = run(runs[0])  # this thread takes a share instead of waiting idle
-    for future in futures:
-        digests += future.result()
+    try:
+        digests = run(runs[0])  # this thread takes a share instead of waiting idle
+        for future in futures:
+            digests += future.result()
+    finally:
+        wait(futures)  # never return while a worker still reads the caller's buffers
     return digests
 
 
@@ -182,11 +186,14 @@ def read_and_hash(
         return got, digests
 
     futures = [shared_pool().submit(run, i) for i in range(1, len(runs))]
-    got, digests = run(0)
-    for future in futures:
-        n, more = future.result()
-        got += n
-        digests += more
+    try:
+        got, digests = run(0)
+        for future in futures:
+            n, more = future.result()
+            got += n
+            digests += more
+    finally:
+        wait(futures)  # on an error too: the workers write into the caller's buffer
     return got, digests
 
 
