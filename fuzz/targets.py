@@ -62,9 +62,9 @@ def zstd_frame(data: bytes) -> None:
     entry = TensorEntry(name="t", dtype="F32" if shuffled else "U8", shape=(raw // width,), begin=0, end=raw,
                         checksum=0)
     table = struct.pack("<QII", 64, 64, 0) + struct.pack("<QII", len(frame), raw, shuffled)
-    section = SectionEntry(name="s", offset=0, length=64 + len(frame), codec="zstd", configuration={},
-                           stream_length=64 + raw, stream_header_length=64, stream_header_checksum=0,
-                           tensors=(entry,), aliases={}, order=("t",), frames=table)
+    section = SectionEntry.from_entries(name="s", offset=0, length=64 + len(frame), codec="zstd", configuration={},
+                                        stream_length=64 + raw, stream_header_length=64, stream_header_checksum=0,
+                                        tensors=(entry,), aliases={}, order=("t",), frames=table)
     try:
         reader = _ZstdSection(section)
         source = memoryview(bytes(64) + frame)

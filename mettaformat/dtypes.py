@@ -13,7 +13,7 @@ import torch
 
 from mettaformat.errors import HeaderError, WriteError
 
-__all__ = ["DTYPE_TAGS", "dtype_from_tag", "itemsize", "tag_from_dtype"]
+__all__ = ["DTYPE_TABLE_TAGS", "DTYPE_TAGS", "dtype_from_tag", "itemsize", "tag_from_dtype"]
 
 _TABLE: Final[tuple[tuple[str, str, int], ...]] = (
     # tag, torch attribute, item size in bytes
@@ -46,6 +46,8 @@ _ITEMSIZE: Final[dict[str, int]] = {tag: size for tag, _, size in _TABLE if tag 
 
 #: Every tag this reader understands.
 DTYPE_TAGS: Final = tuple(_TAG_TO_DTYPE)
+#: Every tag of the spec's table, in table order (its row is the tag's code in a columnar index).
+DTYPE_TABLE_TAGS: Final = tuple(tag for tag, _, _ in _TABLE)
 
 
 def dtype_from_tag(tag: str, *, path: str | None = None) -> torch.dtype:

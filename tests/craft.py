@@ -105,14 +105,31 @@ class Parts:
         return out[name]
 
 
+def to_entries(value: dict[str, Any]) -> dict[str, Any]:
+    """A header or index with every columnar section index turned into the 3.0 per-tensor form,
+    which is easier to edit one field at a time; the reader applies the same rules to both."""
+    from mettaformat.container.tensor_index import section_to_entries_form
+
+    for s in value.get("sections", []):
+        if isinstance(s, dict):
+            section_to_entries_form(s)
+    if value.get("must_understand") == ["mettaformat.columnar_index"]:
+        del value["must_understand"]
+    return value
+
+
 def parse(data: bytes) -> Parts:
     magic, major, minor, flags, hl, _ = PREAMBLE.unpack_from(data)
     assert magic == MAGIC
-    header = unpack(data[32 : 32 + hl])
+    header = to_entries(unpack(data[32 : 32 + hl]))
     il, _, _, end = TAIL.unpack_from(data, len(data) - 32)
     assert end == END_MAGIC
-    index = unpack(data[len(data) - 32 - il : len(data) - 32])
+    index = to_entries(unpack(data[len(data) - 32 - il : len(data) - 32]))
     blobs = [[s["offset"], bytearray(data[s["offset"] : s["offset"] + s["length"]])] for s in header["sections"]]
+    # The per-tensor form makes the index longer: fix the file length a rebuild will have.
+    data_end = len(data) - 32 - il
+    for _ in range(3):
+        header["file_length"] = index["file_length"] = data_end + len(pack(index)) + 32
     return Parts(major, minor, flags, header, index, blobs)
 
 

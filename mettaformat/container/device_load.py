@@ -33,9 +33,9 @@ import xxhash
 from mettaformat._pool import shared_pool
 from mettaformat._torch import tensor_bytes, writable_bytes
 from mettaformat.container.header import SectionEntry, TensorEntry
-from mettaformat.container.verify import _read_into, mark_verified
+from mettaformat.container.verify import _read_into
 from mettaformat.dtypes import dtype_from_tag
-from mettaformat.errors import IntegrityError, LayoutError
+from mettaformat.errors import LayoutError
 
 if TYPE_CHECKING:
     from mettaformat.container.reader import LazyCheckpoint
@@ -318,11 +318,7 @@ def _pipeline(
         else:
             checked = [(entry, digest()) for entry, digest in checks]
         for entry, digest in checked:
-            if digest != entry.checksum:
-                raise IntegrityError(
-                    f"checksum mismatch in tensor {entry.name!r}", region=f"section {section.name!r}"
-                )
-        mark_verified(ckpt._identity, [(section.name, e.name) for e, _ in checked])
+            ckpt._check(entry, section, digest)  # raises, naming the tensor
         tokens[slot] = (transport.copy(device_bytes[unit.target : unit.target + unit.length], host), host)
 
     try:

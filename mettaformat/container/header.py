@@ -1,143 +1,54 @@
-"""The msgpack header: strict decoding with limits, schema validation, and encoding.
+"""The msgpack header and trailer index: the schema of §4, field by field, with the path in every error.
 
-Decoding follows msgpack-python's advice for untrusted input: one ``unpackb`` call per parse
-(never a reused ``Unpacker``), size limits derived from the input, ``strict_map_key``,
-duplicate keys rejected, and every ext type rejected. The decoded value is then validated
-field by field; errors name the field path.
+Decoding is :mod:`strict_msgpack` (every map and array checked, at every depth); the tensor
+index of each section is handed to :mod:`tensor_index`, which holds its rules once, whether the
+file stores it as columns (3.1) or as one map per tensor (3.0).
+
+Error regions: a violation inside a section entry (its fields, ``codec``, ``stream`` and tensor
+index) reports ``section 'NAME'`` once the entry's name has been read; anything else reports
+``header``. Every error found while parsing the trailer index reports ``trailer index``.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
-import itertools
-import math
-import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
-
-import msgpack
+from typing import Any, Final
 
 from mettaformat.constants import (
     CHECKSUM_NAMES,
     MAX_NAME_BYTES,
-    MAX_RANK,
     MAX_SECTIONS,
     MAX_STREAM_HEADER_SIZE,
-    MAX_TENSOR_BYTES,
     MAX_TENSORS_PER_SECTION,
-    RESERVED_NAMES,
     STREAM_DATA_ALIGNMENT,
 )
-from mettaformat.dtypes import DTYPE_TAGS, dtype_from_tag, itemsize
-from mettaformat.errors import HeaderError, LayoutError, LimitExceededError, UnsupportedVersionError
+from mettaformat.container.strict_msgpack import decode_msgpack, encode_msgpack
+from mettaformat.container.tensor_index import (
+    TensorEntry,
+    TensorIndex,
+    columns_from_entries,
+    columns_from_map,
+    to_map,
+    validate,
+)
+from mettaformat.errors import HeaderError, LimitExceededError, UnsupportedVersionError
 
-__all__ = ["Header", "SectionEntry", "TensorEntry", "decode_msgpack", "encode_msgpack", "parse_header", "parse_index"]
+__all__ = ["COLUMNAR_INDEX", "Header", "SectionEntry", "TensorEntry", "decode_msgpack", "encode_msgpack",
+           "parse_header", "parse_index"]
 
+#: The extension a 3.1 writer lists in ``must_understand``: a 3.0 reader cannot read a columnar
+#: index and must say so instead of misreading the file.
+COLUMNAR_INDEX: Final = "mettaformat.columnar_index"
 #: Extensions this reader implements; a file listing anything else in must_understand is refused.
-KNOWN_EXTENSIONS: Final[frozenset[str]] = frozenset()
-
-
-# -- msgpack ------------------------------------------------------------------------------------
-_TIMESTAMP: Final = msgpack.Timestamp
-
-
-def _no_timestamp(values: Any) -> None:
-    # msgpack decodes ext type -1 (timestamp) itself and never calls ext_hook for it, so the hooks
-    # reject the Timestamp objects it produces. ``in map(type, ...)`` keeps the scan in C.
-    if _TIMESTAMP in map(type, values):
-        raise HeaderError("msgpack ext type -1 (timestamp) is not allowed")
-
-
-def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[Any] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise HeaderError(f"duplicate map key {key!r}")
-            seen.add(key)
-    if bytes in map(type, out):  # strict_map_key lets str and bytes through; only str is allowed
-        raise HeaderError(f"map key {next(k for k in out if type(k) is bytes)!r} is not a string")
-    _no_timestamp(out.values())
-    return out
-
-
-def _list_hook(items: list[Any]) -> list[Any]:
-    _no_timestamp(items)
-    return items
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    raise HeaderError(f"msgpack ext type {code} is not allowed")
-
-
-def decode_msgpack(data: bytes | memoryview, *, region: str) -> Any:
-    """Decode one msgpack value that must fill ``data`` exactly.
-
-    Raises:
-        HeaderError: malformed, truncated or trailing data, nesting too deep, non-string or
-            duplicate keys, ext types, or invalid UTF-8.
-    """
-    try:
-        # Fast path: decode in C without per-map callbacks, then re-encode. Equal bytes prove there
-        # were no duplicate keys (every map's entry count is part of its encoding). Files from other
-        # writers (non-minimal encodings, float32) take the checked path below, which is exact.
-        # bytes keys and timestamps can pass here; the schema checks every map it reads (_Fields,
-        # _columnar_entries) and decode_tree rejects them in free-form trees.
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_ext_hook)
-        if type(value) is dict and msgpack.packb(value, use_bin_type=True) == data:
-            _no_timestamp((value,))
-            return value
-        value = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            object_pairs_hook=_pairs_hook,
-            list_hook=_list_hook,
-            ext_hook=_ext_hook,
-        )
-        _no_timestamp((value,))
-        return value
-    except HeaderError as e:
-        raise HeaderError(e.message, path=e.path, region=region) from None
-    except msgpack.ExtraData as e:
-        raise HeaderError(f"{len(e.extra)} trailing bytes after the msgpack value", region=region) from None
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
-        reason = str(e) or type(e).__name__  # StackError carries no message
-        raise HeaderError(f"invalid msgpack: {reason}", region=region) from None
-
-
-def encode_msgpack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True, strict_types=False)  # type: ignore[no-any-return]
-
-
-# -- schema -------------------------------------------------------------------------------------
-class TensorEntry(NamedTuple):
-    """One tensor of a section. ``begin``/``end`` are offsets inside the stream's data region.
-
-    A NamedTuple rather than a frozen dataclass: headers hold up to a million of these, and a
-    tuple is built several times faster.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-    checksum: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
+KNOWN_EXTENSIONS: Final[frozenset[str]] = frozenset({COLUMNAR_INDEX})
 
 
 @dataclass(frozen=True, kw_only=True)
 class SectionEntry:
-    """One section: a safetensors byte stream stored with a codec."""
+    """One section: a safetensors byte stream stored with a codec, and its tensor index."""
 
     name: str
     offset: int
@@ -147,12 +58,32 @@ class SectionEntry:
     stream_length: int
     stream_header_length: int
     stream_header_checksum: int
-    tensors: tuple[TensorEntry, ...]
-    #: alias name -> name of the tensor it shares storage with (tied weights).
-    aliases: dict[str, str]
-    #: every name in its original order (tensors and aliases interleaved as saved).
-    order: tuple[str, ...]
+    index: TensorIndex
     frames: bytes = b""
+
+    @classmethod
+    def from_entries(cls, *, tensors: tuple[TensorEntry, ...], aliases: dict[str, str], order: tuple[str, ...],
+                     **fields: Any) -> SectionEntry:
+        """A section from tensor entries (a writer's plan), checked by the same rules a reader applies."""
+        region = f"section {fields['name']!r}"
+        index = validate(columns_from_entries(tensors, aliases, order), fields["stream_length"] -
+                         fields["stream_header_length"], region)
+        return cls(index=index, **fields)
+
+    @property
+    def tensors(self) -> tuple[TensorEntry, ...]:
+        """Every data entry, in data order (built on first use)."""
+        return self.index.tensors
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Alias name -> name of the tensor it shares storage with (tied weights)."""
+        return self.index.aliases
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """Every name in its saved order (tensors and aliases interleaved)."""
+        return self.index.order
 
     @property
     def end(self) -> int:
@@ -161,23 +92,12 @@ class SectionEntry:
     def by_name(self) -> dict[str, TensorEntry]:
         return {t.name: t for t in self.tensors}
 
+    def key(self) -> tuple[Any, ...]:
+        """What the trailer index must repeat (codec configuration is not compared, §4.6)."""
+        return (self.name, self.offset, self.length, self.codec, self.stream_length, self.stream_header_length,
+                self.stream_header_checksum, self.frames, self.index.columns.key())
+
     def to_msgpack(self) -> dict[str, Any]:
-        entries: list[dict[str, Any]] = []
-        by_name = self.by_name()
-        for name in self.order:
-            if name in self.aliases:
-                entries.append({"name": name, "alias": self.aliases[name]})
-                continue
-            t = by_name[name]
-            entries.append(
-                {
-                    "name": t.name,
-                    "dtype": t.dtype,
-                    "shape": list(t.shape),
-                    "offsets": [t.begin, t.end],
-                    "checksum": t.checksum.to_bytes(8, "little"),
-                }
-            )
         out: dict[str, Any] = {
             "name": self.name,
             "offset": self.offset,
@@ -188,7 +108,7 @@ class SectionEntry:
                 "header_length": self.stream_header_length,
                 "header_checksum": self.stream_header_checksum.to_bytes(8, "little"),
             },
-            "tensors": entries,
+            "index": to_map(self.index.columns),
         }
         if self.frames:
             out["frames"] = self.frames
@@ -211,6 +131,10 @@ class Header:
                 return s
         return None
 
+    def index_key(self) -> tuple[Any, ...]:
+        """The header's index as parsed, to compare with the trailer's (§4.6)."""
+        return self.file_length, self.checksum, tuple(s.key() for s in self.sections)
+
     def index_msgpack(self) -> dict[str, Any]:
         """What the trailer repeats: everything needed to find and check the tensors."""
         return {
@@ -223,18 +147,17 @@ class Header:
         out = self.index_msgpack()
         out["metadata"] = self.metadata
         out["trees"] = self.trees
+        out["must_understand"] = [COLUMNAR_INDEX]
         return out
 
 
 class _Fields:
-    """Typed access to a decoded map, with the field path in every error."""
+    """Typed access to a decoded map, with the field path in every error. Types are checked before
+    any value is used (a list where a str belongs never reaches a set lookup)."""
 
     def __init__(self, value: Any, path: str, region: str) -> None:
-        if not isinstance(value, dict):
+        if type(value) is not dict:
             raise HeaderError(f"expected a map, found {type(value).__name__}", path=path, region=region)
-        if bytes in map(type, value):
-            raise HeaderError(f"map key {next(k for k in value if type(k) is bytes)!r} is not a string", path=path,
-                              region=region)
         self.d, self.path, self.region = value, path, region
 
     def err(self, key: str, message: str) -> HeaderError:
@@ -246,8 +169,8 @@ class _Fields:
                 raise self.err(key, "required field missing")
             return default
         v = self.d[key]
-        # bool is an int subclass: a bool where an int is expected is a schema violation.
-        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        # Exact types: a bool is never an int here, and nothing else is a subclass msgpack makes.
+        if type(v) is not kind:
             raise self.err(key, f"expected {kind.__name__}, found {type(v).__name__}")
         return v
 
@@ -264,185 +187,62 @@ class _Fields:
         return int.from_bytes(v, "little")
 
 
-def _check_name(name: str, path: str, region: str) -> None:
-    if not name or len(name.encode()) > MAX_NAME_BYTES or "\x00" in name or name in RESERVED_NAMES:
-        raise HeaderError(
-            f"invalid tensor name {name!r} (empty, NUL, reserved or over {MAX_NAME_BYTES} bytes)",
-            path=path,
-            region=region,
-        )
-
-
-def _parse_shape(f: _Fields, tag: str) -> tuple[tuple[int, ...], int]:
-    shape = f.get("shape", list)
-    if len(shape) > MAX_RANK:
-        raise LimitExceededError("tensor rank", len(shape), MAX_RANK, region=f.region)
-    nbytes = nonzero = itemsize(tag)
-    for i, dim in enumerate(shape):
-        if type(dim) is not int or not 0 <= dim < 1 << 63:
-            raise f.err(f"shape[{i}]", f"dimension {dim!r} is not an integer in [0, 2^63)")
-        nbytes *= dim
-        # Python ints cannot overflow; bound the product instead, ignoring zeros so that a huge
-        # dimension next to a zero one (an empty tensor torch cannot even describe) is refused too.
-        nonzero *= dim or 1
-        if nonzero > MAX_TENSOR_BYTES:
-            raise f.err("shape", f"tensor size overflows the {MAX_TENSOR_BYTES}-byte limit")
-    return tuple(shape), nbytes
-
-
-_INT63: Final = 1 << 63
-_ITEMSIZES: Final = {tag: itemsize(tag) for tag in DTYPE_TAGS}
-
-
-def _fast_entry(item: Any, seen: set[str]) -> TensorEntry | None:
-    """Validate a well-formed data entry with a few cheap checks; None sends it to the detailed path.
-
-    Opening a file parses every entry, so this loop is what "open in a millisecond" costs; the
-    slow path re-checks the same rules one by one to produce a precise error.
-    """
-    if type(item) is not dict or "alias" in item or bytes in map(type, item):
-        return None
-    name, tag, shape, offsets, digest = (item.get("name"), item.get("dtype"), item.get("shape"), item.get("offsets"),
-                                         item.get("checksum"))
-    size = _ITEMSIZES.get(tag) if type(tag) is str else None
-    if (size is None or type(name) is not str or not name or name in seen or "\x00" in name
-            or name in RESERVED_NAMES or (len(name) * 4 > MAX_NAME_BYTES and len(name.encode()) > MAX_NAME_BYTES)
-            or type(shape) is not list or len(shape) > MAX_RANK or type(offsets) is not list or len(offsets) != 2
-            or type(digest) is not bytes or len(digest) != 8):
-        return None
-    nbytes = nonzero = size
-    for dim in shape:
-        if type(dim) is not int or dim < 0 or dim >= _INT63:
-            return None
-        nbytes *= dim
-        nonzero *= dim or 1
-    begin, end = offsets
-    if (nonzero > MAX_TENSOR_BYTES or type(begin) is not int or type(end) is not int or begin < 0
-            or end >= _INT63 or end - begin != nbytes or begin % size):
-        return None
-    return TensorEntry(name, str(tag), tuple(shape), begin, end, int.from_bytes(digest, "little"))
-
-
-_checksum_int: Final = functools.partial(int.from_bytes, byteorder="little")
-_new_entry: Final = functools.partial(tuple.__new__, TensorEntry)
-
-
-def _columnar_entries(raw: list[Any]) -> list[TensorEntry] | None:
-    """Validate a section's entries column by column, with the loops in C (map, set, zip).
-
-    This is the common case (well-formed entries, no aliases) at about 1 µs per tensor, a third
-    of the per-entry path. Any doubt returns None, and the per-entry path finds the exact error.
-    """
-    if not raw or set(map(type, raw)) != {dict} or any(map(operator.methodcaller("__contains__", "alias"), raw)):
-        return None
-    if bytes in map(type, set(itertools.chain.from_iterable(raw))):  # every key of every entry, in C
-        return None
-    try:
-        names = list(map(operator.itemgetter("name"), raw))
-        tags = list(map(operator.itemgetter("dtype"), raw))
-        shapes = list(map(operator.itemgetter("shape"), raw))
-        offsets = list(map(operator.itemgetter("offsets"), raw))
-        digests = list(map(operator.itemgetter("checksum"), raw))
-    except KeyError:
-        return None
-    if (set(map(type, names)) != {str} or len(set(names)) != len(names) or not RESERVED_NAMES.isdisjoint(names)
-            or "\x00" in "".join(names) or min(map(len, names)) == 0
-            or max(map(len, names)) * 4 > MAX_NAME_BYTES
-            or not set(tags) <= _ITEMSIZES.keys() or set(map(type, shapes)) != {list}
-            or max(map(len, shapes)) > MAX_RANK or set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}
-            or set(map(type, digests)) != {bytes} or set(map(len, digests)) != {8}):
-        return None
-    dims = [d for shape in shapes for d in shape]
-    if dims and (not set(map(type, dims)) <= {int} or min(dims) < 0 or max(dims) >= _INT63):
-        return None
-    sizes = list(map(_ITEMSIZES.__getitem__, tags))
-    nonzero = list(map(operator.mul, sizes, map(math.prod, map(functools.partial(filter, None), shapes))))
-    if max(nonzero) > MAX_TENSOR_BYTES:
-        return None
-    nbytes = list(map(operator.mul, sizes, map(math.prod, shapes)))
-    begins = list(map(operator.itemgetter(0), offsets))
-    ends = list(map(operator.itemgetter(1), offsets))
-    if (not set(map(type, begins)) | set(map(type, ends)) <= {int} or min(begins) < 0 or max(ends) >= _INT63
-            or list(map(operator.sub, ends, begins)) != nbytes or any(map(operator.mod, begins, sizes))):
-        return None
-    # tuple.__new__ builds each NamedTuple in C (TensorEntry(...) would run Python code per entry).
-    columns = zip(names, tags, map(tuple, shapes), begins, ends, map(_checksum_int, digests), strict=True)
-    return list(map(_new_entry, columns))
-
-
-def _parse_tensors(raw: list[Any], path: str, region: str) -> tuple[list[TensorEntry], dict[str, str], list[str]]:
-    if len(raw) > MAX_TENSORS_PER_SECTION:
+def _entries_30(raw: list[Any], path: str, region: str) -> tuple[list[TensorEntry], dict[str, str], list[str]]:
+    """Type-check a 3.0 index (one map per tensor) and turn it into entries; the value rules are
+    checked afterwards, on columns, by the same code as a 3.1 index."""
+    if len(raw) > MAX_TENSORS_PER_SECTION:  # before building anything per entry
         raise LimitExceededError("tensor count", len(raw), MAX_TENSORS_PER_SECTION, region=region)
-    fast = _columnar_entries(raw)
-    if fast is not None:
-        return fast, {}, [t.name for t in fast]
-    tensors: list[TensorEntry] = []
+    entries: list[TensorEntry] = []
     aliases: dict[str, str] = {}
     order: list[str] = []
-    seen: set[str] = set()  # ``name in order`` would make a header of n names cost O(n**2)
     for i, item in enumerate(raw):
-        entry = _fast_entry(item, seen)
-        if entry is not None:
-            seen.add(entry.name)
-            order.append(entry.name)
-            tensors.append(entry)
-            continue
         f = _Fields(item, f"{path}[{i}]", region)
         name = f.get("name", str)
-        _check_name(name, f"{path}[{i}].name", region)
-        if name in seen:
-            raise HeaderError(f"duplicate tensor name {name!r}", path=f"{path}[{i}].name", region=region)
-        seen.add(name)
         order.append(name)
         if "alias" in f.d:
+            if name in aliases:
+                raise f.err("name", f"duplicate tensor name {name!r}")
             aliases[name] = f.get("alias", str)
             continue
-        tag = f.get("dtype", str)
-        dtype_from_tag(tag, path=f"{path}[{i}].dtype")
-        shape, nbytes = _parse_shape(f, tag)
+        shape = f.get("shape", list)
+        for k, dim in enumerate(shape):
+            if type(dim) is not int:
+                raise f.err(f"shape[{k}]", f"dimension {dim!r} is not an integer in [0, 2^63)")
         offsets = f.get("offsets", list)
-        if len(offsets) != 2 or not all(type(o) is int and 0 <= o < 1 << 63 for o in offsets):
-            raise f.err("offsets", "expected [begin, end] non-negative integers")
-        begin, end = offsets
-        if end - begin != nbytes:
-            raise f.err("offsets", f"[{begin}, {end}] holds {end - begin} bytes, shape and dtype need {nbytes}")
-        if begin % itemsize(tag):
-            raise f.err("offsets", f"begin {begin} is not aligned to the {itemsize(tag)}-byte element size")
-        tensors.append(
-            TensorEntry(name=name, dtype=tag, shape=shape, begin=begin, end=end, checksum=f.checksum("checksum"))
-        )
-    data_names = {t.name for t in tensors}
-    for alias, target in aliases.items():
-        if target not in data_names:
-            raise HeaderError(
-                f"alias {alias!r} points to {target!r}, which is not a stored tensor", path=path, region=region
-            )
-    return tensors, aliases, order
+        if len(offsets) != 2 or not all(type(o) is int for o in offsets):
+            raise f.err("offsets", "expected [begin, end] integers")
+        entries.append(TensorEntry(name, f.get("dtype", str), tuple(shape), offsets[0], offsets[1],
+                                   f.checksum("checksum")))
+    return entries, aliases, order
 
 
-_by_offsets: Final = operator.itemgetter(3, 4)  # (begin, end) of a TensorEntry
+def _index(f: _Fields, data_length: int, path: str, region: str) -> TensorIndex:
+    if "index" in f.d and "tensors" in f.d:
+        raise f.err("index", "a section has either 'index' (3.1) or 'tensors' (3.0), not both")
+    if "index" in f.d:
+        columns = _Fields(f.get("index", dict), f"{path}.index", region)
+        cols = columns_from_map(lambda key, required: columns.get(key, bytes, required=required), f"{path}.index",
+                                region)
+        return validate(cols, data_length, region)
+    entries, aliases, order = _entries_30(f.get("tensors", list), f"{path}.tensors", region)
+    alias_names = list(aliases)
+    position = {name: i for i, name in enumerate(order)}
+
+    def where(i: int, field_name: str) -> str:  # back from an entry number to its place in the array
+        name = entries[i].name if i < len(entries) else alias_names[i - len(entries)]
+        field_name = {"dims": "shape", "dtypes": "dtype", "alias_targets": "alias"}.get(field_name, field_name)
+        return f"{path}.tensors[{position.get(name, i)}].{field_name}"
+
+    return validate(columns_from_entries(entries, aliases, order, where), data_length, region)
 
 
-def _check_coverage(tensors: list[TensorEntry], data_length: int, path: str, region: str) -> list[TensorEntry]:
-    """Tensors must tile the data region exactly: no overlap (tied data is an alias), no holes."""
-    ordered = sorted(tensors, key=_by_offsets)
-    position = 0
-    for t in ordered:
-        if t.begin != position:
-            kind = "overlaps the previous tensor" if t.begin < position else f"leaves a hole after offset {position}"
-            raise LayoutError(f"tensor {t.name!r} at [{t.begin}, {t.end}] {kind}", region=region)
-        position = t.end
-    if position != data_length:
-        raise LayoutError(f"tensors cover {position} bytes of a {data_length}-byte data region", region=region)
-    return ordered
-
-
-def _parse_section(raw: Any, path: str) -> SectionEntry:
-    f = _Fields(raw, path, "header")
+def _parse_section(raw: Any, path: str, region_of: str | None) -> SectionEntry:
+    f = _Fields(raw, path, region_of or "header")
     name = f.get("name", str)
-    region = f"section {name!r}"
     if not name or len(name.encode()) > MAX_NAME_BYTES:
-        raise f.err("name", "section name must be 1 to 4096 bytes")
+        raise f.err("name", f"section name must be 1 to {MAX_NAME_BYTES} bytes")
+    region = region_of or f"section {name!r}"
+    f.region = region
     codec = _Fields(f.get("codec", dict), f"{path}.codec", region)
     stream = _Fields(f.get("stream", dict), f"{path}.stream", region)
     header_length = stream.uint("header_length")
@@ -454,8 +254,6 @@ def _parse_section(raw: Any, path: str) -> SectionEntry:
     stream_length = stream.uint("length")
     if stream_length < header_length:
         raise stream.err("length", f"stream length {stream_length} is shorter than its header ({header_length})")
-    tensors, aliases, order = _parse_tensors(f.get("tensors", list), f"{path}.tensors", region)
-    ordered = _check_coverage(tensors, stream_length - header_length, path, region)
     return SectionEntry(
         name=name,
         offset=f.uint("offset"),
@@ -465,14 +263,12 @@ def _parse_section(raw: Any, path: str) -> SectionEntry:
         stream_length=stream_length,
         stream_header_length=header_length,
         stream_header_checksum=stream.checksum("header_checksum"),
-        tensors=tuple(ordered),
-        aliases=aliases,
-        order=tuple(order),
+        index=_index(f, stream_length - header_length, path, region),
         frames=f.get("frames", bytes, required=False, default=b""),
     )
 
 
-def _parse_sections(f: _Fields) -> tuple[int, str, tuple[SectionEntry, ...]]:
+def _parse_sections(f: _Fields, region_of: str | None) -> tuple[int, str, tuple[SectionEntry, ...]]:
     file_length = f.uint("file_length")
     algorithm = f.get("checksum", str)
     if algorithm not in CHECKSUM_NAMES:
@@ -480,27 +276,17 @@ def _parse_sections(f: _Fields) -> tuple[int, str, tuple[SectionEntry, ...]]:
     raw_sections = f.get("sections", list)
     if len(raw_sections) > MAX_SECTIONS:
         raise LimitExceededError("section count", len(raw_sections), MAX_SECTIONS, region=f.region)
-    sections = tuple(_parse_section(s, f"{f.path}.sections[{i}]") for i, s in enumerate(raw_sections))
+    sections = tuple(_parse_section(s, f"{f.path}.sections[{i}]", region_of) for i, s in enumerate(raw_sections))
     names = [s.name for s in sections]
     if len(set(names)) != len(names):
         raise f.err("sections", "duplicate section names")
     return file_length, algorithm, sections
 
 
-def parse_header(data: bytes | memoryview) -> Header:
-    """Decode and validate the header bytes (after their checksum was verified).
-
-    Raises:
-        HeaderError, LimitExceededError, LayoutError, UnsupportedVersionError.
-    """
-    with _gc_paused():
-        return _parse_header(data)
-
-
 @contextmanager
 def _gc_paused() -> Iterator[None]:
     """Parsing allocates many small objects and no cycles; letting the cyclic collector run over the
-    growing header on every allocation threshold tripled the cost of opening a file."""
+    growing header on every allocation threshold tripled the cost of opening a 3.0 file."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -510,38 +296,40 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _parse_header(data: bytes | memoryview) -> Header:
-    f = _Fields(decode_msgpack(data, region="header"), "header", "header")
-    must = f.get("must_understand", list, required=False, default=[])
-    for i, m in enumerate(must):
-        # A list or map here would make the set lookup below raise TypeError (unhashable).
-        if not isinstance(m, str):
-            raise f.err(f"must_understand[{i}]", f"expected str, found {type(m).__name__}")
-    unknown = [m for m in must if m not in KNOWN_EXTENSIONS]
-    if unknown:
-        raise UnsupportedVersionError(
-            f"file requires extensions this reader lacks: {unknown}",
-            found=unknown,
-            supported=sorted(KNOWN_EXTENSIONS),
-            region="header",
-        )
-    file_length, algorithm, sections = _parse_sections(f)
-    trees = f.get("trees", dict, required=False, default={})
-    return Header(
-        file_length=file_length, checksum=algorithm, sections=sections, metadata=f.d.get("metadata"), trees=trees
-    )
+def parse_header(data: bytes | memoryview) -> Header:
+    """Decode and validate the header bytes (after their checksum was verified).
+
+    ``must_understand`` is checked first, right after decoding, before any other field.
+
+    Raises:
+        HeaderError, LimitExceededError, LayoutError, UnsupportedVersionError.
+    """
+    with _gc_paused():
+        f = _Fields(decode_msgpack(data, region="header"), "header", "header")
+        must = f.get("must_understand", list, required=False, default=[])
+        for i, m in enumerate(must):
+            if type(m) is not str:
+                raise f.err(f"must_understand[{i}]", f"expected str, found {type(m).__name__}")
+        unknown = [m for m in must if m not in KNOWN_EXTENSIONS]
+        if unknown:
+            raise UnsupportedVersionError(
+                f"file requires extensions this reader lacks: {unknown}",
+                found=unknown,
+                supported=sorted(KNOWN_EXTENSIONS),
+                region="header",
+            )
+        file_length, algorithm, sections = _parse_sections(f, None)
+        trees = f.get("trees", dict, required=False, default={})
+        return Header(file_length=file_length, checksum=algorithm, sections=sections, metadata=f.d.get("metadata"),
+                      trees=trees)
 
 
 def parse_index(data: bytes | memoryview) -> Header:
     """Decode the trailer's copy of the section index (a header without metadata or trees)."""
     with _gc_paused():
-        return _parse_index(data)
-
-
-def _parse_index(data: bytes | memoryview) -> Header:
-    f = _Fields(decode_msgpack(data, region="trailer index"), "index", "trailer index")
-    file_length, algorithm, sections = _parse_sections(f)
-    return Header(file_length=file_length, checksum=algorithm, sections=sections)
+        f = _Fields(decode_msgpack(data, region="trailer index"), "index", "trailer index")
+        file_length, algorithm, sections = _parse_sections(f, "trailer index")
+        return Header(file_length=file_length, checksum=algorithm, sections=sections)
 
 
 def iter_regions(header: Header) -> Iterator[tuple[str, int, int]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+import numpy as np
 import torch
 
 from mettaformat._pool import shared_pool
@@ -120,7 +121,6 @@ class LazyCheckpoint:
         self._map: mmap.mmap | None = None
         self._source: memoryview | None = None
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
-        self._index: dict[str, dict[str, TensorEntry]] = {}
 
     # -- opening ---------------------------------------------------------------------------
     def _pread(self, length: int, offset: int, region: str) -> bytes:
@@ -236,10 +236,7 @@ class LazyCheckpoint:
         s = self.header.section(section)
         if s is None:
             raise TensorNotFoundError(name, region=f"section {section!r} (no such section)")
-        index = self._index.get(section)
-        if index is None:
-            index = self._index[section] = s.by_name()
-        entry = index.get(s.aliases.get(name, name))
+        entry = s.index.get(name) if type(name) is str else None
         if entry is None:
             raise TensorNotFoundError(name, region=f"section {section!r}")
         return s, entry
@@ -283,13 +280,14 @@ class LazyCheckpoint:
             return self._read_copy(s, entries=(entry,))[entry.name]
         if reader.zero_copy:
             if self._needs_check(s, entry):
-                self._check(entry, s, checksum(reader.view(source, entry)))
+                view = reader.view(source, entry)
+                self._check(entry, s, checksum(view), view)
             return self._mapped_tensor(s, entry)
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
         tasks, digest = self._decode_tasks(reader, source, s, entry, out)
         _run(tasks)
         if digest is not None:
-            self._check(entry, s, digest())
+            self._check(entry, s, digest(), out)
         return out.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
 
     def _mapped_tensor(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
@@ -309,19 +307,26 @@ class LazyCheckpoint:
             return True
         return self._fd < 0 or file_identity(os.fstat(self._fd)) != self._identity
 
-    def _check(self, entry: TensorEntry, s: SectionEntry, digest: int) -> None:
+    def _check(self, entry: TensorEntry, s: SectionEntry, digest: int, data: Any = None) -> None:
+        """Raise unless ``digest`` is the tensor's checksum and, given its bytes, a BOOL tensor
+        holds only 0 and 1 (torch's behaviour on any other byte is undefined, §6)."""
         if digest != entry.checksum:
             raise IntegrityError(
                 f"checksum mismatch in tensor {entry.name!r}",
                 region=f"section {s.name!r}",
                 offset=s.offset + s.stream_header_length + entry.begin if s.codec == "raw" else None,
             )
+        if entry.dtype == "BOOL" and entry.nbytes and data is not None and _max_byte(data) > 1:
+            raise IntegrityError(f"BOOL tensor {entry.name!r} holds a byte other than 0 or 1",
+                                 region=f"section {s.name!r}")
         mark_verified(self._identity, [(s.name, entry.name)])
 
-    def _check_all(self, s: SectionEntry, entries: list[TensorEntry], digests: list[int]) -> None:
-        for entry, digest in zip(entries, digests, strict=True):
-            if digest != entry.checksum:
-                self._check(entry, s, digest)  # raises, naming the tensor
+    def _check_all(
+        self, s: SectionEntry, entries: list[TensorEntry], digests: list[int], datas: list[Any]
+    ) -> None:
+        for entry, digest, data in zip(entries, digests, datas, strict=True):
+            if digest != entry.checksum or entry.dtype == "BOOL":
+                self._check(entry, s, digest, data)  # raises, naming the tensor
         mark_verified(self._identity, [(s.name, e.name) for e in entries])
 
     def _decode_tasks(
@@ -397,7 +402,8 @@ class LazyCheckpoint:
         source = self._mapped()
         reader = self._readers[s.name]
         unchecked = [e for e in s.tensors if self._needs_check(s, e)]
-        self._check_all(s, unchecked, hash_views([reader.view(source, e) for e in unchecked]))
+        views = [reader.view(source, e) for e in unchecked]
+        self._check_all(s, unchecked, hash_views(views), views)
         return {entry.name: self._mapped_tensor(s, entry) for entry in s.tensors}
 
     def _read_copy(self, s: SectionEntry, entries: tuple[TensorEntry, ...] | None = None) -> dict[str, torch.Tensor]:
@@ -417,7 +423,7 @@ class LazyCheckpoint:
             raise LayoutError(
                 f"file ended {data_length - done} bytes early", region=f"section {s.name!r}", offset=offset + done
             )
-        self._check_all(s, unchecked, digests)
+        self._check_all(s, unchecked, digests, [buffer[e.begin - start : e.end - start] for e in unchecked])
         out: dict[str, torch.Tensor] = {}
         for entry in chosen:
             part = buffer[entry.begin - start : entry.end - start]
@@ -443,7 +449,7 @@ class LazyCheckpoint:
                 for future in futures:
                     future.result()
                 if digest is not None:
-                    self._check(entry, s, digest())
+                    self._check(entry, s, digest(), buffer)
                 dtype = dtype_from_tag(entry.dtype)
                 out[entry.name] = (
                     buffer.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
@@ -474,7 +480,7 @@ class LazyCheckpoint:
                 raise IntegrityError("non-zero bytes in padding", region="padding", offset=start)
         index = bytes(source[self.tail.index_offset : self.tail.index_offset + self.tail.index_length])
         self.tail.verify_index(index)
-        if parse_index(index).index_msgpack() != self.header.index_msgpack():
+        if parse_index(index).index_key() != self.header.index_key():
             raise IntegrityError(
                 "trailer index differs from the header's", region="trailer index", offset=self.tail.index_offset
             )
@@ -547,3 +553,10 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
+
+
+def _max_byte(data: Any) -> int:
+    """The largest byte of a buffer or a uint8 tensor."""
+    if isinstance(data, torch.Tensor):
+        return int(data.max())
+    return int(np.frombuffer(data, np.uint8).max())

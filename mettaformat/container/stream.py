@@ -19,6 +19,7 @@ from mettaformat._torch import storage_key
 from mettaformat.constants import MAX_NAME_BYTES, RESERVED_NAMES, STREAM_DATA_ALIGNMENT
 from mettaformat.container.header import SectionEntry, TensorEntry
 from mettaformat.container.layout import align_offset
+from mettaformat.container.stream_json import StreamTensor, parse_stream_json
 from mettaformat.dtypes import itemsize, tag_from_dtype
 from mettaformat.errors import HeaderError, LayoutError, WriteError
 
@@ -127,33 +128,19 @@ def entries_from_plan(plan: StreamPlan, checksums: Mapping[str, int]) -> tuple[T
     )
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate key")
-    return out
-
-
 def check_stream_header(section: SectionEntry, data: bytes | memoryview) -> None:
-    """Check that a section's embedded safetensors header agrees with our index.
+    """Check that a section's embedded safetensors header is one safetensors reads, and agrees with our index.
 
     Raises:
         LayoutError: the length prefix disagrees with the index.
-        HeaderError: the JSON is invalid or names different tensors, dtypes, shapes or offsets.
+        HeaderError: the JSON is not what safetensors accepts (strictly, §5.5), or names different
+            tensors, dtypes, shapes or offsets.
     """
     region = f"section {section.name!r} safetensors header"
     (n,) = struct.unpack_from("<Q", data)
     if n + 8 != section.stream_header_length:
         raise LayoutError(f"safetensors header length {n} disagrees with the index", region=region)
-    try:
-        doc = json.loads(bytes(data[8 : 8 + n]), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise HeaderError(f"invalid JSON: {e}", region=region) from None
-    if not isinstance(doc, dict):
-        raise HeaderError("JSON header is not an object", region=region)
-    doc.pop("__metadata__", None)
-    expected = {
-        t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.begin, t.end]} for t in section.tensors
-    }
-    if doc != expected:
+    _, tensors = parse_stream_json(bytes(data[8 : 8 + n]), region=region)
+    expected = {t.name: StreamTensor(t.dtype, t.shape, t.begin, t.end) for t in section.tensors}
+    if tensors != expected:
         raise HeaderError("safetensors header disagrees with the section index", region=region)

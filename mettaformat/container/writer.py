@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any, Final
 
 import torch
@@ -203,21 +202,26 @@ def _write(
         raise WriteError(f"metadata: {e}") from e
     plans = {name: plan_stream(tensors) for name, tensors in all_sections.items()}
     configuration = {"level": codec.level, "frame_size": codec.frame_size} if isinstance(codec, ZstdCodec) else {}
-    entries = [
-        SectionEntry(
+    def section(name: str, plan: StreamPlan, offset: int, length: int, frames: bytes,
+                checksums: Mapping[str, int]) -> SectionEntry:
+        return SectionEntry.from_entries(
             name=name,
-            offset=_PLACEHOLDER,
-            length=_PLACEHOLDER,
+            offset=offset,
+            length=length,
             codec=codec.name,
             configuration=configuration,
             stream_length=plan.length,
             stream_header_length=len(plan.header),
             stream_header_checksum=checksum(plan.header),
-            tensors=entries_from_plan(plan, {}),
+            tensors=entries_from_plan(plan, checksums),
             aliases=plan.aliases,
             order=plan.order,
-            frames=bytes(_frames_size(codec, plan)),
+            frames=frames,
         )
+
+    # Every field of the index is fixed-width, so placeholders of maximal width size the header.
+    entries = [
+        section(name, plan, _PLACEHOLDER, _PLACEHOLDER, bytes(_frames_size(codec, plan)), {})
         for name, plan in plans.items()
     ]
     header = Header(
@@ -234,19 +238,13 @@ def _write(
     for entry in entries:
         plan = plans[entry.name]
         result = codec.write(fd, position, plan, pool)
-        written.append(
-            replace(
-                entry,
-                offset=position,
-                length=result.length,
-                frames=result.frames,
-                tensors=entries_from_plan(plan, result.checksums),
-            )
-        )
+        written.append(section(entry.name, plan, position, result.length, result.frames, result.checksums))
         position = align_offset(position + result.length, MFMT_DEFAULT_ALIGNMENT)
     data_end = written[-1].end if written else align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
     # Build the section maps once; only the file length changes between the encodings below.
-    index_map = replace(header, sections=tuple(written), file_length=0).index_msgpack()
+    final = Header(file_length=0, checksum=header.checksum, sections=tuple(written), metadata=header.metadata,
+                   trees=header.trees)
+    index_map = final.index_msgpack()
     file_length = data_end + 32
     # The file length is part of the index, and its msgpack width can change the index length.
     for _ in range(4):
@@ -255,7 +253,7 @@ def _write(
         if data_end + len(index) + 32 == file_length:
             break
         file_length = data_end + len(index) + 32
-    header_bytes = encode_msgpack({**index_map, "metadata": header.metadata, "trees": header.trees})
+    header_bytes = encode_msgpack({**final.to_msgpack(), **index_map})
     if len(header_bytes) > reserved:
         raise WriteError(f"internal: header grew from {reserved} to {len(header_bytes)} bytes")
     tail = TrailerTail(index_length=len(index), index_checksum=checksum(index), file_length=file_length)

@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
 
 import mettaformat  # noqa: E402
 from mettaformat.container.codecs import ZstdCodec  # noqa: E402
+from mettaformat.container.tensor_index import section_to_entries_form  # noqa: E402
 from mettaformat.container.tree import LegacyObject, TensorRef  # noqa: E402
 from mettaformat.container.writer import _write, write_container  # noqa: E402
 from mettaformat.dtypes import DTYPE_TAGS, dtype_from_tag, tag_from_dtype  # noqa: E402
@@ -188,34 +189,53 @@ def xxh(data: bytes) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def split(data: bytes) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
-    """(header, trailer index, section bytes by name) of a file."""
+def split(data: bytes, *, columnar: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
+    """(header, trailer index, section bytes by name) of a file.
+
+    Unless ``columnar``, a 3.1 index is turned into the 3.0 form (one map per tensor) and the
+    columnar extension dropped, so that the builders of the 3.0 vectors still make 3.0 files.
+    """
     header_length = struct.unpack_from("<Q", data, 16)[0]
     header = msgpack.unpackb(data[32:32 + header_length], raw=False)
     index_length = struct.unpack_from("<Q", data, len(data) - 32)[0]
     index = msgpack.unpackb(data[len(data) - 32 - index_length:len(data) - 32], raw=False)
     sections = {s["name"]: data[s["offset"]:s["offset"] + s["length"]] for s in header["sections"]}
+    if not columnar:
+        for value in (header, index):
+            value.pop("must_understand", None)
+            for s in value["sections"]:
+                section_to_entries_form(s)
     return header, index, sections
 
 
 def assemble(header: dict[str, Any], sections: dict[str, bytes], *, index: dict[str, Any] | None = None,
-             major: int = 3, minor: int = 0, flags: int = 1, header_bytes: bytes | None = None) -> bytes:
+             major: int = 3, minor: int = 0, flags: int = 1, header_bytes: bytes | None = None,
+             splice: tuple[str, bytes] | None = None, splice_index: bool = False) -> bytes:
     """Lay out a file from its parts, keeping section offsets; the index follows the last section.
 
     ``file_length`` is recomputed in the header and index; every checksum is recomputed.
     ``header_bytes`` replaces the encoded header (for msgpack that ``pack`` cannot produce).
+    ``splice = (marker, raw)`` replaces the encoding of the str ``marker`` by the bytes ``raw`` in the
+    header (or, with ``splice_index``, in the index), after ``file_length`` is set.
     """
+
+    def encode(value: dict[str, Any], spliced: bool) -> bytes:
+        body = pack(value)
+        return body.replace(pack(splice[0]), splice[1]) if splice is not None and spliced else body
+
     end = max((s["offset"] + s["length"] for s in header["sections"]), default=4096)
     for _ in range(4):
         idx = index if index is not None else {k: header[k] for k in ("file_length", "checksum", "sections")}
-        index_bytes = pack(idx)
+        index_bytes = encode(idx, splice_index)
         file_length = end + len(index_bytes) + 32
         if header["file_length"] == file_length and idx["file_length"] == file_length:
             break
         header["file_length"] = file_length
         if index is not None:
             index["file_length"] = file_length
-    hb = header_bytes if header_bytes is not None else pack(header)
+    if header_bytes is None:
+        header_bytes = encode(header, not splice_index)
+    hb = header_bytes
     first = min((s["offset"] for s in header["sections"]), default=4096)
     assert 32 + len(hb) <= first, "the edited header no longer fits before the first section"
     out = bytearray(file_length)
@@ -453,6 +473,191 @@ def i_integrity_trailer_index() -> bytes:
     return assemble(header, sections, index=index)
 
 
+# -- 3.1: the columnar index, and the answers the spec gives since ----------------------------------------
+def v_columnar_index() -> bytes:
+    """The 3.1 layout as the reference writer makes it: mixed item sizes (data order differs from the
+    saved order), a tie, an empty tensor and a scalar."""
+    embed = from_bytes("F32", (3, 2), 51)
+    return save_bytes({"mask": from_bytes("BOOL", (5,), 52), "embed": embed, "steps": from_bytes("I64", (2,), 53),
+                       "head": embed, "empty": torch.empty(0, 4, dtype=torch.float16), "scale": torch.tensor(0.5)},
+                      metadata={"vector": "columnar_index"})
+
+
+def base_31() -> bytes:
+    return save_bytes({"w": from_bytes("F32", (2, 3), 61), "b": from_bytes("I8", (3,), 62)}, metadata={"epoch": 1})
+
+
+def v_future_minor() -> bytes:
+    """A much newer minor: unknown keys in every map a reader parses, a differing codec configuration in
+    the trailer index (not compared), an unknown optional flag. Readers load it and warn."""
+    header, index, sections = split(base_31(), columnar=True)
+    header["x_future_field"] = {"anything": [1, 2]}
+    for value in (header, index):
+        s = value["sections"][0]
+        s["x_note"] = "ignored"
+        s["stream"]["x_extra"] = 1
+        s["index"]["x_column"] = b"\x00\x01"
+    header["sections"][0]["codec"]["configuration"] = {"x_level": 9}
+    index["sections"][0]["codec"]["configuration"] = {"x_level": 1}
+    return assemble(header, sections, index=index, minor=65535, flags=1 | (1 << 17))
+
+
+def v_msgpack_nesting_limit() -> bytes:
+    """1024 nested arrays and maps, the header map included, the innermost one empty: the most allowed."""
+    header, index, sections = split(base_31(), columnar=True)
+    header["x_deep"] = "@@DEEP@@"
+    return assemble(header, sections, index=index, minor=1, splice=("@@DEEP@@", b"\x91" * 1022 + b"\x90"))
+
+
+def i_msgpack_nesting() -> bytes:
+    header, index, sections = split(base_31(), columnar=True)
+    header["x_deep"] = "@@DEEP@@"
+    return assemble(header, sections, index=index, minor=1, splice=("@@DEEP@@", b"\x91" * 1023 + b"\x90"))
+
+
+def _with_raw_value(key_path: Callable[[dict[str, Any]], dict[str, Any]], key: str, raw: bytes,
+                    in_index: bool = False) -> bytes:
+    """base_31 with ``raw`` msgpack bytes stored under ``key`` of the map ``key_path`` selects."""
+    header, index, sections = split(base_31(), columnar=True)
+    target = index if in_index else header
+    key_path(target)[key] = "@@RAW@@"
+    return assemble(header, sections, index=index, minor=1, splice=("@@RAW@@", raw), splice_index=in_index)
+
+
+_TIMESTAMP = b"\xd6\xff\x00\x00\x00\x01"  # fixext 4, type -1: a msgpack timestamp
+
+
+def i_timestamp_unknown_key() -> bytes:
+    return _with_raw_value(lambda h: h, "x_when", _TIMESTAMP)
+
+
+def i_timestamp_section_entry() -> bytes:
+    return _with_raw_value(lambda h: h["sections"][0], "x_when", _TIMESTAMP)
+
+
+def i_timestamp_trailer_index() -> bytes:
+    return _with_raw_value(lambda h: h["sections"][0]["index"], "x_when", _TIMESTAMP, in_index=True)
+
+
+def i_ext_codec_configuration() -> bytes:
+    return _with_raw_value(lambda h: h["sections"][0]["codec"]["configuration"], "x", b"\xd4\x05\x01")
+
+
+def i_bytes_key_codec_configuration() -> bytes:
+    header, index, sections = split(base_31(), columnar=True)
+    header["sections"][0]["codec"]["configuration"] = {b"level": 3}
+    return assemble(header, sections, index=index, minor=1)
+
+
+def i_unknown_dtype_region() -> bytes:
+    """An unknown dtype is a schema error of the section entry: region section 'model', like a bad shape."""
+    header, index, sections = split(base_raw())
+    header["sections"][0]["tensors"][0]["dtype"] = "F31"
+    return assemble(header, sections, index=index)
+
+
+def _columnar_edit(edit: Callable[[dict[str, Any]], None]) -> bytes:
+    header, index, sections = split(base_31(), columnar=True)
+    edit(header["sections"][0]["index"])
+    edit(index["sections"][0]["index"])
+    return assemble(header, sections, index=index, minor=1)
+
+
+def i_columnar_unknown_dtype_code() -> bytes:
+    return _columnar_edit(lambda ix: ix.update(dtypes=bytes([200]) + ix["dtypes"][1:]))
+
+
+def i_columnar_names_unterminated() -> bytes:
+    return _columnar_edit(lambda ix: ix.update(names=ix["names"][:-1]))
+
+
+def i_columnar_short_column() -> bytes:
+    return _columnar_edit(lambda ix: ix.update(ranks=ix["ranks"][:-1]))
+
+
+def i_columnar_order_not_permutation() -> bytes:
+    return _columnar_edit(lambda ix: ix.update(order=struct.pack("<2I", 0, 0)))
+
+
+def i_columnar_alias_target() -> bytes:
+    return _columnar_edit(lambda ix: ix.update(aliases=b"tied\x00", alias_targets=struct.pack("<I", 2)))
+
+
+def i_columnar_and_entries() -> bytes:
+    header, index, sections = split(base_31(), columnar=True)
+    for value in (header, index):
+        value["sections"][0]["tensors"] = []
+    return assemble(header, sections, index=index, minor=1)
+
+
+def i_trailer_tensor_order() -> bytes:
+    """The trailer index lists the same tensors in another order: indexes must match in order too."""
+    header, index, sections = split(base_raw())
+    index["sections"][0]["tensors"].reverse()
+    return assemble(header, sections, index=index)
+
+
+def i_must_understand_first() -> bytes:
+    """An unknown extension wins over a schema error elsewhere: must_understand is checked first."""
+    header, index, sections = split(base_31(), columnar=True)
+    header["must_understand"].append("x.other")
+    header["checksum"] = "md5"
+    return assemble(header, sections, index=index, minor=1)
+
+
+def _stream_json_edit(edit: Callable[[bytes], bytes]) -> bytes:
+    """base_31 with its safetensors JSON replaced (same length, padded with spaces); checksums follow."""
+    header, index, sections = split(base_31(), columnar=True)
+    blob = bytearray(sections["model"])
+    n = struct.unpack_from("<Q", blob)[0]
+    text = edit(bytes(blob[8:8 + n]).rstrip(b" "))
+    assert len(text) <= n, "the edited JSON must fit the stream header"
+    blob[8:8 + n] = text + b" " * (n - len(text))
+    sections["model"] = bytes(blob)
+    digest = xxh(bytes(blob[:8 + n])).to_bytes(8, "little")
+    for value in (header, index):
+        value["sections"][0]["stream"]["header_checksum"] = digest
+    return assemble(header, sections, index=index, minor=1)
+
+
+def i_json_float_shape() -> bytes:
+    return _stream_json_edit(lambda t: t.replace(b'"shape":[2,3]', b'"shape":[2.0,3]'))
+
+
+def i_json_bool_offset() -> bytes:
+    return _stream_json_edit(lambda t: t.replace(b'"data_offsets":[0,', b'"data_offsets":[false,'))
+
+
+def i_json_nan() -> bytes:
+    return _stream_json_edit(lambda t: t.replace(b'"format":"pt"', b'"format":"pt","x":NaN'))
+
+
+def i_json_metadata_not_string() -> bytes:
+    return _stream_json_edit(lambda t: t.replace(b'"format":"pt"', b'"format":"pt","x":1'))
+
+
+def i_json_duplicate_key() -> bytes:
+    return _stream_json_edit(lambda t: t.replace(b'"format":"pt"', b'"format":"pt","format":"pt"'))
+
+
+def i_json_bom() -> bytes:
+    return _stream_json_edit(lambda t: b"\xef\xbb\xbf" + t)
+
+
+def i_bool_byte() -> bytes:
+    """A BOOL element holding 2 (the checksum agrees): readers refuse it when they verify the tensor."""
+    data = bytearray(save_bytes({"mask": from_bytes("BOOL", (4,), 63)}))
+    header, index, sections = split(bytes(data), columnar=True)
+    blob = bytearray(sections["model"])
+    hl = header["sections"][0]["stream"]["header_length"]
+    blob[hl] = 2
+    sections["model"] = bytes(blob)
+    digest = xxh(bytes(blob[hl:hl + 4])).to_bytes(8, "little")
+    for value in (header, index):
+        value["sections"][0]["index"]["checksums"] = digest
+    return assemble(header, sections, index=index, minor=1)
+
+
 VALID: dict[str, Callable[[], bytes]] = {
     "valid_all_dtypes": v_all_dtypes,
     "valid_empty_tensor": v_empty_tensor,
@@ -463,6 +668,9 @@ VALID: dict[str, Callable[[], bytes]] = {
     "valid_metadata_tree": v_metadata_tree,
     "valid_object_tree": v_object_tree,
     "valid_newer_minor": v_newer_minor,
+    "valid_columnar_index": v_columnar_index,
+    "valid_future_minor": v_future_minor,
+    "valid_msgpack_nesting_limit": v_msgpack_nesting_limit,
 }
 
 #: name -> (builder, expected error class, expected region)
@@ -481,6 +689,29 @@ INVALID: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "invalid_integrity_tensor": (i_integrity_tensor, "IntegrityError", "section 'model'"),
     "invalid_integrity_header": (i_integrity_header, "IntegrityError", "header"),
     "invalid_integrity_trailer_index": (i_integrity_trailer_index, "IntegrityError", "trailer index"),
+    "invalid_msgpack_nesting": (i_msgpack_nesting, "HeaderError", "header"),
+    "invalid_timestamp_unknown_key": (i_timestamp_unknown_key, "HeaderError", "header"),
+    "invalid_timestamp_section_entry": (i_timestamp_section_entry, "HeaderError", "header"),
+    "invalid_timestamp_trailer_index": (i_timestamp_trailer_index, "HeaderError", "trailer index"),
+    "invalid_ext_codec_configuration": (i_ext_codec_configuration, "HeaderError", "header"),
+    "invalid_bytes_key_codec_configuration": (i_bytes_key_codec_configuration, "HeaderError", "header"),
+    "invalid_unknown_dtype_region": (i_unknown_dtype_region, "HeaderError", "section 'model'"),
+    "invalid_columnar_unknown_dtype_code": (i_columnar_unknown_dtype_code, "HeaderError", "section 'model'"),
+    "invalid_columnar_names_unterminated": (i_columnar_names_unterminated, "HeaderError", "section 'model'"),
+    "invalid_columnar_short_column": (i_columnar_short_column, "HeaderError", "section 'model'"),
+    "invalid_columnar_order_not_permutation": (i_columnar_order_not_permutation, "HeaderError", "section 'model'"),
+    "invalid_columnar_alias_target": (i_columnar_alias_target, "HeaderError", "section 'model'"),
+    "invalid_columnar_and_entries": (i_columnar_and_entries, "HeaderError", "section 'model'"),
+    "invalid_trailer_tensor_order": (i_trailer_tensor_order, "IntegrityError", "trailer index"),
+    "invalid_must_understand_first": (i_must_understand_first, "UnsupportedVersionError", "header"),
+    "invalid_json_float_shape": (i_json_float_shape, "HeaderError", "section 'model' safetensors header"),
+    "invalid_json_bool_offset": (i_json_bool_offset, "HeaderError", "section 'model' safetensors header"),
+    "invalid_json_nan": (i_json_nan, "HeaderError", "section 'model' safetensors header"),
+    "invalid_json_metadata_not_string": (i_json_metadata_not_string, "HeaderError",
+                                         "section 'model' safetensors header"),
+    "invalid_json_duplicate_key": (i_json_duplicate_key, "HeaderError", "section 'model' safetensors header"),
+    "invalid_json_bom": (i_json_bom, "HeaderError", "section 'model' safetensors header"),
+    "invalid_bool_byte": (i_bool_byte, "IntegrityError", "section 'model'"),
 }
 
 
