@@ -95,7 +95,7 @@ class SectionEntry:
     def key(self) -> tuple[Any, ...]:
         """What the trailer index must repeat (codec configuration is not compared, §4.6)."""
         return (self.name, self.offset, self.length, self.codec, self.stream_length, self.stream_header_length,
-                self.stream_header_checksum, self.frames, self.index.columns.key())
+                self.stream_header_checksum, self.frames, self.index.key())
 
     def to_msgpack(self) -> dict[str, Any]:
         out: dict[str, Any] = {

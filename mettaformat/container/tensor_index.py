@@ -68,15 +68,6 @@ class Columns:
     source: Sequence[TensorEntry] | None = None
     source_aliases: dict[str, str] | None = None
 
-    def key(self) -> tuple[Any, ...]:
-        """Everything the index says, for comparing the trailer's copy with the header's."""
-        order = None if self.order is None else self.order.tobytes()
-        natural = np.arange(len(self.names) + len(self.alias_names), dtype="<u4").tobytes()
-        return (tuple(self.names), self.codes.astype("u1").tobytes(), self.ranks.astype("u1").tobytes(),
-                self.dims.astype("<u8").tobytes(), self.offsets.astype("<u8").tobytes(), self.checksums,
-                tuple(self.alias_names), self.alias_targets.astype("<u4").tobytes(),
-                None if order == natural else order)
-
 
 def _fail(cols: Columns, bad: np.ndarray, field: str, message: Callable[[int], str], region: str) -> None:
     if bad.any():  # the index of the first offender only when there is one
@@ -272,6 +263,17 @@ class TensorIndex:
         if self.columns.order is None:
             return tuple(names)
         return tuple(map(names.__getitem__, self.columns.order.tolist()))
+
+    def key(self) -> tuple[Any, ...]:
+        """Everything the index says, name by name in saved order, whatever the form or the numbering of
+        its entries: what the trailer's copy must repeat (§4.6)."""
+        c = self.columns
+        n = len(c.names)
+        rows: list[tuple[Any, ...]] = []
+        for name in self.order:
+            i = self._position[name]
+            rows.append(tuple(self.entry(i)) if i < n else (name, c.names[c.alias_targets[i - n]]))
+        return tuple(rows)
 
     def __iter__(self) -> Iterator[TensorEntry]:
         return iter(self.tensors)
