@@ -212,3 +212,21 @@ def test_conformance_vector_table_lists_every_vector() -> None:
 
 def test_raw_page_mentions_layout_rules() -> None:
     assert "`length` MUST equal `stream.length`" in RAW
+
+
+def test_dtype_and_device_grammars_equal_code() -> None:
+    """§9.2.2 lists the $dtype names and $device types; the reader's fixed tables are exactly those."""
+    from mettaformat.container.tree_values import DEVICE_TYPES, DTYPE_NAMES, MAX_DEVICE_INDEX
+
+    section = FORMAT[FORMAT.index("#### 9.2.2"):FORMAT.index("## 9.3") if "## 9.3" in FORMAT else None]
+    dtype_text, device_text = section.split("A `$device` is", 1)
+    names: list[str] = []
+    for first, last in re.findall(r"`([a-z]+)1` to `\1(\d)`", dtype_text):
+        names += [f"{first}{i}" for i in range(1, int(last) + 1)]
+    dtype_text = re.sub(r"`([a-z]+)1` to `\1\d`", "", dtype_text.split("aliases such as", 1)[0] +
+                        dtype_text.split("are not names):", 1)[1])
+    names += re.findall(r"`([a-z0-9_]+)`", dtype_text)
+    assert sorted(names) == sorted(DTYPE_NAMES)
+    types = re.findall(r"`([a-z]+)`", device_text.split("(lower case)", 1)[0])
+    assert [t for t in types if t not in ("TYPE", "INDEX")] == list(DEVICE_TYPES)
+    assert f"from `0` to `{MAX_DEVICE_INDEX}`" in device_text

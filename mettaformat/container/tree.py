@@ -12,17 +12,27 @@ The normative description is ``spec/FORMAT.md`` section "Object trees".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import msgpack
 import torch
 
 from mettaformat.constants import MAX_TREE_DEPTH
-from mettaformat.errors import HeaderError
+from mettaformat.container.tree_values import (
+    _DTYPES_BY_NAME,
+    DEVICE_TYPES,
+    DTYPE_NAMES,
+    MAX_DEVICE_INDEX,
+    LegacyObject,
+    TensorRef,
+    check_keys,
+    parse_device,
+)
+from mettaformat.errors import HeaderError, TensorNotFoundError
 
-__all__ = ["LegacyObject", "TensorRef", "decode_tree", "encode_tree", "TREE_TAGS"]
+__all__ = ["DEVICE_TYPES", "DTYPE_NAMES", "LegacyObject", "TREE_TAGS", "TensorRef", "decode_tree", "encode_tree",
+           "parse_device"]
 
 _INT64_MIN: Final = -(1 << 63)
 _UINT64_MAX: Final = (1 << 64) - 1
@@ -43,52 +53,6 @@ TREE_TAGS: Final = (
     "$object",
     "$ref",
 )
-
-_DTYPES_BY_NAME: Final[dict[str, torch.dtype]] = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
-
-
-@dataclass(eq=False)
-class LegacyObject:
-    """An inert record of an object found in a legacy pickle (or written back to one).
-
-    Nothing is imported: ``module`` and ``name`` are the class path as the pickle spelled it.
-
-    Attributes:
-        module: module path of the class, e.g. ``"metta.agent.policy_record"``.
-        name: class (or callable) name, e.g. ``"PolicyRecord"``.
-        args: arguments the pickle passed to the constructor (``NEWOBJ``/``REDUCE``).
-        state: what ``BUILD`` set (usually the instance ``__dict__``), or ``None``.
-        items: key/value pairs set with ``SETITEM(S)`` (dict subclasses such as PolicyMetadata).
-        listitems: values added with ``APPEND(S)`` (list subclasses).
-        kind: how the object was created: ``"newobj"``, ``"reduce"`` or ``"global"`` (the class
-            or function itself, not an instance).
-    """
-
-    module: str
-    name: str
-    args: tuple[Any, ...] = ()
-    state: Any = None
-    items: list[tuple[Any, Any]] = field(default_factory=list)
-    listitems: list[Any] = field(default_factory=list)
-    kind: str = "newobj"
-
-    @property
-    def class_path(self) -> str:
-        return f"{self.module}.{self.name}"
-
-    def __repr__(self) -> str:
-        return f"LegacyObject({self.class_path}, kind={self.kind})"
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """A reference to a tensor stored in a section, as found in a tree decoded without a resolver."""
-
-    section: str
-    name: str
-
 
 #: Called with a tensor and its dotted path in the tree; returns the (section, name) it is stored under.
 TensorEncoder = Callable[[torch.Tensor, str], tuple[str, str]]
@@ -135,8 +99,13 @@ class _Encoder:
         if isinstance(v, bytearray):
             return bytes(v)
         if isinstance(v, torch.dtype):
-            return {"$dtype": str(v).removeprefix("torch.")}
+            name = str(v).removeprefix("torch.")
+            if name not in _DTYPES_BY_NAME:
+                raise ValueError(f"dtype {v} has no $dtype name")
+            return {"$dtype": name}
         if isinstance(v, torch.device):
+            if parse_device(str(v)) is None:
+                raise ValueError(f"device {v} has no $device form")
             return {"$device": str(v)}
         if isinstance(v, torch.Tensor):
             if self.tensor_ref is None:
@@ -165,11 +134,13 @@ class _Encoder:
         if isinstance(v, list):
             return [self.encode(x, d, _join(path, i)) for i, x in enumerate(v)]
         if isinstance(v, (set, frozenset)):
+            check_keys(v)
             tag = "$frozenset" if isinstance(v, frozenset) else "$set"
             return {tag: [self.encode(x, d, _join(path, i)) for i, x in enumerate(_stable_order(v))]}
         if isinstance(v, Mapping):
             if all(isinstance(k, str) and not k.startswith("$") for k in v):
                 return {k: self.encode(x, d, _join(path, k)) for k, x in v.items()}
+            check_keys(v)
             return {
                 "$map": [[self.encode(k, d, _join(path, k)), self.encode(x, d, _join(path, k))] for k, x in v.items()]
             }
@@ -253,6 +224,13 @@ class _Decoder:
         # Same count as the encoder: a tag adds no level of its own, its payload's items do.
         return self._decode_tag(tag, payload, f"{path}.{tag}", depth)
 
+    @staticmethod
+    def _check_keys(keys: Iterable[Any], path: str) -> None:
+        try:
+            check_keys(keys)
+        except ValueError as e:
+            raise HeaderError(str(e), path=path) from None
+
     def _list(self, payload: Any, path: str, depth: int) -> list[Any]:
         if not isinstance(payload, list):
             raise HeaderError("expected an array", path=path)
@@ -273,19 +251,19 @@ class _Decoder:
             return self._list(payload, path, depth)
         if tag in ("$set", "$frozenset"):
             items = self._list(payload, path, depth)
-            try:
-                return set(items) if tag == "$set" else frozenset(items)
-            except TypeError as e:
-                raise HeaderError(f"unhashable set member: {e}", path=path) from e
+            self._check_keys(items, path)
+            members = set(items) if tag == "$set" else frozenset(items)
+            if len(members) != len(items):
+                raise HeaderError("duplicate set member", path=path)
+            return members
         if tag == "$map":
-            out: dict[Any, Any] = {}
-            for k, x in self._pairs(payload, path, depth):
-                try:
-                    if k in out:
-                        raise HeaderError(f"duplicate key {k!r}", path=path)
-                    out[k] = x
-                except TypeError as e:
-                    raise HeaderError(f"unhashable map key: {e}", path=path) from e
+            pairs = self._pairs(payload, path, depth)
+            self._check_keys((k for k, _ in pairs), path)
+            out = dict(pairs)
+            if len(out) != len(pairs):
+                seen: set[Any] = set()
+                duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+                raise HeaderError(f"duplicate key {duplicate!r}", path=path)
             return out
         if tag == "$int":
             if not isinstance(payload, str) or not 0 < len(payload) <= _MAX_INT_DIGITS:
@@ -295,17 +273,17 @@ class _Decoder:
                 raise HeaderError("expected a decimal string", path=path)
             return int(payload)
         if tag == "$dtype":
-            dtype = _DTYPES_BY_NAME.get(payload) if isinstance(payload, str) else None
+            dtype = _DTYPES_BY_NAME.get(payload) if type(payload) is str else None
             if dtype is None:
-                raise HeaderError(f"unknown dtype {payload!r}", path=path)
+                known = " (not available in this torch build)" if payload in DTYPE_NAMES else ""
+                raise HeaderError(f"unknown dtype {payload!r}{known}", path=path)
             return dtype
         if tag == "$device":
-            if not isinstance(payload, str) or len(payload) > 64:
-                raise HeaderError("expected a device string", path=path)
-            try:
-                return torch.device(payload)
-            except (RuntimeError, ValueError) as e:
-                raise HeaderError(f"invalid device {payload!r}", path=path) from e
+            device = parse_device(payload)
+            if device is None:
+                raise HeaderError(f"invalid device {payload!r}: expected TYPE or TYPE:INDEX (0 to "
+                                  f"{MAX_DEVICE_INDEX})", path=path)
+            return device
         if tag == "$size":
             dims = payload if isinstance(payload, list) else None
             if dims is None or not all(type(x) is int and 0 <= x < 1 << 63 for x in dims):
@@ -317,7 +295,11 @@ class _Decoder:
             section, name = payload
             if self.resolve_tensor is None:
                 return TensorRef(section, name)
-            return self.resolve_tensor(section, name)
+            try:
+                return self.resolve_tensor(section, name)
+            except TensorNotFoundError:
+                raise HeaderError(f"reference to a missing tensor {name!r} of section {section!r}",
+                                  path=path) from None
         if tag == "$object":
             return self._decode_object(payload, path, depth)
         if tag == "$ref":

@@ -658,6 +658,107 @@ def i_bool_byte() -> bytes:
     return assemble(header, sections, index=index, minor=1)
 
 
+# -- object trees: the grammars and rules a reader needs no torch build to know ----------------------------
+def _nest(depth: int, leaf: Any) -> Any:
+    """``leaf`` as the only element of ``depth`` nested arrays."""
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def _with_metadata(metadata: Any, trees: dict[Any, Any] | None = None) -> bytes:
+    """base_31 with a hand-encoded metadata tree (values the writer itself would refuse, too)."""
+    header, index, sections = split(base_31(), columnar=True)
+    header["metadata"] = metadata
+    if trees is not None:
+        header["trees"] = trees
+    return assemble(header, sections, index=index, minor=1)
+
+
+def v_tree_depth_limit() -> bytes:
+    """Values at depth 100, the most allowed: an empty array, a $size, the key and value of a $map pair,
+    an $object's args. The metadata map is depth 0, its values depth 1."""
+    return _with_metadata({
+        "empty": _nest(99, []),
+        "size": _nest(99, {"$size": [2, 3]}),
+        "pair": _nest(98, {"$map": [[{"$tuple": []}, {"$frozenset": []}]]}),
+        "args": _nest(98, {"$object": {"id": 0, "class": ["m", "C"], "args": [None]}}),
+    })
+
+
+def v_tree_keys() -> bytes:
+    """Every kind of $map key and set member: null, bool, int, float, str, bin, $int, $tuple, $frozenset,
+    $dtype, $device, $size, $object; and the $device and $dtype grammars at their edges."""
+    return _with_metadata({
+        "map": {"$map": [[None, 0], [True, 1], [2, 2], [2.5, 3], ["s", 4], [b"b", 5], [{"$int": str(2**70)}, 6],
+                         [{"$tuple": [1, "a"]}, 7], [{"$frozenset": [1, 2]}, 8], [{"$dtype": "float32"}, 9],
+                         [{"$device": "cuda:127"}, 10], [{"$size": [1]}, 11],
+                         [{"$object": {"id": 0, "class": ["m", "K"]}}, 12]]},
+        "set": {"$set": [-1, -2, 0.5, "x", {"$tuple": []}]},
+        "devices": [{"$device": d} for d in ("cpu", "cuda:0", "meta", "privateuseone:0", "xla:127", "mps")],
+        "dtypes": [{"$dtype": d} for d in ("complex32", "quint8", "float8_e8m0fnu", "bits8", "uint3")],
+    })
+
+
+def v_object_defaults() -> bytes:
+    """$object with only id and class: kind "newobj", no args, no state, no items, no listitems."""
+    return _with_metadata({"bare": {"$object": {"id": 0, "class": ["m", "Bare"]}}, "again": {"$ref": 0}})
+
+
+def i_tree_depth() -> bytes:
+    return _with_metadata({"deep": _nest(100, [])})
+
+
+def i_tree_size_depth() -> bytes:
+    return _with_metadata({"deep": _nest(100, {"$size": [1]})})
+
+
+def i_tree_key_collision() -> bytes:
+    return _with_metadata({"m": {"$map": [[1, "int"], [1.0, "float"]]}})
+
+
+def i_tree_bool_int_key() -> bytes:
+    return _with_metadata({"m": {"$map": [[True, "bool"], [1, "int"]]}})
+
+
+def i_tree_nan_member() -> bytes:
+    return _with_metadata({"s": {"$set": [float("nan")]}})
+
+
+def i_tree_list_key() -> bytes:
+    return _with_metadata({"m": {"$map": [[[1, 2], "list"]]}})
+
+
+def i_tree_hash_flood() -> bytes:
+    """Nine distinct integers with one hash value in CPython (1 plus multiples of 2^61 - 1): refused before a
+    dict is built."""
+    return _with_metadata({"m": {"$map": [[1 + k * ((1 << 61) - 1), k] for k in range(9)]}})
+
+
+def i_tree_device_index() -> bytes:
+    return _with_metadata({"d": {"$device": "cuda:128"}})
+
+
+def i_tree_device_leading_zero() -> bytes:
+    return _with_metadata({"d": {"$device": "cuda:01"}})
+
+
+def i_tree_device_type() -> bytes:
+    return _with_metadata({"d": {"$device": "CUDA"}})
+
+
+def i_tree_dtype_alias() -> bytes:
+    return _with_metadata({"d": {"$dtype": "float"}})
+
+
+def i_tree_missing_tensor() -> bytes:
+    return _with_metadata({}, trees={"optimizer": {"w": {"$tensor": ["model", "missing"]}}})
+
+
+def i_tree_bytes_name() -> bytes:
+    return _with_metadata({}, trees={b"optimizer": {}})
+
+
 VALID: dict[str, Callable[[], bytes]] = {
     "valid_all_dtypes": v_all_dtypes,
     "valid_empty_tensor": v_empty_tensor,
@@ -671,6 +772,9 @@ VALID: dict[str, Callable[[], bytes]] = {
     "valid_columnar_index": v_columnar_index,
     "valid_future_minor": v_future_minor,
     "valid_msgpack_nesting_limit": v_msgpack_nesting_limit,
+    "valid_tree_depth_limit": v_tree_depth_limit,
+    "valid_tree_keys": v_tree_keys,
+    "valid_object_defaults": v_object_defaults,
 }
 
 #: name -> (builder, expected error class, expected region)
@@ -712,6 +816,19 @@ INVALID: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "invalid_json_duplicate_key": (i_json_duplicate_key, "HeaderError", "section 'model' safetensors header"),
     "invalid_json_bom": (i_json_bom, "HeaderError", "section 'model' safetensors header"),
     "invalid_bool_byte": (i_bool_byte, "IntegrityError", "section 'model'"),
+    "invalid_tree_depth": (i_tree_depth, "HeaderError", "header"),
+    "invalid_tree_size_depth": (i_tree_size_depth, "HeaderError", "header"),
+    "invalid_tree_key_collision": (i_tree_key_collision, "HeaderError", "header"),
+    "invalid_tree_bool_int_key": (i_tree_bool_int_key, "HeaderError", "header"),
+    "invalid_tree_nan_member": (i_tree_nan_member, "HeaderError", "header"),
+    "invalid_tree_list_key": (i_tree_list_key, "HeaderError", "header"),
+    "invalid_tree_hash_flood": (i_tree_hash_flood, "HeaderError", "header"),
+    "invalid_tree_device_index": (i_tree_device_index, "HeaderError", "header"),
+    "invalid_tree_device_leading_zero": (i_tree_device_leading_zero, "HeaderError", "header"),
+    "invalid_tree_device_type": (i_tree_device_type, "HeaderError", "header"),
+    "invalid_tree_dtype_alias": (i_tree_dtype_alias, "HeaderError", "header"),
+    "invalid_tree_missing_tensor": (i_tree_missing_tensor, "HeaderError", "header"),
+    "invalid_tree_bytes_name": (i_tree_bytes_name, "HeaderError", "header"),
 }
 
 
