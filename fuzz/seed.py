@@ -37,6 +37,23 @@ def torch_bytes(obj: object, *, zip_format: bool = True) -> bytes:
     return buf.getvalue()
 
 
+def _add_stream_json(data: bytes) -> None:
+    """The safetensors JSON header of each raw section of a vector (valid or not)."""
+    import msgpack
+
+    (header_length,) = struct.unpack_from("<Q", data, 16)
+    try:
+        header = msgpack.unpackb(data[32:32 + header_length], raw=False, strict_map_key=False)
+        sections = [s for s in header["sections"] if s["codec"]["name"] == "raw"]
+    except Exception:
+        return
+    for s in sections:
+        stream = data[s["offset"]:s["offset"] + s["length"]]
+        if len(stream) >= 8:
+            (n,) = struct.unpack_from("<Q", stream)
+            add("stream_json", stream[8:8 + n])
+
+
 def main() -> None:
     for vector in sorted(VECTORS.glob("*.mfmt")):
         data = vector.read_bytes()
@@ -46,6 +63,7 @@ def main() -> None:
             add("header", data[32:32 + header_length])
             index_length = struct.unpack_from("<Q", data, len(data) - 32)[0]
             add("header", data[len(data) - 32 - index_length:len(data) - 32])
+        _add_stream_json(data)
     import mettaformat
 
     for vector in sorted(VECTORS.glob("valid_zstd*.mfmt")):

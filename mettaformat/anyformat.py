@@ -12,7 +12,6 @@ to the next, which is how format confusion attacks work):
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import struct
@@ -137,16 +136,17 @@ def _read_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
     import safetensors
     import safetensors.torch
 
+    from mettaformat.container.stream_json import parse_alias_metadata
+
     try:
         with safetensors.safe_open(os.fspath(path), "pt") as f:
             metadata = dict(f.metadata() or {})
         tensors = safetensors.torch.load_file(os.fspath(path))
     except Exception as e:  # safetensors raises its own SafetensorError / OSError variants
         raise FormatError(f"{path}: invalid safetensors file: {e}", region="safetensors") from e
-    aliases = json.loads(metadata.pop("mettaformat.aliases", "{}"))
-    for alias, target in aliases.items() if isinstance(aliases, dict) else ():
-        if isinstance(alias, str) and target in tensors:
-            tensors[alias] = tensors[target]
+    aliases = parse_alias_metadata(metadata.pop("mettaformat.aliases", "{}"), tensors, region=f"{path} __metadata__")
+    for alias, target in aliases.items():
+        tensors[alias] = tensors[target]
     metadata.pop("format", None)
     return Checkpoint(
         tensors=tensors,

@@ -255,3 +255,21 @@ def test_columnar_and_per_entry_forms_agree() -> None:
         accepted += not isinstance(per_entry, str)
         refused += isinstance(per_entry, str)
     assert accepted > 50 and refused > 50
+
+
+@pytest.mark.parametrize("aliases", ['{"w": "b"}', '{"x": "y", "y": "w"}', '{"x": "missing"}', '{"x": 1}',
+                                     '["w"]', "{", '{"x": "w", "x": "b"}', '{"x": NaN}'])
+def test_safetensors_aliases_never_replace_or_invent_tensors(aliases: str, tmp_path: Any) -> None:
+    """A .safetensors input's ``mettaformat.aliases`` may only add names tied to stored tensors."""
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(2), "b": torch.zeros(2)}, str(path),
+                                metadata={"mettaformat.aliases": aliases})
+    with pytest.raises(FormatError, match="alias"):
+        mettaformat.load_any(path)
+
+
+def test_safetensors_aliases_are_restored(tmp_path: Any) -> None:
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(path), metadata={"mettaformat.aliases": '{"tied": "w"}'})
+    tensors = mettaformat.load_any(path).tensors
+    assert tensors["tied"] is tensors["w"]

@@ -14,7 +14,7 @@ from typing import Any, Final, NamedTuple
 
 from mettaformat.errors import HeaderError
 
-__all__ = ["StreamTensor", "parse_stream_json"]
+__all__ = ["StreamTensor", "parse_alias_metadata", "parse_stream_json"]
 
 _TENSOR_FIELDS: Final = frozenset({"dtype", "shape", "data_offsets"})
 
@@ -104,3 +104,25 @@ def _split(doc: Any) -> tuple[dict[str, str], dict[str, StreamTensor]]:
             raise _Reject(f"data_offsets of {name!r} is not [begin, end]")
         tensors[name] = StreamTensor(info["dtype"], shape, offsets[0], offsets[1])
     return metadata, tensors
+
+
+def parse_alias_metadata(text: str, stored: set[str] | dict[str, Any], *, region: str) -> dict[str, str]:
+    """The ties a ``__metadata__["mettaformat.aliases"]`` value records (§5.2), checked: a JSON object of
+    str to str, no duplicate key, each alias a name no stored tensor has (an alias never replaces a real
+    tensor) and each target a stored tensor (not another alias).
+
+    Raises:
+        HeaderError: anything else.
+    """
+    try:
+        aliases = _DECODER.decode(text)
+    except (_Reject, ValueError, RecursionError) as e:
+        raise HeaderError(f"mettaformat.aliases is not valid JSON: {e}", region=region) from None
+    if type(aliases) is not dict or not all(type(t) is str for t in aliases.values()):
+        raise HeaderError("mettaformat.aliases is not an object of strings", region=region)
+    for alias, target in aliases.items():
+        if alias in stored:
+            raise HeaderError(f"alias {alias!r} would replace the stored tensor of that name", region=region)
+        if target not in stored:
+            raise HeaderError(f"alias {alias!r} points to {target!r}, which is not a stored tensor", region=region)
+    return aliases
