@@ -1,72 +1,42 @@
-"""The tensor index of a section, held as columns and validated in bulk: the one place of its rules.
+"""The rules of a section's tensor index, checked over whole columns: the one place they are written.
 
 Since format 3.1 a section stores its index as packed columns (``spec/FORMAT.md`` §4.4): names,
 dtype codes, ranks, dimensions, offsets and checksums, each one msgpack ``bin``. Opening a file
 checks every rule over whole columns with numpy, so a tensor costs a few machine words and no
 Python object; a :class:`TensorEntry` is built only when that tensor is asked for. The 3.0 layout
-(one map per tensor) is converted into the same columns first (``columns_from_entries``), so the
+(one map per tensor) is converted into the same :class:`Columns` first (:mod:`index_forms`), so the
 rules below exist once for both.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, Final
 
 import numpy as np
 
 from mettaformat.constants import MAX_NAME_BYTES, MAX_RANK, MAX_TENSOR_BYTES, MAX_TENSORS_PER_SECTION, RESERVED_NAMES
-from mettaformat.dtypes import DTYPE_TABLE_TAGS, DTYPE_TAGS, itemsize
+from mettaformat.container.index_forms import (
+    CODE_TAGS,
+    Columns,
+    TensorEntry,
+    columns_from_entries,
+    columns_from_map,
+    entries_msgpack,
+    section_to_entries_form,
+    to_map,
+)
+from mettaformat.dtypes import DTYPE_TAGS, itemsize
 from mettaformat.errors import HeaderError, LayoutError, LimitExceededError
 
 __all__ = ["Columns", "TensorEntry", "TensorIndex", "columns_from_entries", "columns_from_map", "entries_msgpack",
            "section_to_entries_form", "to_map", "validate"]
 
-#: dtype code -> tag: the row of the spec's dtype table (§6), in table order. Never reordered.
-CODE_TAGS: Final = DTYPE_TABLE_TAGS
-_CODE_BY_TAG: Final = {tag: code for code, tag in enumerate(CODE_TAGS)}
 #: item size per code; 0 for a tag this torch build lacks (then the tag is unknown here).
 _ITEMSIZE_BY_CODE: Final = np.array([itemsize(t) if t in DTYPE_TAGS else 0 for t in CODE_TAGS] + [0] * (256 - len(
     CODE_TAGS)), dtype=np.uint64)
-_UNKNOWN_CODE: Final = 255
 _INT63: Final = 1 << 63
-
-
-class TensorEntry(NamedTuple):
-    """One tensor of a section. ``begin``/``end`` are offsets inside the stream's data region."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-    checksum: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-@dataclass(frozen=True)
-class Columns:
-    """An index as columns, before validation. Data entries ``0..n-1``; aliases number on from ``n``."""
-
-    names: list[str]
-    codes: np.ndarray  # uint8, one per data entry
-    ranks: np.ndarray  # uint8
-    dims: np.ndarray  # uint64, every shape concatenated
-    offsets: np.ndarray  # uint64, begin and end per data entry
-    checksums: bytes  # 8 bytes per data entry, little-endian xxh3-64
-    alias_names: list[str]
-    alias_targets: np.ndarray  # uint32, the data entry of each alias
-    order: np.ndarray | None  # uint32 permutation of all entries: the saved order; None = as numbered
-    #: where an entry's field lives, for error messages: (entry number, field) -> dotted path
-    where: Callable[[int, str], str]
-    #: the entries as written, where the layout spells them out (3.0): messages quote their values
-    source: Sequence[TensorEntry] | None = None
-    source_aliases: dict[str, str] | None = None
 
 
 def _fail(cols: Columns, bad: np.ndarray, field: str, message: Callable[[int], str], region: str) -> None:
@@ -104,23 +74,28 @@ _SAFE_FLOAT: Final = float(MAX_TENSOR_BYTES) * (1 - 2.0**-40)
 
 def _sizes(cols: Columns, sizes: np.ndarray, region: str) -> tuple[np.ndarray, np.ndarray]:
     """(bytes of each tensor, start of each shape in ``dims``), the product of the non-zero dimensions
-    bounded by MAX_TENSOR_BYTES without ever overflowing: a float64 product screens every tensor at
-    once; integer products are taken only where the screen says they fit, and exactly (Python ints)
-    where it cannot tell."""
+    bounded by MAX_TENSOR_BYTES without ever overflowing.
+
+    When the largest dimension and rank cannot reach the limit at all (the usual case) the products are
+    taken at once; otherwise a float64 product screens every tensor, and the ones it cannot clear are
+    computed exactly with Python integers.
+    """
     n = len(cols.names)
     ranks = cols.ranks
     if not n:
         return np.zeros(0, np.uint64), np.zeros(1, np.int64)
-    if int(ranks.max()) > MAX_RANK:
-        raise LimitExceededError("tensor rank", int(ranks.max()), MAX_RANK, region=region)
-    total = int(ranks.sum(dtype=np.int64))
+    max_rank = int(ranks.max())
+    if max_rank > MAX_RANK:
+        raise LimitExceededError("tensor rank", max_rank, MAX_RANK, region=region)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(ranks, out=starts[1:])
+    total = int(starts[-1])
     if total != cols.dims.size:
         raise HeaderError(f"{cols.dims.size} dimensions stored, the ranks need {total}", path=cols.where(0, "dims"),
                           region=region)
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(ranks, out=starts[1:])
     dims = cols.dims
-    if total and int(dims.max()) >= _INT63:
+    max_dim = int(dims.max()) if total else 0
+    if max_dim >= _INT63:
         at = int(np.flatnonzero(dims >= _INT63)[0])
         entry = int(np.searchsorted(starts, at, side="right")) - 1
         k = at - int(starts[entry])
@@ -128,28 +103,35 @@ def _sizes(cols: Columns, sizes: np.ndarray, region: str) -> tuple[np.ndarray, n
         raise HeaderError(f"dimension {value} is not an integer in [0, 2^63)", path=cols.where(entry, f"shape[{k}]"),
                           region=region)
     # reduceat reads an empty segment (rank 0) as its next element: a sentinel 1 ends the array, and
-    # scalars are set to 1 afterwards.
+    # scalars are set to their item size afterwards.
     ext = np.concatenate((dims, _ONE))
     head = starts[:-1]
+    if max_dim.bit_length() * max_rank + 4 <= MAX_TENSOR_BYTES.bit_length() - 1:
+        nbytes = np.multiply.reduceat(ext, head) * sizes  # every product is below the limit
+    else:
+        nbytes = _bounded_sizes(cols, ext, head, starts, sizes, region)
+    if not ranks.all():
+        scalar = ranks == 0
+        nbytes[scalar] = sizes[scalar]
+    return nbytes, starts
+
+
+def _bounded_sizes(cols: Columns, ext: np.ndarray, head: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
+                   region: str) -> np.ndarray:
     nonzero_dims = np.maximum(ext, 1)
-    scalar = ranks == 0
     estimate = np.multiply.reduceat(nonzero_dims.astype(np.float64), head) * sizes
     nonzero = np.multiply.reduceat(nonzero_dims, head) * sizes
-    if scalar.any():
-        estimate[scalar] = sizes[scalar]
-        nonzero[scalar] = sizes[scalar]
-    unsure = estimate >= _SAFE_FLOAT
-    if unsure.any():
-        for i in np.flatnonzero(unsure).tolist():
-            exact = int(sizes[i])
-            for d in dims[starts[i]:starts[i + 1]].tolist():
-                exact *= d or 1
-            if exact > MAX_TENSOR_BYTES:
-                raise HeaderError(f"tensor size overflows the {MAX_TENSOR_BYTES}-byte limit",
-                                  path=cols.where(i, "shape"), region=region)
-            nonzero[i] = exact
-    empty = (np.minimum.reduceat(ext, head) == 0) & ~scalar
-    return np.where(empty, np.uint64(0), nonzero), starts
+    unsure = (estimate >= _SAFE_FLOAT) & (cols.ranks > 0)
+    for i in np.flatnonzero(unsure).tolist():
+        exact = int(sizes[i])
+        for d in cols.dims[starts[i]:starts[i + 1]].tolist():
+            exact *= d or 1
+        if exact > MAX_TENSOR_BYTES:
+            raise HeaderError(f"tensor size overflows the {MAX_TENSOR_BYTES}-byte limit", path=cols.where(i, "shape"),
+                              region=region)
+        nonzero[i] = exact
+    empty = np.minimum.reduceat(ext, head) == 0
+    return np.where(empty & (cols.ranks > 0), np.uint64(0), nonzero)
 
 
 def validate(cols: Columns, data_length: int, region: str) -> TensorIndex:
@@ -169,11 +151,13 @@ def validate(cols: Columns, data_length: int, region: str) -> TensorIndex:
                               path=cols.where(0, column), region=region)
     position = _check_names(cols, region)
     sizes = _ITEMSIZE_BY_CODE[cols.codes]
-    _fail(cols, sizes == 0, "dtype", lambda i: f"unknown dtype {_tag_text(cols, i)}; this reader knows "
-          f"{', '.join(DTYPE_TAGS)}", region)
+    if n and not sizes.min():
+        _fail(cols, sizes == 0, "dtype", lambda i: f"unknown dtype {_tag_text(cols, i)}; this reader knows "
+              f"{', '.join(DTYPE_TAGS)}", region)
     nbytes, starts = _sizes(cols, sizes, region)
     begins, ends = cols.offsets[0::2], cols.offsets[1::2]
-    if n and ((begins >= _INT63) | (ends >= _INT63) | (ends - begins != nbytes) | (begins % sizes != 0)).any():
+    # end - begin wraps around for end < begin, to a value no tensor size can equal
+    if n and (int(cols.offsets.max()) >= _INT63 or ((ends - begins != nbytes) | (begins % sizes != 0)).any()):
         _fail(cols, (begins >= _INT63) | (ends >= _INT63), "offsets",
               lambda i: "expected [begin, end] non-negative integers below 2^63", region)
         _fail(cols, (ends < begins) | (ends - begins != nbytes), "offsets",
@@ -277,120 +261,3 @@ class TensorIndex:
 
     def __iter__(self) -> Iterator[TensorEntry]:
         return iter(self.tensors)
-
-
-# -- building columns ----------------------------------------------------------------------------
-def _join_names(names: Sequence[str]) -> bytes:
-    return "".join(n + "\x00" for n in names).encode("utf-8")
-
-
-def _split_names(data: bytes, path: str, region: str) -> list[str]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HeaderError(f"names are not UTF-8: {e}", path=path, region=region) from None
-    if text and not text.endswith("\x00"):
-        raise HeaderError("the last name is not terminated by NUL", path=path, region=region)
-    return text.split("\x00")[:-1]
-
-
-def _array(data: bytes, dtype: str, path: str, region: str) -> np.ndarray:
-    width = np.dtype(dtype).itemsize
-    if len(data) % width:
-        raise HeaderError(f"{len(data)} bytes is not a whole number of {width}-byte values", path=path, region=region)
-    return np.frombuffer(data, dtype=dtype)
-
-
-def columns_from_map(get: Callable[[str, bool], bytes | None], path: str, region: str) -> Columns:
-    """Columns of a 3.1 ``index`` map; ``get(key, required)`` returns a checked ``bin`` value."""
-    names = _split_names(get("names", True) or b"", f"{path}.names", region)
-    alias_names = _split_names(get("aliases", False) or b"", f"{path}.aliases", region)
-    order = get("order", False)
-    n = len(names)
-    fields = {"name": "names", "dtype": "dtypes", "shape": "dims", "offsets": "offsets", "alias": "alias_targets"}
-
-    def where(i: int, field: str) -> str:
-        field = field.split("[")[0]  # a dimension's place is told by the message
-        column = fields.get(field, field)
-        if field in ("name", "alias") and i >= n:
-            return f"{path}.{'aliases' if field == 'name' else 'alias_targets'}[{i - n}]"
-        return f"{path}.{column}[{i}]" if field in fields else f"{path}.{column}"
-
-    return Columns(
-        names=names, codes=_array(get("dtypes", True) or b"", "u1", f"{path}.dtypes", region),
-        ranks=_array(get("ranks", True) or b"", "u1", f"{path}.ranks", region),
-        dims=_array(get("dims", True) or b"", "<u8", f"{path}.dims", region),
-        offsets=_array(get("offsets", True) or b"", "<u8", f"{path}.offsets", region),
-        checksums=get("checksums", True) or b"", alias_names=alias_names,
-        alias_targets=_array(get("alias_targets", False) or b"", "<u4", f"{path}.alias_targets", region),
-        order=None if order is None else _array(order, "<u4", f"{path}.order", region), where=where,
-    )
-
-
-def to_map(cols: Columns) -> dict[str, bytes]:
-    """The 3.1 ``index`` map of ``cols`` (the writer's encoding, fixed width in every field)."""
-    out = {"names": _join_names(cols.names), "dtypes": cols.codes.astype("u1").tobytes(),
-           "ranks": cols.ranks.astype("u1").tobytes(), "dims": cols.dims.astype("<u8").tobytes(),
-           "offsets": cols.offsets.astype("<u8").tobytes(), "checksums": cols.checksums}
-    if cols.alias_names:
-        out["aliases"] = _join_names(cols.alias_names)
-        out["alias_targets"] = cols.alias_targets.astype("<u4").tobytes()
-    if cols.order is not None:
-        out["order"] = cols.order.astype("<u4").tobytes()
-    return out
-
-
-def entries_msgpack(cols: Columns) -> list[dict[str, Any]]:
-    """The 3.0 form of an index (one map per tensor, in saved order), for tools that edit or show it."""
-    starts = np.concatenate(([0], np.cumsum(cols.ranks, dtype=np.int64)))
-    entries: list[dict[str, Any]] = [
-        {"name": name, "dtype": CODE_TAGS[code] if code < len(CODE_TAGS) else f"code {code}",
-         "shape": cols.dims[starts[i]:starts[i + 1]].tolist(), "offsets": cols.offsets[2 * i:2 * i + 2].tolist(),
-         "checksum": cols.checksums[8 * i:8 * i + 8]}
-        for i, (name, code) in enumerate(zip(cols.names, cols.codes.tolist(), strict=True))
-    ]
-    entries += [{"name": a, "alias": cols.names[t]} for a, t in zip(cols.alias_names, cols.alias_targets.tolist(),
-                                                                     strict=True)]
-    if cols.order is None:
-        return entries
-    return [entries[k] for k in cols.order.tolist()]
-
-
-def section_to_entries_form(section: dict[str, Any]) -> None:
-    """Rewrite a decoded section map's columnar ``index`` as a 3.0 ``tensors`` array, in place (for
-    tools that edit a header one field at a time; the key order stays the writer's)."""
-    if "index" not in section:
-        return
-    columns = section.pop("index")
-    frames = section.pop("frames", None)
-    section["tensors"] = entries_msgpack(columns_from_map(lambda key, _required: columns.get(key), "index", "index"))
-    if frames is not None:
-        section["frames"] = frames
-
-
-def columns_from_entries(entries: Sequence[TensorEntry], aliases: dict[str, str], order: Sequence[str],
-                         where: Callable[[int, str], str] | None = None) -> Columns:
-    """Columns of known-good entries (the writer's plan, or a 3.0 index already type-checked)."""
-    names = [e.name for e in entries]
-    number = {name: i for i, name in enumerate(names)}
-    alias_names = list(aliases)
-    number.update({a: len(names) + k for k, a in enumerate(alias_names)})
-    permutation = np.fromiter((number[n] for n in order), dtype="<u4", count=len(order))
-    natural = np.array_equal(permutation, np.arange(len(permutation), dtype="<u4"))
-    return Columns(
-        names=names, codes=np.fromiter((_CODE_BY_TAG.get(e.dtype, _UNKNOWN_CODE) for e in entries), np.uint8,
-                                       len(entries)),
-        ranks=np.fromiter((len(e.shape) for e in entries), np.int64, len(entries)),
-        dims=np.fromiter((_u64(d) for e in entries for d in e.shape), np.uint64),
-        offsets=np.fromiter((_u64(x) for e in entries for x in (e.begin, e.end)), np.uint64, 2 * len(entries)),
-        checksums=b"".join(e.checksum.to_bytes(8, "little") for e in entries), alias_names=alias_names,
-        alias_targets=np.fromiter((number.get(aliases[a], 0xFFFFFFFF) for a in alias_names), "<u4",
-                                  len(alias_names)),
-        order=None if natural else permutation, where=where or (lambda i, field: f"tensors[{i}].{field}"),
-        source=entries, source_aliases=aliases,
-    )
-
-
-def _u64(x: int) -> int:
-    """Values outside u64 become the largest u64, which every range rule then refuses."""
-    return x if 0 <= x < 1 << 64 else (1 << 64) - 1
