@@ -76,8 +76,11 @@ def _split_names(data: bytes, path: str, region: str) -> list[str]:
     return text.split("\x00")[:-1]
 
 
+_WIDTHS: Final = {"u1": 1, "<u4": 4, "<u8": 8}
+
+
 def _array(data: bytes, dtype: str, path: str, region: str) -> np.ndarray:
-    width = np.dtype(dtype).itemsize
+    width = _WIDTHS[dtype]
     if len(data) % width:
         raise HeaderError(f"{len(data)} bytes is not a whole number of {width}-byte values", path=path, region=region)
     return np.frombuffer(data, dtype=dtype)

@@ -176,12 +176,14 @@ def validate(cols: Columns, data_length: int, region: str) -> TensorIndex:
             np.sort(cols.order), np.arange(total, dtype=cols.order.dtype))):
         raise HeaderError("order is not a permutation of the entries", path=cols.where(0, "order"), region=region)
     # The writer stores data in offset order; only other files need the sort.
-    in_order = n == 0 or bool((begins[1:] == ends[:-1]).all())
-    data_order = None if in_order else np.lexsort((ends, begins))
-    if in_order:
-        _check_coverage(cols, begins, ends, None, data_length, region)
+    if n and (begins[0] != 0 or not (begins[1:] == ends[:-1]).all()):
+        data_order = np.lexsort((ends, begins))
+        _check_coverage(cols, begins[data_order], ends[data_order], data_order, region)
     else:
-        _check_coverage(cols, begins[data_order], ends[data_order], data_order, data_length, region)
+        data_order = None
+    covered = int(ends[-1]) if n and data_order is None else int(ends.max(initial=0))
+    if covered != data_length:
+        raise LayoutError(f"tensors cover {covered} bytes of a {data_length}-byte data region", region=region)
     return TensorIndex(cols, position, starts, data_order)
 
 
@@ -189,18 +191,15 @@ def _tag_text(cols: Columns, i: int) -> str:
     return repr(cols.source[i].dtype) if cols.source is not None else f"code {int(cols.codes[i])}"
 
 
-def _check_coverage(cols: Columns, begins: np.ndarray, ends: np.ndarray, order: np.ndarray | None,
-                    data_length: int, region: str) -> None:
-    """Tensors (sorted by offsets) tile the data region exactly: no overlap (tied data is an alias), no holes."""
-    if begins.size and (begins[0] != 0 or not (begins[1:] == ends[:-1]).all()):
-        expected = np.concatenate((np.zeros(1, np.uint64), ends[:-1]))
-        k = int(np.flatnonzero(begins != expected)[0])
-        i, at = (k if order is None else int(order[k])), int(expected[k])
+def _check_coverage(cols: Columns, begins: np.ndarray, ends: np.ndarray, order: np.ndarray, region: str) -> None:
+    """Tensors sorted by offsets tile from 0 with no overlap (tied data is an alias) and no hole."""
+    expected = np.concatenate((np.zeros(1, np.uint64), ends[:-1]))
+    wrong = np.flatnonzero(begins != expected)
+    if wrong.size:
+        k = int(wrong[0])
+        i, at = int(order[k]), int(expected[k])
         kind = "overlaps the previous tensor" if begins[k] < at else f"leaves a hole after offset {at}"
         raise LayoutError(f"tensor {cols.names[i]!r} at [{begins[k]}, {ends[k]}] {kind}", region=region)
-    covered = int(ends[-1]) if ends.size else 0
-    if covered != data_length:
-        raise LayoutError(f"tensors cover {covered} bytes of a {data_length}-byte data region", region=region)
 
 
 class TensorIndex:
