@@ -60,7 +60,7 @@ def test_incompatible_observation_space_and_layer(tmp_path: Path) -> None:
 def test_incompatible_newer_major_version(tmp_path: Path) -> None:
     path = agent_file(tmp_path)
     data = bytearray(path.read_bytes())
-    struct.pack_into("<H", data, 8, 4)
+    struct.pack_into("<HH", data, 8, 4, 0)  # major 4, minor 0
     path.write_bytes(bytes(data))
     report = check_checkpoint_compatibility(path)
     assert report.level is CompatibilityLevel.INCOMPATIBLE
