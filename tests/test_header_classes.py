@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -273,3 +274,45 @@ def test_safetensors_aliases_are_restored(tmp_path: Any) -> None:
     safetensors.torch.save_file({"w": torch.ones(2)}, str(path), metadata={"mettaformat.aliases": '{"tied": "w"}'})
     tensors = mettaformat.load_any(path).tensors
     assert tensors["tied"] is tensors["w"]
+
+
+def test_both_size_paths_agree_with_the_rule() -> None:
+    """Differential: tensor sizes come from a direct product when no size can reach the limit, else from
+    a float screen plus exact integers; both agree with the rule computed in Python integers."""
+    from mettaformat.constants import MAX_TENSOR_BYTES
+    from mettaformat.container import tensor_index
+
+    rng = random.Random(5)
+    sizes = {"F32": 4, "I8": 1, "F64": 8}
+    for _ in range(300):
+        big = rng.random() < 0.5
+        entries, position = [], 0
+        for i in range(rng.randint(1, 6)):
+            tag = rng.choice(sorted(sizes))
+            shape = tuple(rng.choice([0, 1, 3, 2**20, 2**31, 2**40] if big else [0, 1, 2, 7]) for _ in
+                          range(rng.randint(0, 4)))
+            nonzero = sizes[tag]
+            for d in shape:
+                nonzero *= d or 1
+            nbytes = 0 if 0 in shape else nonzero
+            entries.append(TensorEntry(f"t{i}", tag, shape, position, position + nbytes, 0))
+            position += nbytes
+        cols = columns_from_entries(entries, {}, [e.name for e in entries])
+        item = tensor_index._ITEMSIZE_BY_CODE[cols.codes]
+        too_big = any(math_prod_nonzero(e.shape) * sizes[e.dtype] > MAX_TENSOR_BYTES for e in entries)
+        if too_big:
+            with pytest.raises(HeaderError, match="overflows"):
+                tensor_index._sizes(cols, item, "r")
+            continue
+        nbytes, starts = tensor_index._sizes(cols, item, "r")
+        ext = np.concatenate((cols.dims, np.ones(1, np.uint64)))
+        bounded = tensor_index._bounded_sizes(cols, ext, starts[:-1], starts, item, "r")
+        bounded[cols.ranks == 0] = item[cols.ranks == 0]
+        assert nbytes.tolist() == bounded.tolist() == [e.end - e.begin for e in entries]
+
+
+def math_prod_nonzero(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d or 1
+    return out
