@@ -4,13 +4,17 @@ Nothing here calls :mod:`pickle`'s unpickler, imports a module named in the data
 callable from it. ``GLOBAL``/``STACK_GLOBAL`` are resolved by :mod:`.allowlist` to inert
 values; everything else becomes a :class:`~mettaformat.container.tree.LegacyObject`.
 
-Safety properties (HOSTILE.md 1.6, rows F3-F19):
+The machine is one loop (:mod:`.vmloop`): the opcodes torch writes run inline there, the
+rest through the table in :mod:`.opcodes`. This class holds the state both share and the
+checks every opcode goes through:
 
-* every length field is compared with the bytes left before anything is sliced;
+* every length field is compared with the bytes left (in the stream, and in the current
+  ``FRAME``) before anything is sliced;
 * the memo is a dict with a slot cap, and ``GET`` pushes references, never copies;
-* the work done is linear in the input: each opcode consumes a byte, and the few opcodes that
-  copy containers charge a work budget;
-* tuples have bounded nesting, because CPython hashes tuples recursively in C;
+* the work done is bounded by the input: each opcode consumes a byte, and every allocation or
+  copy beyond what the consumed bytes account for is charged to a work budget (:meth:`charge`);
+* tuples have bounded nesting, and hashing a tuple (as a dict key or set member) is charged
+  by its size, because CPython hashes tuples recursively and without caching;
 * any inconsistency (underflow, missing MARK, bad FRAME, data after STOP) is a
   :class:`~mettaformat.errors.LegacyFormatError` naming the region and offset.
 """
@@ -23,8 +27,6 @@ from typing import Any, Final, NoReturn
 from mettaformat.errors import LegacyFormatError, LegacyLimitError, MettaFormatError
 from mettaformat.legacy import allowlist
 from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
-from mettaformat.legacy.opcodes import bind_handlers
-from mettaformat.legacy.vmloop import run_unframed
 
 __all__ = ["PersistentLoad", "PickleVM", "unpickle"]
 
@@ -38,6 +40,7 @@ class PickleVM:
 
     Attributes:
         pos: offset just after the last opcode run (after ``STOP`` once :meth:`run` returns).
+        limit: offset no argument may be read past: the end of the current ``FRAME``, else ``end``.
         globals_seen: every ``(module, name)`` the stream named, as spelled.
         region: the region named in errors (``"data.pkl"``, ``"legacy stream pickle 4"``).
     """
@@ -70,6 +73,7 @@ class PickleVM:
         self.data = data
         self.pos = start
         self.end = len(data) if end is None else min(end, len(data))
+        self.limit = self.end
         self.region = region
         self.offset_base = offset_base
         self.limits = limits
@@ -78,30 +82,22 @@ class PickleVM:
         if self.end - start > limits.max_pickle_bytes:
             raise LegacyLimitError("pickle bytes", self.end - start, limits.max_pickle_bytes, region=region)
         self.persistent_load = persistent_load
-        # One stack; MARK records its height in ``marks`` (cheaper than CPython's list swap, and
-        # lets opcode closures bind ``stack`` once).
+        # One stack; MARK records its height in ``marks`` (the loop keeps the innermost as its
+        # pop floor in a local).
         self.stack: list[Any] = []
         self.marks: list[int] = []
         self.memo: dict[int, Any] = {}
-        self._objects = 0
+        self.objects = 0
         self._work = 0
         self._max_work = limits.max_work + (self.end - start)
         self.frame_end = -1
         self.proto = 0
         self.result: Any = None
-        self._deep_tuples: dict[int, tuple[int, tuple[Any, ...]]] = {}
+        # id -> (nesting depth, element count of the whole tree, the tuple) for tuples of tuples.
+        self._deep_tuples: dict[int, tuple[int, int, tuple[Any, ...]]] = {}
         self._globals: dict[tuple[str, str], Any] = {}
-        self._dispatch: list[Callable[[], bool | None]] = []
 
-    def _bind(self) -> list[Callable[[], bool | None]]:
-        # The handlers close over this VM: they are made for a run and dropped after it, so
-        # that the VM (and through its memo the whole graph) is not kept alive by a cycle.
-        dispatch: list[Callable[[], bool | None]] = [self._unknown] * 256
-        for code, handler in bind_handlers(self).items():
-            dispatch[code] = handler
-        return dispatch
-
-    # -- context used by allowlist handlers -------------------------------------------------
+    # -- context used by opcode and allowlist handlers -----------------------------------------
     @property
     def offset(self) -> int:
         """Absolute offset of the opcode being run."""
@@ -112,7 +108,7 @@ class PickleVM:
         raise LegacyFormatError(message, region=self.region, offset=self.offset)
 
     def charge(self, n: int) -> None:
-        """Account for ``n`` element copies; raise once the work budget is spent (F11)."""
+        """Account for ``n`` element copies or allocations; raise once the work budget is spent."""
         self._work += n
         if self._work > self._max_work:
             raise LegacyLimitError(
@@ -120,22 +116,24 @@ class PickleVM:
             )
 
     def count_object(self) -> None:
-        """Account for one container or record created (F11)."""
-        self._objects += 1
-        if self._objects > self.limits.max_objects:
+        """Account for one container or record created."""
+        self.objects += 1
+        if self.objects > self.limits.max_objects:
             raise LegacyLimitError(
-                "pickle objects", self._objects, self.limits.max_objects, region=self.region, offset=self.offset
+                "pickle objects", self.objects, self.limits.max_objects, region=self.region, offset=self.offset
             )
 
     def make_tuple(self, items: list[Any] | tuple[Any, ...]) -> tuple[Any, ...]:
         """Build a tuple, refusing nesting deeper than ``limits.max_tuple_depth``."""
         t = tuple(items)
         depth = 0
+        size = len(t)
         deep = self._deep_tuples
         for x in t:
             if type(x) is tuple:
                 known = deep.get(id(x))
-                d = 1 if known is None else known[0]
+                d, n = (1, len(x)) if known is None else known[:2]
+                size += n
                 if d > depth:
                     depth = d
         if depth:
@@ -145,10 +143,88 @@ class PickleVM:
                     "tuple nesting", depth, self.limits.max_tuple_depth, region=self.region, offset=self.offset
                 )
             # Keeping the tuple referenced keeps its id unique for later lookups.
-            deep[id(t)] = (depth, t)
+            deep[id(t)] = (depth, size, t)
         return t
 
-    # -- driver -----------------------------------------------------------------------------
+    def charge_hash(self, key: Any) -> None:
+        """Charge hashing ``key``: a tuple's hash visits its whole tree, every time (no cache)."""
+        if type(key) is tuple:
+            known = self._deep_tuples.get(id(key))
+            self.charge(len(key) if known is None else known[1])
+
+    def charge_keys(self, keys: Any) -> None:
+        """:meth:`charge_hash` for every key of an iterable about to be hashed."""
+        for k in keys:
+            if type(k) is tuple:
+                self.charge_hash(k)
+
+    # -- reading (used by the table handlers) ---------------------------------------------------
+    def need(self, n: int) -> int:
+        """Consume ``n`` argument bytes and return where they start, after checking they exist."""
+        p = self.pos
+        q = p + n
+        if n < 0 or q > self.limit:
+            self.short(p, n)
+        self.pos = q
+        return p
+
+    def short(self, p: int, n: int) -> NoReturn:
+        """Fail for an argument of ``n`` bytes at ``p`` that does not fit before :attr:`limit`."""
+        if 0 <= n and p + n <= self.end:
+            self.fail("an opcode crosses the end of its FRAME")
+        self.fail(f"length {n} exceeds the {self.end - p} bytes left")
+
+    def read(self, n: int) -> memoryview:
+        """Consume ``n`` bytes and return a view of them."""
+        p = self.need(n)
+        return memoryview(self.data)[p : p + n]
+
+    def readline(self) -> bytes:
+        """Consume a protocol-0 text argument up to and including its newline."""
+        p = self.pos
+        i = self.data.find(b"\n", p, min(self.limit, p + _MAX_LINE))
+        if i < 0:
+            self.fail("unterminated text argument")
+        self.pos = i + 1
+        return bytes(self.data[p:i])
+
+    def pop(self) -> Any:
+        """Pop one value above the innermost MARK."""
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            self.fail("stack underflow")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        """The value on top of the stack, above the innermost MARK."""
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            self.fail("stack underflow")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list[Any]:
+        """Pop everything above the innermost MARK, and the MARK."""
+        if not self.marks:
+            self.fail("opcode needs a MARK but none is open")
+        m = self.marks.pop()
+        items = self.stack[m:]
+        del self.stack[m:]
+        return items
+
+    def memo_put(self, idx: int, value: Any) -> None:
+        """Store ``value`` in memo slot ``idx``, within the slot cap."""
+        self.memo[idx] = value
+        if len(self.memo) > self.limits.max_memo:
+            raise LegacyLimitError(
+                "memo slots", len(self.memo), self.limits.max_memo, region=self.region, offset=self.offset
+            )
+
+    def memo_get(self, idx: int) -> Any:
+        """The value in memo slot ``idx``."""
+        value = self.memo.get(idx, self.memo)  # the memo itself is the "missing" sentinel
+        if value is self.memo:
+            self.fail(f"memo slot {idx} was never written")
+        return value
+
+    # -- driver ---------------------------------------------------------------------------------
     def run(self, *, allow_trailing: bool = False) -> Any:
         """Interpret opcodes up to ``STOP`` and return the pickled value.
 
@@ -159,17 +235,15 @@ class PickleVM:
             The value: plain Python data, tensors, dtypes, devices, sizes and LegacyObjects.
 
         Raises:
-            LegacyFormatError: malformed stream (F13-F19).
-            LegacyLimitError: a resource cap was hit (F10, F11).
-            LegacyUnsupportedError: unsupported tensor kinds or pickle features (F25).
-            UnsafeContentError: opcodes that can only serve to run code (F8).
+            LegacyFormatError: malformed stream.
+            LegacyLimitError: a resource cap was hit.
+            LegacyUnsupportedError: unsupported tensor kinds or pickle features.
+            UnsafeContentError: opcodes that can only serve to run code.
         """
-        self._dispatch = self._bind()
+        from mettaformat.legacy.vmloop import run_loop
+
         try:
-            # Unframed streams (torch's protocol 2) run in the fast loop; the first FRAME hands
-            # the rest of the stream to the generic loop below.
-            if self.frame_end >= 0 or not run_unframed(self):
-                self._run_framed()
+            run_loop(self)
         except MettaFormatError:
             raise
         except (IndexError, KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
@@ -178,60 +252,13 @@ class PickleVM:
             raise LegacyFormatError(
                 f"malformed pickle: {type(e).__name__}: {e}", region=self.region, offset=self.offset
             ) from e
-        finally:
-            self._dispatch = []
         if not allow_trailing and self.pos != self.end:
             self.fail(f"{self.end - self.pos} bytes after STOP")
         return self.result
 
-    def _run_framed(self) -> None:
-        data = self.data
-        end = self.end
-        dispatch = self._dispatch
-        while True:
-            pos = self.pos
-            if pos >= end:
-                self.fail("pickle ends without STOP")
-            self.op_pos = pos
-            self.pos = pos + 1
-            if dispatch[data[pos]]():
-                return
-
-    # -- reading (used by opcode handlers) ------------------------------------------------
-    def read(self, n: int) -> bytes | bytearray:
-        """Consume ``n`` bytes, checking the length against what is left first (F16, F15)."""
-        p = self._consume(n)
-        return self.data[p : p + n]
-
-    def _consume(self, n: int) -> int:
-        p = self.pos
-        q = p + n
-        if n < 0 or q > self.end:
-            self.fail(f"length {n} exceeds the {self.end - p} bytes left")
-        fe = self.frame_end
-        if fe >= 0 and q > fe:
-            # An opcode that starts inside a frame must end inside it (CPython #154848 class).
-            if self.op_pos < fe:
-                self.fail("an opcode crosses the end of its FRAME")
-            self.frame_end = -1
-        self.pos = q
-        return p
-
-    def readline(self) -> bytes:
-        """Consume a protocol-0 text argument up to and including its newline."""
-        p = self.pos
-        i = self.data.find(b"\n", p, min(self.end, p + _MAX_LINE))
-        if i < 0:
-            self.fail("unterminated text argument")
-        self._consume(i + 1 - p)
-        return bytes(self.data[p:i])
-
-    def _unknown(self) -> bool | None:
-        self.fail(f"unknown opcode 0x{self.data[self.op_pos]:02x}")
-
-    # -- globals ----------------------------------------------------------------------------
+    # -- globals --------------------------------------------------------------------------------
     def resolve_global(self, module: str, name: str) -> Any:
-        """Map a class path to an inert value; the strings are never imported (F1-F4)."""
+        """Map a class path to an inert value; the strings are never imported."""
         key = (module, name)
         self.globals_seen.add(key)
         value = self._globals.get(key)
@@ -251,7 +278,7 @@ def unpickle(
     """Interpret a whole buffer as exactly one pickle.
 
     Args:
-        data: the pickle bytes; nothing may follow ``STOP`` (F18).
+        data: the pickle bytes; nothing may follow ``STOP``.
         region: region named in errors.
         persistent_load: resolves ``BINPERSID`` ids (storages).
         limits: resource caps.

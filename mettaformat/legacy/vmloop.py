@@ -1,43 +1,56 @@
-"""The hot loop of :class:`~mettaformat.legacy.unpickler.PickleVM` for unframed streams.
+"""The one interpreter loop of :class:`~mettaformat.legacy.unpickler.PickleVM`.
 
-torch writes protocol 2 (no ``FRAME``); nearly all the opcodes of a torch pickle are the two
-dozen run inline here, with the position, the opcode's own offset, the MARK floor and the
-object count in local variables. Runs that torch's pickler always writes together are taken
-in one step: ``BINGET...``, ``BINGET EMPTY_TUPLE REDUCE|NEWOBJ`` (``OrderedDict()``, module
-instances) and a new value followed by its ``BINPUT``/``LONG_BINPUT``. Other opcodes go to
-the handlers of :mod:`.opcodes` with the state written back to the VM, and the first
-``FRAME`` hands the rest of the stream to the generic loop. Checks, their order, error
-messages and offsets are exactly those of :mod:`.opcodes`:
+Nearly all the opcodes of a torch pickle are the two dozen run inline here, with the
+position, the opcode's own offset, the read limit, the MARK floor and the object count in
+local variables; every other opcode runs its handler from :data:`.opcodes.TABLE` with that
+state written back to the VM. Each opcode is in exactly one of the two places. Runs that
+torch's pickler always writes together are taken in one step: ``BINGET...``,
+``BINGET EMPTY_TUPLE REDUCE|NEWOBJ`` (``OrderedDict()``, module instances) and a new value
+followed by its ``BINPUT``/``LONG_BINPUT``/``MEMOIZE``. The checks are the VM's:
 
-* every argument length is checked against ``end`` before anything is read (F15, F16);
-* pops check the stack height above the innermost MARK (F13);
-* the memo is a dict with a slot cap, ``GET`` pushes references (F10, F11);
-* containers and records count against ``max_objects`` (F11); tuples of tuples go through
-  :meth:`PickleVM.make_tuple` (nesting cap);
-* ``REDUCE``/``NEWOBJ``/``BUILD``/``SETITEM(S)`` beyond the plain cases go through
+* every argument is checked against ``limit`` (the end of the current ``FRAME``, else of the
+  stream) before anything is read; a frame ends when the position reaches its end;
+* pops check the stack height above the innermost MARK;
+* the memo is a dict with a slot cap, ``GET`` pushes references;
+* containers and records count against ``max_objects``; tuples of tuples go through
+  :meth:`PickleVM.make_tuple` (nesting cap, hash cost); tuple keys are charged when hashed;
+* ``REDUCE``/``NEWOBJ``/``BUILD``/``SETITEM(S)``/``APPEND`` beyond the plain cases go through
   :mod:`.allowlist`; nothing named in the stream is imported or called.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import struct
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from mettaformat.container.tree import LegacyObject
 from mettaformat.errors import LegacyLimitError
 from mettaformat.legacy import allowlist
 from mettaformat.legacy.allowlist import Builtin
+from mettaformat.legacy.opcodes import TABLE
 
 if TYPE_CHECKING:
     from mettaformat.legacy.unpickler import PickleVM
 
-__all__ = ["run_unframed"]
+__all__ = ["INLINE", "run_loop"]
 
 _U2 = struct.Struct("<H").unpack_from
 _U4 = struct.Struct("<I").unpack_from
 _I4 = struct.Struct("<i").unpack_from
 _F8 = struct.Struct(">d").unpack_from
+#: The opcodes this loop runs itself; every other opcode is looked up in ``TABLE``.
+INLINE: Final = frozenset(
+    op[0]
+    for op in (
+        pickle.BINGET, pickle.LONG_BINGET, pickle.EMPTY_DICT, pickle.EMPTY_LIST, pickle.BININT1, pickle.MARK,
+        pickle.BINUNICODE, pickle.SHORT_BINUNICODE, pickle.SETITEMS, pickle.BUILD, pickle.REDUCE, pickle.NEWOBJ,
+        pickle.NEWTRUE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.TUPLE, pickle.NEWFALSE,
+        pickle.EMPTY_TUPLE, pickle.NONE, pickle.LONG_BINPUT, pickle.BINPUT, pickle.MEMOIZE, pickle.BINFLOAT,
+        pickle.BININT2, pickle.SETITEM, pickle.APPEND, pickle.BININT,
+    )
+)  # fmt: skip
 #: LegacyObject's fields in order, so records can be built positionally (twice as fast as
 #: with keywords); checked here so that a change to the class cannot go unnoticed.
 _POSITIONAL = [f.name for f in dataclasses.fields(LegacyObject)] == [
@@ -58,20 +71,28 @@ def _record(cls: LegacyObject, args: tuple[Any, ...], how: str) -> LegacyObject:
     return LegacyObject(cls.module, cls.name, args=args, kind=how)  # pragma: no cover
 
 
-def run_unframed(vm: PickleVM) -> bool:
-    """Interpret opcodes from ``vm.pos`` until ``STOP`` or the first ``FRAME``.
+def run_loop(vm: PickleVM) -> None:
+    """Interpret opcodes from ``vm.pos`` until ``STOP``; the value is left in ``vm.result``.
 
     Args:
         vm: the machine; its position, object count and error offset are kept up to date
             whenever control leaves this function or calls out of it.
 
-    Returns:
-        True once ``STOP`` has run, False when a ``FRAME`` opened (``vm.frame_end >= 0``).
-
     Raises:
-        MettaFormatError: as the opcode handlers. Other exceptions propagate with
-            ``vm.op_pos`` naming the opcode that raised them.
+        MettaFormatError: malformed input or a cap reached. Other exceptions propagate with
+            ``vm.op_pos`` naming the opcode that raised them (the VM turns them into format errors).
     """
+    # Opcode bytes, bound to locals (as fast as literals in the comparisons below).
+    BINGET, LONG_BINGET, EMPTY_TUPLE = pickle.BINGET[0], pickle.LONG_BINGET[0], pickle.EMPTY_TUPLE[0]
+    REDUCE, NEWOBJ = pickle.REDUCE[0], pickle.NEWOBJ[0]
+    EMPTY_DICT, EMPTY_LIST = pickle.EMPTY_DICT[0], pickle.EMPTY_LIST[0]
+    BININT1, BININT2, BININT, MARK = pickle.BININT1[0], pickle.BININT2[0], pickle.BININT[0], pickle.MARK[0]
+    BINUNICODE, SHORT_BINUNICODE = pickle.BINUNICODE[0], pickle.SHORT_BINUNICODE[0]
+    SETITEMS, SETITEM, BUILD, APPEND = pickle.SETITEMS[0], pickle.SETITEM[0], pickle.BUILD[0], pickle.APPEND[0]
+    NEWTRUE, NEWFALSE, NONE, BINFLOAT = pickle.NEWTRUE[0], pickle.NEWFALSE[0], pickle.NONE[0], pickle.BINFLOAT[0]
+    TUPLE, TUPLE1, TUPLE3 = pickle.TUPLE[0], pickle.TUPLE1[0], pickle.TUPLE3[0]
+    BINPUT, LONG_BINPUT, MEMOIZE = pickle.BINPUT[0], pickle.LONG_BINPUT[0], pickle.MEMOIZE[0]
+
     data = vm.data
     view = memoryview(data)
     end = vm.end
@@ -80,9 +101,10 @@ def run_unframed(vm: PickleVM) -> bool:
     pop = stack.pop
     marks = vm.marks
     memo = vm.memo
-    dispatch = vm._dispatch
+    table = TABLE
     fail = vm.fail
     make_tuple = vm.make_tuple
+    charge_keys = vm.charge_keys
     max_memo = vm.limits.max_memo
     max_objects = vm.limits.max_objects
     call = allowlist.call
@@ -90,17 +112,18 @@ def run_unframed(vm: PickleVM) -> bool:
     # Globals that allowlist.stub_call accepted: calling them again only records the call.
     # (A global's module, name and kind never change once resolved.)
     stubbed: set[LegacyObject] = set()
-    objects = vm._objects
+    objects = vm.objects
     pos = vm.pos
-    op_pos = vm.op_pos
-    # Height of the stack above which values may be popped (the innermost MARK), F13.
+    op_pos = pos
+    limit = vm.limit
+    # Height of the stack above which values may be popped (the innermost MARK).
     floor = marks[-1] if marks else 0
     value: Any = None
 
     def short(at: int, p: int, n: int) -> NoReturn:
-        # need(n) at argument offset p ran past the end of the stream.
+        # An argument of n bytes at p does not fit before the limit.
         vm.op_pos = at
-        fail(f"length {n} exceeds the {end - p} bytes left")
+        vm.short(p, n)
 
     def underflow(at: int) -> NoReturn:
         vm.op_pos = at
@@ -108,15 +131,19 @@ def run_unframed(vm: PickleVM) -> bool:
 
     def too_many(at: int, count: int) -> NoReturn:
         vm.op_pos = at
-        vm._objects = count
+        vm.objects = count
         raise LegacyLimitError("pickle objects", count, max_objects, region=vm.region, offset=vm.offset)
 
     def memo_full(at: int) -> NoReturn:
         vm.op_pos = at
         raise LegacyLimitError("memo slots", len(memo), max_memo, region=vm.region, offset=vm.offset)
 
+    def missing(at: int, idx: int) -> NoReturn:
+        vm.op_pos = at
+        fail(f"memo slot {idx} was never written")
+
     def tuple_of(items: list[Any], at: int) -> tuple[Any, ...]:
-        # Only tuples of tuples need make_tuple's nesting bookkeeping.
+        # Only tuples of tuples need make_tuple's bookkeeping.
         for x in items:
             if type(x) is tuple:
                 vm.op_pos = at
@@ -125,41 +152,44 @@ def run_unframed(vm: PickleVM) -> bool:
 
     def invoke(op: int, func: Any, args: Any) -> Any:
         # REDUCE/NEWOBJ through the allowlist (the caller has set vm.op_pos).
-        value = call(vm, func, args, "reduce" if op == 0x52 else "newobj")
+        value = call(vm, func, args, "reduce" if op == REDUCE else "newobj")
         if type(func) is LegacyObject:
             stubbed.add(func)  # call() only returns for globals stub_call accepted
         return value
 
     try:
         while True:
-            if pos >= end:
-                vm.op_pos = op_pos
-                fail("pickle ends without STOP")
+            if pos >= limit:
+                if pos >= end:
+                    vm.op_pos = op_pos
+                    fail("pickle ends without STOP")
+                # The current FRAME is used up; the stream continues unframed.
+                vm.frame_end = -1
+                limit = vm.limit = end
             op_pos = pos
             op = data[pos]
-            if op == 0x68:  # BINGET, usually several in a row
+            if op == BINGET:  # usually several in a row
                 while True:
-                    if pos + 2 > end:
+                    if pos + 2 > limit:
                         short(pos, pos + 1, 1)
                     try:
                         append(memo[data[pos + 1]])
                     except KeyError:
-                        vm.op_pos = pos
-                        fail(f"memo slot {data[pos + 1]} was never written")
+                        missing(pos, data[pos + 1])
                     pos += 2
-                    if pos >= end:
+                    if pos >= limit:
                         break
                     op = data[pos]
-                    if op != 0x68:
+                    if op != BINGET:
                         break
                     op_pos = pos
-                # "BINGET... EMPTY_TUPLE REDUCE|NEWOBJ [LONG_BINPUT]" is how torch's pickler
-                # writes OrderedDict() and every module instance: run the call here. The
-                # EMPTY_TUPLE needs no check; its tuple is passed without being pushed.
-                if pos + 1 >= end or op != 0x29:
+                # "BINGET... EMPTY_TUPLE REDUCE|NEWOBJ" is how torch's pickler writes
+                # OrderedDict() and every module instance: run the call here. The EMPTY_TUPLE
+                # needs no check; its tuple is passed without being pushed.
+                if pos + 1 >= limit or op != EMPTY_TUPLE:
                     continue
                 op = data[pos + 1]
-                if op != 0x52 and op != 0x81:
+                if op != REDUCE and op != NEWOBJ:
                     continue
                 pos += 1
                 op_pos = pos
@@ -171,52 +201,58 @@ def run_unframed(vm: PickleVM) -> bool:
                 func = pop()
                 vm.op_pos = pos
                 if type(func) is LegacyObject and func in stubbed:
-                    value = _record(func, (), "reduce" if op == 0x52 else "newobj")
-                elif op == 0x52 and type(func) is Builtin and func.fn is ordered_dict:
+                    value = _record(func, (), "reduce" if op == REDUCE else "newobj")
+                elif op == REDUCE and type(func) is Builtin and func.fn is ordered_dict:
                     value = {}
                 else:
                     value = invoke(op, func, ())
                 pos += 1
             # The rest, most frequent first. Opcodes that push one new value leave it in
             # ``value`` and fall out of the chain; torch's pickler memoizes most of them, and
-            # a BINPUT/LONG_BINPUT right after runs below (its stack check holds trivially).
-            elif op == 0x6A:  # LONG_BINGET
-                if pos + 5 > end:
+            # a BINPUT/LONG_BINPUT/MEMOIZE right after runs below.
+            elif op == LONG_BINGET:
+                if pos + 5 > limit:
                     short(pos, pos + 1, 4)
                 idx = _U4(data, pos + 1)[0]
                 try:
                     append(memo[idx])
                 except KeyError:
-                    vm.op_pos = pos
-                    fail(f"memo slot {idx} was never written")
+                    missing(pos, idx)
                 pos += 5
                 continue
-            elif op == 0x7D or op == 0x5D:  # EMPTY_DICT, EMPTY_LIST
+            elif op == EMPTY_DICT or op == EMPTY_LIST:
                 objects += 1
                 if objects > max_objects:
                     too_many(pos, objects)
-                value = {} if op == 0x7D else []
+                value = {} if op == EMPTY_DICT else []
                 pos += 1
-            elif op == 0x4B:  # BININT1
-                if pos + 2 > end:
+            elif op == BININT1:
+                if pos + 2 > limit:
                     short(pos, pos + 1, 1)
                 append(data[pos + 1])
                 pos += 2
                 continue
-            elif op == 0x28:  # MARK
+            elif op == MARK:
                 floor = len(stack)
                 marks.append(floor)
                 pos += 1
                 continue
-            elif op == 0x58:  # BINUNICODE
-                if pos + 5 > end:
-                    short(pos, pos + 1, 4)
-                q = pos + 5 + _U4(data, pos + 1)[0]
-                if q > end:
-                    short(pos, pos + 5, q - pos - 5)
-                value = str(view[pos + 5 : q], "utf-8", "surrogatepass")
+            elif op == BINUNICODE or op == SHORT_BINUNICODE:
+                if op == BINUNICODE:
+                    if pos + 5 > limit:
+                        short(pos, pos + 1, 4)
+                    q = pos + 5 + _U4(data, pos + 1)[0]
+                    p = pos + 5
+                else:
+                    if pos + 2 > limit:
+                        short(pos, pos + 1, 1)
+                    q = pos + 2 + data[pos + 1]
+                    p = pos + 2
+                if q > limit:
+                    short(pos, p, q - p)
+                value = str(view[p:q], "utf-8", "surrogatepass")
                 pos = q
-            elif op == 0x75:  # SETITEMS
+            elif op == SETITEMS:
                 if not marks:
                     vm.op_pos = pos
                     fail("opcode needs a MARK but none is open")
@@ -233,13 +269,16 @@ def run_unframed(vm: PickleVM) -> bool:
                 if type(target) is dict:
                     it = iter(items)
                     for key in it:  # an even count: next() never runs out
+                        if type(key) is tuple:
+                            vm.op_pos = pos
+                            charge_keys((key,))
                         target[key] = next(it)
                 else:
                     vm.op_pos = pos
                     allowlist.set_items(vm, target, items)
                 pos += 1
                 continue
-            elif op == 0x62:  # BUILD
+            elif op == BUILD:
                 if len(stack) - 2 < floor:
                     underflow(pos)
                 state = pop()
@@ -251,7 +290,7 @@ def run_unframed(vm: PickleVM) -> bool:
                     allowlist.build(vm, target, state)
                 pos += 1
                 continue
-            elif op == 0x52 or op == 0x81:  # REDUCE, NEWOBJ (other than after BINGET/EMPTY_TUPLE)
+            elif op == REDUCE or op == NEWOBJ:  # (other than after BINGET EMPTY_TUPLE)
                 if len(stack) - 2 < floor:
                     underflow(pos)
                 objects += 1
@@ -261,27 +300,27 @@ def run_unframed(vm: PickleVM) -> bool:
                 func = pop()
                 vm.op_pos = pos
                 if type(func) is LegacyObject and func in stubbed and type(args) is tuple:
-                    value = _record(func, args, "reduce" if op == 0x52 else "newobj")
-                elif op == 0x52 and type(func) is Builtin and type(args) is tuple:
+                    value = _record(func, args, "reduce" if op == REDUCE else "newobj")
+                elif op == REDUCE and type(func) is Builtin and type(args) is tuple:
                     value = {} if not args and func.fn is ordered_dict else func.fn(vm, args)
                 else:
                     value = invoke(op, func, args)
                 pos += 1
-            elif op == 0x88:  # NEWTRUE
+            elif op == NEWTRUE:
                 append(True)
                 pos += 1
                 continue
-            elif 0x85 <= op <= 0x87:  # TUPLE1, TUPLE2, TUPLE3
+            elif TUPLE1 <= op <= TUPLE3:
                 objects += 1
                 if objects > max_objects:
                     too_many(pos, objects)
-                n = op - 0x84
+                n = op - TUPLE1 + 1
                 if len(stack) - n < floor:
                     underflow(pos)
                 value = tuple_of(stack[-n:], pos)
                 del stack[-n:]
                 pos += 1
-            elif op == 0x74:  # TUPLE
+            elif op == TUPLE:
                 objects += 1
                 if objects > max_objects:
                     too_many(pos, objects)
@@ -293,61 +332,57 @@ def run_unframed(vm: PickleVM) -> bool:
                 value = tuple_of(stack[m:], pos)
                 del stack[m:]
                 pos += 1
-            elif op == 0x89:  # NEWFALSE
+            elif op == NEWFALSE:
                 append(False)
                 pos += 1
                 continue
-            elif op == 0x29:  # EMPTY_TUPLE
+            elif op == EMPTY_TUPLE:
                 value = ()
                 pos += 1
-            elif op == 0x4E:  # NONE
+            elif op == NONE:
                 append(None)
                 pos += 1
                 continue
-            elif op == 0x72:  # LONG_BINPUT
-                if pos + 5 > end:
-                    short(pos, pos + 1, 4)
+            elif op == LONG_BINPUT or op == BINPUT or op == MEMOIZE:
+                # Not right after a new value (those run below).
+                n = 4 if op == LONG_BINPUT else 1 if op == BINPUT else 0
+                if pos + 1 + n > limit:
+                    short(pos, pos + 1, n)
                 if len(stack) <= floor:
                     underflow(pos)
-                memo[_U4(data, pos + 1)[0]] = stack[-1]
+                memo[_U4(data, pos + 1)[0] if n == 4 else data[pos + 1] if n else len(memo)] = stack[-1]
                 if len(memo) > max_memo:
                     memo_full(pos)
-                pos += 5
+                pos += 1 + n
                 continue
-            elif op == 0x71:  # BINPUT
-                if pos + 2 > end:
-                    short(pos, pos + 1, 1)
-                if len(stack) <= floor:
-                    underflow(pos)
-                memo[data[pos + 1]] = stack[-1]  # at most 256 slots: no cap check needed
-                pos += 2
-                continue
-            elif op == 0x47:  # BINFLOAT
-                if pos + 9 > end:
+            elif op == BINFLOAT:
+                if pos + 9 > limit:
                     short(pos, pos + 1, 8)
                 append(_F8(data, pos + 1)[0])
                 pos += 9
                 continue
-            elif op == 0x4D:  # BININT2
-                if pos + 3 > end:
+            elif op == BININT2:
+                if pos + 3 > limit:
                     short(pos, pos + 1, 2)
                 append(_U2(data, pos + 1)[0])
                 pos += 3
                 continue
-            elif op == 0x73:  # SETITEM
+            elif op == SETITEM:
                 if len(stack) - 3 < floor:
                     underflow(pos)
                 value = pop()
                 key = pop()
                 target = stack[-1]
+                vm.op_pos = pos
                 if type(target) is dict:
+                    if type(key) is tuple:
+                        charge_keys((key,))
                     target[key] = value
                 else:
-                    vm.op_pos = pos
                     allowlist.set_items(vm, target, [key, value])
                 pos += 1
                 continue
-            elif op == 0x61:  # APPEND
+            elif op == APPEND:
                 if len(stack) - 2 < floor:
                     underflow(pos)
                 value = pop()
@@ -359,8 +394,8 @@ def run_unframed(vm: PickleVM) -> bool:
                     allowlist.extend_list(vm, target, [value])
                 pos += 1
                 continue
-            elif op == 0x4A:  # BININT
-                if pos + 5 > end:
+            elif op == BININT:
+                if pos + 5 > limit:
                     short(pos, pos + 1, 4)
                 append(_I4(data, pos + 1)[0])
                 pos += 5
@@ -369,34 +404,40 @@ def run_unframed(vm: PickleVM) -> bool:
                 # Everything else, STOP and FRAME included, runs its handler on the VM's state.
                 vm.op_pos = pos
                 vm.pos = pos + 1
-                vm._objects = objects
-                done = dispatch[op]()
+                vm.objects = objects
+                done = table[op](vm)
                 pos = vm.pos
-                objects = vm._objects
+                objects = vm.objects
+                limit = vm.limit
                 if done:
-                    return True
-                if vm.frame_end >= 0:
-                    return False
+                    return
                 floor = marks[-1] if marks else 0
                 continue
             # A new value to push, and maybe memoize.
             append(value)
-            if pos + 2 <= end:
+            if pos + 1 <= limit:
                 op = data[pos]
-                if op == 0x72:  # LONG_BINPUT
-                    if pos + 5 <= end:
+                if op == LONG_BINPUT:
+                    if pos + 5 <= limit:
                         op_pos = pos
                         memo[_U4(data, pos + 1)[0]] = value
                         if len(memo) > max_memo:
                             memo_full(pos)
                         pos += 5
-                elif op == 0x71:  # BINPUT
+                elif op == BINPUT:
+                    if pos + 2 <= limit:
+                        op_pos = pos
+                        memo[data[pos + 1]] = value  # at most 256 slots: no cap check needed
+                        pos += 2
+                elif op == MEMOIZE:
                     op_pos = pos
-                    memo[data[pos + 1]] = value
-                    pos += 2
+                    memo[len(memo)] = value
+                    if len(memo) > max_memo:
+                        memo_full(pos)
+                    pos += 1
     except BaseException:
         vm.op_pos = op_pos
         raise
     finally:
         vm.pos = pos
-        vm._objects = objects
+        vm.objects = objects
