@@ -18,12 +18,13 @@ import torch
 from mettaformat.container.tree import LegacyObject
 from mettaformat.errors import LegacyUnsupportedError
 from mettaformat.legacy import numpy_compat
+from mettaformat.legacy.describe import describe
 from mettaformat.legacy.tensors import (
+    REBUILDS,
     STORAGE_CLASS_DTYPES,
     UNTYPED_STORAGE_CLASSES,
-    StorageRef,
     StorageType,
-    rebuild_view,
+    check_arity,
 )
 
 if TYPE_CHECKING:
@@ -84,15 +85,13 @@ _TEXT_CODECS: Final = frozenset({"latin1", "latin-1", "latin_1", "iso-8859-1", "
 
 
 # -- argument helpers ---------------------------------------------------------------------------
-def _arity(vm: PickleVM, args: tuple[Any, ...], name: str, *allowed: int) -> None:
-    if len(args) not in allowed:
-        vm.fail(f"{name} takes {' or '.join(map(str, allowed))} arguments, got {len(args)}")
-
-
-def _iterable(vm: PickleVM, value: Any, name: str) -> Any:
+def _iterable(vm: PickleVM, value: Any, name: str, *, hashed: bool = False) -> Any:
+    # Copying a container from the memo costs its length, every time (a GET is two bytes).
     if not isinstance(value, (list, tuple, set, frozenset, dict)):
         vm.fail(f"{name} of a {type(value).__name__}")
     vm.charge(len(value))
+    if hashed and not isinstance(value, (dict, set, frozenset)):  # those reuse stored hashes
+        vm.charge_keys(value)
     return value
 
 
@@ -113,69 +112,10 @@ def _is_tensor_kind_we_refuse(module: str, name: str) -> bool:
     return False
 
 
-# -- tensor rebuilds ----------------------------------------------------------------------------
-def _storage(vm: PickleVM, value: Any) -> StorageRef:
-    if not isinstance(value, StorageRef):
-        vm.fail(f"tensor rebuild needs a storage, got {type(value).__name__}")
-    return value
-
-
-def _hooks(vm: PickleVM, requires_grad: Any, hooks: Any) -> None:
-    if type(requires_grad) is not bool:
-        vm.fail(f"requires_grad must be a bool, got {type(requires_grad).__name__}")
-    if not isinstance(hooks, dict):
-        vm.fail(f"backward_hooks must be a dict, got {type(hooks).__name__}")
-
-
-def _view(vm: PickleVM, storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None) -> torch.Tensor:
-    return rebuild_view(
-        _storage(vm, storage),
-        offset,
-        size,
-        stride,
-        dtype=dtype,
-        max_expanded_bytes=vm.limits.max_expanded_bytes,
-        region=vm.region,
-    )
-
-
-def _rebuild_tensor(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
-    _arity(vm, args, "_rebuild_tensor", 4)
-    return _view(vm, args[0], args[1], args[2], args[3], None)
-
-
-def _rebuild_tensor_v2(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
-    _arity(vm, args, "_rebuild_tensor_v2", 6, 7)
-    _hooks(vm, args[4], args[5])
-    return _view(vm, args[0], args[1], args[2], args[3], None)
-
-
-def _rebuild_tensor_v3(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
-    _arity(vm, args, "_rebuild_tensor_v3", 7, 8)
-    _hooks(vm, args[4], args[5])
-    if not isinstance(args[6], torch.dtype):
-        vm.fail(f"_rebuild_tensor_v3 dtype must be a torch dtype, got {type(args[6]).__name__}")
-    return _view(vm, args[0], args[1], args[2], args[3], args[6])
-
-
-def _rebuild_parameter(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
-    # Parameters come back as plain tensors: the state dict never holds Parameters.
-    _arity(vm, args, "_rebuild_parameter", 3)
-    if not isinstance(args[0], torch.Tensor):
-        vm.fail(f"_rebuild_parameter needs a tensor, got {type(args[0]).__name__}")
-    _hooks(vm, args[1], args[2])
-    return args[0]
-
-
-def _rebuild_parameter_with_state(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
-    _arity(vm, args, "_rebuild_parameter_with_state", 4)
-    return _rebuild_parameter(vm, args[:3])
-
-
 def _rebuild_from_type_v2(vm: PickleVM, args: tuple[Any, ...]) -> Any:
     # Tensor subclasses with Python state: unwrap to the inner rebuild (as candle and
     # llama.cpp do); the subclass and its state are not kept.
-    _arity(vm, args, "_rebuild_from_type_v2", 4)
+    check_arity(vm, args, "_rebuild_from_type_v2", 4)
     func, new_type, inner, _state = args
     if isinstance(new_type, LegacyObject) and _is_tensor_kind_we_refuse(new_type.module, new_type.name):
         raise LegacyUnsupportedError(
@@ -189,8 +129,10 @@ def _rebuild_from_type_v2(vm: PickleVM, args: tuple[Any, ...]) -> Any:
 # -- builtins -----------------------------------------------------------------------------------
 def _container(kind: type) -> BuiltinFn:
     def fn(vm: PickleVM, args: tuple[Any, ...]) -> Any:
-        _arity(vm, args, kind.__name__, 0, 1)
-        items = _iterable(vm, args[0], kind.__name__) if args else ()
+        check_arity(vm, args, kind.__name__, 0, 1)
+        items = _iterable(vm, args[0], kind.__name__, hashed=kind in (set, frozenset)) if args else ()
+        if kind is dict and isinstance(items, (list, tuple)):
+            vm.charge_keys(p[0] for p in items if type(p) is tuple and p)
         return vm.make_tuple(tuple(items)) if kind is tuple else kind(items)
 
     return fn
@@ -198,12 +140,17 @@ def _container(kind: type) -> BuiltinFn:
 
 def ordered_dict(vm: PickleVM, args: tuple[Any, ...]) -> dict[Any, Any]:
     """``collections.OrderedDict(*args)`` as a plain dict (the VM inlines the no-argument case)."""
-    _arity(vm, args, "OrderedDict", 0, 1)
-    return dict(_iterable(vm, args[0], "OrderedDict")) if args else {}
+    check_arity(vm, args, "OrderedDict", 0, 1)
+    if not args:
+        return {}
+    items = _iterable(vm, args[0], "OrderedDict")
+    if isinstance(items, (list, tuple)):
+        vm.charge_keys(p[0] for p in items if type(p) is tuple and p)
+    return dict(items)
 
 
 def _defaultdict(vm: PickleVM, args: tuple[Any, ...]) -> RecordedDefaultDict:
-    _arity(vm, args, "defaultdict", 0, 1)
+    check_arity(vm, args, "defaultdict", 0, 1)
     d = RecordedDefaultDict()
     d.default_factory = args[0] if args else None
     return d
@@ -215,10 +162,11 @@ def _object(vm: PickleVM, args: tuple[Any, ...]) -> LegacyObject:
 
 def _bytes_like(kind: type) -> BuiltinFn:
     def fn(vm: PickleVM, args: tuple[Any, ...]) -> Any:
-        _arity(vm, args, kind.__name__, 0, 1, 2)
+        check_arity(vm, args, kind.__name__, 0, 1, 2)
         if not args:
             return kind()
         if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+            vm.charge(len(args[0]))  # a copy of a value the memo may hand out many times
             return kind(args[0])
         return kind(_encode(vm, args))
 
@@ -228,16 +176,17 @@ def _bytes_like(kind: type) -> BuiltinFn:
 def _encode(vm: PickleVM, args: tuple[Any, ...]) -> bytes:
     # Protocol 2 stores bytes as _codecs.encode(<latin-1 text>, "latin1"). Only text codecs
     # are allowed: "zlib_codec" or "bz2_codec" would make this a decompression bomb.
-    _arity(vm, args, "_codecs.encode", 1, 2)
+    check_arity(vm, args, "_codecs.encode", 1, 2)
     text, encoding = (args[0], args[1]) if len(args) == 2 else (args[0], "utf-8")
     if type(text) is not str or type(encoding) is not str or encoding.lower() not in _TEXT_CODECS:
-        vm.fail(f"_codecs.encode only accepts text with a text codec, got {type(text).__name__}/{encoding!r}")
+        vm.fail(f"_codecs.encode only accepts text with a text codec, got {type(text).__name__}/{describe(encoding)}")
+    vm.charge(len(text))  # the memo may hand out the same text many times
     return text.encode(encoding.lower(), "surrogatepass" if "utf" in encoding.lower() else "strict")
 
 
 def _number(kind: type) -> BuiltinFn:
     def fn(vm: PickleVM, args: tuple[Any, ...]) -> Any:
-        _arity(vm, args, kind.__name__, 1, 2) if kind is complex else _arity(vm, args, kind.__name__, 1)
+        check_arity(vm, args, kind.__name__, 1, 2) if kind is complex else check_arity(vm, args, kind.__name__, 1)
         if not all(type(a) in (int, float) for a in args):
             vm.fail(f"{kind.__name__}() of a non-number")
         return kind(*args)
@@ -246,7 +195,7 @@ def _number(kind: type) -> BuiltinFn:
 
 
 def _size(vm: PickleVM, args: tuple[Any, ...]) -> torch.Size:
-    _arity(vm, args, "torch.Size", 0, 1)
+    check_arity(vm, args, "torch.Size", 0, 1)
     dims = args[0] if args else ()
     if not isinstance(dims, (tuple, list)) or not all(type(d) is int and 0 <= d < (1 << 62) for d in dims):
         vm.fail("torch.Size needs non-negative ints")
@@ -256,7 +205,7 @@ def _size(vm: PickleVM, args: tuple[Any, ...]) -> torch.Size:
 
 def _device(vm: PickleVM, args: tuple[Any, ...]) -> Any:
     # Any location string is accepted and recorded; tensors always load to CPU (F27).
-    _arity(vm, args, "torch.device", 1, 2)
+    check_arity(vm, args, "torch.device", 1, 2)
     if type(args[0]) is not str or len(args[0]) > 64 or (len(args) == 2 and type(args[1]) is not int):
         vm.fail("torch.device needs a short str and an optional int index")
     try:
@@ -267,7 +216,7 @@ def _device(vm: PickleVM, args: tuple[Any, ...]) -> Any:
 
 def _reconstructor(vm: PickleVM, args: tuple[Any, ...]) -> LegacyObject:
     # copyreg._reconstructor(cls, base, state): object.__new__(cls) or base.__new__(cls, state).
-    _arity(vm, args, "copyreg._reconstructor", 3)
+    check_arity(vm, args, "copyreg._reconstructor", 3)
     cls, base, state = args
     obj = stub_call(vm, cls, (), "newobj")
     if state is None:
@@ -276,6 +225,7 @@ def _reconstructor(vm: PickleVM, args: tuple[Any, ...]) -> LegacyObject:
         vm.charge(len(state))
         obj.items.extend(state.items())
     elif isinstance(base, Builtin) and base.name == "list" and isinstance(state, list):
+        vm.charge(len(state))
         obj.listitems.extend(state)
     else:
         obj.args = (state,)
@@ -286,15 +236,12 @@ def _newobj(vm: PickleVM, args: tuple[Any, ...]) -> Any:
     # copyreg.__newobj__(cls, *args) is protocol 0/1's spelling of NEWOBJ.
     if not args:
         vm.fail("copyreg.__newobj__ without a class")
+    vm.charge(len(args))
     return call(vm, args[0], vm.make_tuple(args[1:]), "newobj")
 
 
 _TABLE: dict[tuple[str, str], tuple[BuiltinFn, bool]] = {
-    ("torch._utils", "_rebuild_tensor"): (_rebuild_tensor, False),
-    ("torch._utils", "_rebuild_tensor_v2"): (_rebuild_tensor_v2, False),
-    ("torch._utils", "_rebuild_tensor_v3"): (_rebuild_tensor_v3, False),
-    ("torch._utils", "_rebuild_parameter"): (_rebuild_parameter, False),
-    ("torch._utils", "_rebuild_parameter_with_state"): (_rebuild_parameter_with_state, False),
+    **{("torch._utils", name): (fn, False) for name, fn in REBUILDS.items()},
     ("torch._tensor", "_rebuild_from_type_v2"): (_rebuild_from_type_v2, False),
     ("torch", "Size"): (_size, True),
     ("torch", "device"): (_device, True),
@@ -404,6 +351,7 @@ def set_items(vm: PickleVM, target: Any, items: list[Any]) -> None:
     """Interpret ``SETITEM``/``SETITEMS`` (``items`` alternates keys and values)."""
     pairs = zip(items[::2], items[1::2], strict=True)
     if isinstance(target, dict):
+        vm.charge_keys(items[::2])
         for k, v in pairs:
             target[k] = v
     elif isinstance(target, LegacyObject):

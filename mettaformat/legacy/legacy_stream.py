@@ -19,6 +19,7 @@ from typing import Any, Final
 import torch
 
 from mettaformat.errors import LegacyFormatError, LegacyUnsupportedError
+from mettaformat.legacy.describe import describe
 from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
 from mettaformat.legacy.tensors import StorageRef, check_storage_type, tensor_from_buffer
 from mettaformat.legacy.unpickler import PickleVM
@@ -79,7 +80,7 @@ def load_legacy_stream(
     if type(magic) is not int or magic != LEGACY_MAGIC_NUMBER:
         raise LegacyFormatError("not a torch legacy stream (wrong magic number)", region=_REGION, offset=0)
     if type(protocol) is not int or protocol != LEGACY_PROTOCOL_VERSION:
-        raise LegacyUnsupportedError(f"legacy stream protocol {protocol!r}", region=_REGION)
+        raise LegacyUnsupportedError(f"legacy stream protocol {describe(protocol)}", region=_REGION)
     info = LegacyStream(sys_info=sys_info)
     roots: dict[str, _Root] = {}
     views: dict[str, StorageRef] = {}
@@ -89,7 +90,8 @@ def load_legacy_stream(
     def persistent_load(pid: tuple[Any, ...]) -> Any:
         if len(pid) == 4 and pid[0] == "module":
             _, container, source_file, source = pid
-            info.container_sources[getattr(container, "class_path", repr(container))] = (source_file, source)
+            name = getattr(container, "class_path", None)
+            info.container_sources[name if type(name) is str else describe(container)] = (source_file, source)
             return container
         if len(pid) != 6 or pid[0] != "storage":
             main.fail(f"persistent id must be ('storage', type, key, location, numel, view), got {len(pid)} fields")
@@ -115,7 +117,7 @@ def load_legacy_stream(
         view_key, offset, size = view
         _check_key(main, view_key)
         if type(offset) is not int or type(size) is not int or offset < 0 or size < 0 or offset + size > numel:
-            main.fail(f"storage view [{offset!r}, +{size!r}) is outside storage {key} of {numel}")
+            main.fail(f"storage view [{describe(offset)}, +{describe(size)}) is outside storage {key} of {numel}")
         known = views.get(view_key)
         if known is None:
             known = StorageRef(view_key, stype.dtype, root.ref.tensor[offset : offset + size], stype.untyped)
@@ -135,7 +137,7 @@ def load_legacy_stream(
 
 def _check_key(vm: PickleVM, key: Any) -> None:
     if type(key) is not str or not key.isascii() or not key.isdigit() or len(key) > 24:
-        vm.fail(f"storage key {key!r} is not a decimal string")
+        vm.fail(f"storage key {describe(key)} is not a decimal string")
 
 
 def _fill_storages(buf: bytearray, pos: int, keys: Any, roots: dict[str, _Root]) -> None:

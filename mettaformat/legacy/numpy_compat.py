@@ -18,6 +18,8 @@ import torch
 
 from mettaformat.container.tree import LegacyObject
 from mettaformat.errors import LegacyFormatError, LegacyUnsupportedError
+from mettaformat.legacy.describe import describe
+from mettaformat.legacy.tensors import empty_tensor
 
 if TYPE_CHECKING:
     from mettaformat.legacy.unpickler import PickleVM
@@ -139,7 +141,7 @@ def ndarray_to_tensor(record: LegacyObject) -> torch.Tensor:
     _version, shape, dtype_rec, fortran, raw = state
     code, order = _dtype_code(dtype_rec)
     if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
-        raise LegacyFormatError(f"numpy shape {shape!r} is not a tuple of non-negative ints", region=_REGION)
+        raise LegacyFormatError(f"numpy shape {describe(shape)} is not a tuple of non-negative ints", region=_REGION)
     if not isinstance(raw, (bytes, bytearray)):
         raise LegacyUnsupportedError("numpy array whose payload is not raw bytes (object dtype?)", region=_REGION)
     tdtype = _TORCH_DTYPES[code]
@@ -151,7 +153,7 @@ def ndarray_to_tensor(record: LegacyObject) -> torch.Tensor:
             f"numpy array of shape {shape} {code} needs {numel * tdtype.itemsize} bytes, has {len(raw)}", region=_REGION
         )
     if numel == 0:
-        return torch.empty(shape, dtype=tdtype)
+        return empty_tensor(shape, tdtype, region=_REGION)
     flat = torch.frombuffer(bytearray(raw), dtype=tdtype)
     if order == ">" and tdtype.itemsize > 1:
         unit = tdtype.itemsize // 2 if tdtype.is_complex else tdtype.itemsize

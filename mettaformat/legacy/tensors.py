@@ -9,18 +9,25 @@ come back as views of one storage tensor, exactly like ``torch.load``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
 from mettaformat.errors import LegacyFormatError, LegacyLimitError, LegacyUnsupportedError
+from mettaformat.legacy.describe import describe
+
+if TYPE_CHECKING:
+    from mettaformat.legacy.unpickler import PickleVM
 
 __all__ = [
+    "REBUILDS",
     "STORAGE_CLASS_DTYPES",
     "UNTYPED_STORAGE_CLASSES",
     "StorageRef",
     "StorageType",
+    "check_arity",
     "check_storage_type",
+    "empty_tensor",
     "rebuild_view",
     "tensor_from_buffer",
 ]
@@ -107,7 +114,7 @@ def check_storage_type(value: object, *, region: str, offset: int | None) -> Sto
         raise LegacyUnsupportedError(
             f"unsupported tensor kind: quantized storage torch.{name}", region=region, offset=offset
         )
-    raise LegacyUnsupportedError(f"unknown storage class {value!r}", region=region, offset=offset)
+    raise LegacyUnsupportedError(f"unknown storage class {describe(value)}", region=region, offset=offset)
 
 
 def tensor_from_buffer(
@@ -151,6 +158,16 @@ def tensor_from_buffer(
     return t
 
 
+def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, *, region: str) -> torch.Tensor:
+    """A tensor of no elements; its contiguous strides must fit in int64, as torch requires."""
+    stride = 1
+    for d in shape:
+        stride *= max(d, 1)
+    if stride >= 1 << 63:
+        raise LegacyFormatError(f"empty tensor of shape {describe(shape)} has dimensions too large", region=region)
+    return torch.empty(shape, dtype=dtype)
+
+
 def _int_tuple(value: object, what: str, region: str) -> tuple[int, ...]:
     # bool is an int subclass; a pickle that writes True as a size is malformed (HOSTILE F7).
     if not isinstance(value, tuple):
@@ -160,7 +177,7 @@ def _int_tuple(value: object, what: str, region: str) -> tuple[int, ...]:
             raise LegacyFormatError(f"tensor {what} must be a tuple of ints, got {type(value).__name__}", region=region)
     for x in value:
         if x < 0 or x >= _MAX_DIM:
-            raise LegacyFormatError(f"tensor {what} {value!r} has a negative or oversized entry", region=region)
+            raise LegacyFormatError(f"tensor {what} {describe(value)} has a negative or oversized entry", region=region)
     return value
 
 
@@ -195,7 +212,7 @@ def rebuild_view(
     """
     if type(storage_offset) is not int or storage_offset < 0 or storage_offset >= _MAX_DIM:
         raise LegacyFormatError(
-            f"tensor storage offset must be a non-negative int, got {storage_offset!r}", region=region
+            f"tensor storage offset must be a non-negative int, got {describe(storage_offset)}", region=region
         )
     shape = _int_tuple(size, "size", region)
     strides = _int_tuple(stride, "stride", region)
@@ -221,7 +238,7 @@ def rebuild_view(
     if logical == 0:
         if storage_offset > numel:
             raise LegacyFormatError(f"storage offset {storage_offset} is past the storage end {numel}", region=region)
-        return torch.empty(shape, dtype=base.dtype)
+        return empty_tensor(shape, base.dtype, region=region)
     if last >= numel:
         raise LegacyFormatError(
             f"view (offset {storage_offset}, size {shape}, stride {strides}) reaches element {last} "
@@ -233,3 +250,78 @@ def rebuild_view(
             "logical bytes of an expanded view", logical * base.element_size(), max_expanded_bytes, region=region
         )
     return torch.as_strided(base, shape, strides, storage_offset)
+
+
+def check_arity(vm: PickleVM, args: tuple[Any, ...], name: str, *allowed: int) -> None:
+    """Fail unless an interpreted call has one of the ``allowed`` argument counts."""
+    if len(args) not in allowed:
+        vm.fail(f"{name} takes {' or '.join(map(str, allowed))} arguments, got {len(args)}")
+
+
+# -- the rebuild functions torch pickles name (interpreted, never called) -------------------------
+def _storage(vm: PickleVM, value: Any) -> StorageRef:
+    if not isinstance(value, StorageRef):
+        vm.fail(f"tensor rebuild needs a storage, got {type(value).__name__}")
+    return value
+
+
+def _hooks(vm: PickleVM, requires_grad: Any, hooks: Any) -> None:
+    if type(requires_grad) is not bool:
+        vm.fail(f"requires_grad must be a bool, got {type(requires_grad).__name__}")
+    if not isinstance(hooks, dict):
+        vm.fail(f"backward_hooks must be a dict, got {type(hooks).__name__}")
+
+
+def _view(vm: PickleVM, storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None) -> torch.Tensor:
+    return rebuild_view(
+        _storage(vm, storage),
+        offset,
+        size,
+        stride,
+        dtype=dtype,
+        max_expanded_bytes=vm.limits.max_expanded_bytes,
+        region=vm.region,
+    )
+
+
+def _rebuild_tensor(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    check_arity(vm, args, "_rebuild_tensor", 4)
+    return _view(vm, args[0], args[1], args[2], args[3], None)
+
+
+def _rebuild_tensor_v2(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    check_arity(vm, args, "_rebuild_tensor_v2", 6, 7)
+    _hooks(vm, args[4], args[5])
+    return _view(vm, args[0], args[1], args[2], args[3], None)
+
+
+def _rebuild_tensor_v3(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    check_arity(vm, args, "_rebuild_tensor_v3", 7, 8)
+    _hooks(vm, args[4], args[5])
+    if not isinstance(args[6], torch.dtype):
+        vm.fail(f"_rebuild_tensor_v3 dtype must be a torch dtype, got {type(args[6]).__name__}")
+    return _view(vm, args[0], args[1], args[2], args[3], args[6])
+
+
+def _rebuild_parameter(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    # Parameters come back as plain tensors: the state dict never holds Parameters.
+    check_arity(vm, args, "_rebuild_parameter", 3)
+    if not isinstance(args[0], torch.Tensor):
+        vm.fail(f"_rebuild_parameter needs a tensor, got {type(args[0]).__name__}")
+    _hooks(vm, args[1], args[2])
+    return args[0]
+
+
+def _rebuild_parameter_with_state(vm: PickleVM, args: tuple[Any, ...]) -> torch.Tensor:
+    check_arity(vm, args, "_rebuild_parameter_with_state", 4)
+    return _rebuild_parameter(vm, args[:3])
+
+
+#: ``torch._utils`` function name -> its interpretation.
+REBUILDS: Final = {
+    "_rebuild_tensor": _rebuild_tensor,
+    "_rebuild_tensor_v2": _rebuild_tensor_v2,
+    "_rebuild_tensor_v3": _rebuild_tensor_v3,
+    "_rebuild_parameter": _rebuild_parameter,
+    "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
+}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from mettaformat.errors import LegacyFormatError, LegacyLimitError, LegacyUnsupportedError
+from mettaformat.legacy.describe import describe
 from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
 from mettaformat.legacy.tensors import StorageRef, check_storage_type, tensor_from_buffer
 from mettaformat.legacy.unpickler import PickleVM
@@ -31,6 +32,11 @@ ZIP_MAGIC: Final = b"PK\x03\x04"
 _REGION: Final = "zip"
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")
 _EOCD_MAGIC: Final = b"PK\x05\x06"
+_EOCD = struct.Struct("<4sHHHHIIH")
+_ZIP64_LOCATOR_MAGIC: Final = b"PK\x06\x07"
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")
+_ZIP64_EOCD_MAGIC: Final = b"PK\x06\x06"
+_ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")
 #: Data descriptor (bit 3, torch sets it) and UTF-8 names (bit 11); any other bit is refused.
 _ALLOWED_FLAGS: Final = 0x0808
 _S_IFMT: Final = 0o170000
@@ -106,15 +112,51 @@ def _check_name(name: str) -> None:
         raise LegacyFormatError(f"unsafe member name {name!r}", region=_REGION)
 
 
-def _precheck_entry_count(buf: bytearray, limits: LegacyLimits) -> None:
-    # Bound the central directory before zipfile builds one ZipInfo per entry (G7, G9).
-    tail_start = max(0, len(buf) - (1 << 16) - 22)
-    at = buf.rfind(_EOCD_MAGIC, tail_start)
-    if at < 0 or at + 22 > len(buf):
+def _central_directory(buf: bytearray, limits: LegacyLimits) -> int:
+    """Locate the central directory as torch's reader (miniz) does, and return its offset.
+
+    miniz takes the last end-of-central-directory signature with a whole record after it,
+    within the last 64 KiB, and reads the directory at the offset that record states.
+    :mod:`zipfile` instead shifts every offset by the bytes it finds before the directory
+    (to allow prepended data). The two readers see the same archive only when the directory
+    ends exactly where the end records begin and nothing follows the record's comment; any
+    other file (a decoy archive appended, or hidden in the comment) is refused as ambiguous.
+    """
+    tail_start = max(0, len(buf) - (1 << 16) - _EOCD.size)
+    at = buf.rfind(_EOCD_MAGIC, tail_start, len(buf) - _EOCD.size + 4)
+    if at < 0:
         raise LegacyFormatError("no zip central directory (truncated file?)", region=_REGION)
-    entries = struct.unpack_from("<H", buf, at + 10)[0]
-    if entries != 0xFFFF and entries > limits.max_zip_entries:
+    _sig, disk, cd_disk, _here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(buf, at)
+    if at + _EOCD.size + comment != len(buf):
+        raise LegacyFormatError(
+            f"{len(buf) - at - _EOCD.size - comment} bytes after the end of the zip archive (an appended archive?)",
+            region=_REGION,
+            offset=at,
+        )
+    end_records = at
+    locator = at - _ZIP64_LOCATOR.size
+    # torch writes zip64 end records into every archive; miniz reads them when the locator is there.
+    if locator >= 0 and buf[locator : locator + 4] == _ZIP64_LOCATOR_MAGIC:
+        end_records = _ZIP64_LOCATOR.unpack_from(buf, locator)[2]
+        if end_records + _ZIP64_EOCD.size > locator or buf[end_records : end_records + 4] != _ZIP64_EOCD_MAGIC:
+            raise LegacyFormatError("zip64 end record is not where its locator says", region=_REGION, offset=locator)
+        _sig, _size, _made, _need, disk, cd_disk, _here, entries, cd_size, cd_offset = _ZIP64_EOCD.unpack_from(
+            buf, end_records
+        )
+    elif 0xFFFFFFFF in (cd_size, cd_offset) or entries == 0xFFFF:
+        raise LegacyFormatError("zip64 sizes without a zip64 locator", region=_REGION, offset=at)
+    if disk or cd_disk:
+        raise LegacyFormatError("multi-disk zip archive", region=_REGION, offset=at)
+    if cd_offset + cd_size != end_records:
+        raise LegacyFormatError(
+            f"the central directory [{cd_offset}, +{cd_size}) does not end where the end record begins "
+            f"({end_records}): data before the archive or a decoy archive; torch and zip readers would disagree",
+            region=_REGION,
+            offset=at,
+        )
+    if entries > limits.max_zip_entries:
         raise LegacyLimitError("zip entries", entries, limits.max_zip_entries, region=_REGION)
+    return int(cd_offset)
 
 
 def open_torch_zip(buf: bytearray, *, limits: LegacyLimits = DEFAULT_LIMITS) -> TorchZip:
@@ -135,11 +177,12 @@ def open_torch_zip(buf: bytearray, *, limits: LegacyLimits = DEFAULT_LIMITS) -> 
     """
     if bytes(buf[:4]) != ZIP_MAGIC:
         raise LegacyFormatError("not a zip archive", region=_REGION, offset=0)
-    _precheck_entry_count(buf, limits)
+    cd_start = _central_directory(buf, limits)
     try:
         with zipfile.ZipFile(_BufferFile(buf)) as zf:
             infos = zf.infolist()
-            cd_start = int(getattr(zf, "start_dir", len(buf)))
+            if getattr(zf, "start_dir", cd_start) != cd_start:
+                raise LegacyFormatError("zip readers disagree on where the central directory is", region=_REGION)
     # zipfile raises NotImplementedError for archive versions and features it does not know.
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, struct.error, EOFError, KeyError,
             NotImplementedError) as e:
@@ -281,7 +324,7 @@ def load_torch_zip(zip_: TorchZip, *, limits: LegacyLimits = DEFAULT_LIMITS) -> 
         _, stype, key, location, numel = pid
         stype = check_storage_type(stype, region=region, offset=vm.offset)
         if type(key) is not str or not key.isascii() or not key.isdigit() or len(key) > 20:
-            vm.fail(f"storage key {key!r} is not a decimal string")
+            vm.fail(f"storage key {describe(key)} is not a decimal string")
         if type(location) is not str or type(numel) is not int or numel < 0:
             vm.fail("storage location must be a str and numel a non-negative int")
         known = storages.get(key)

@@ -22,7 +22,7 @@ checks every opcode goes through:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, NoReturn
+from typing import Any, NoReturn
 
 from mettaformat.errors import LegacyFormatError, LegacyLimitError, MettaFormatError
 from mettaformat.legacy import allowlist
@@ -31,8 +31,6 @@ from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
 __all__ = ["PersistentLoad", "PickleVM", "unpickle"]
 
 PersistentLoad = Callable[[tuple[Any, ...]], Any]
-
-_MAX_LINE: Final = 1 << 16
 
 
 class PickleVM:
@@ -182,7 +180,8 @@ class PickleVM:
     def readline(self) -> bytes:
         """Consume a protocol-0 text argument up to and including its newline."""
         p = self.pos
-        i = self.data.find(b"\n", p, min(self.limit, p + _MAX_LINE))
+        # Unbounded length is fine: a line is consumed once, or the search fails and so does the run.
+        i = self.data.find(b"\n", p, self.limit)
         if i < 0:
             self.fail("unterminated text argument")
         self.pos = i + 1
