@@ -172,3 +172,33 @@ def test_G13_tar_rejected(tmp_path: Path) -> None:
         with pytest.raises(LegacyUnsupportedError, match="tar"):
             import_legacy_bytes(buf.getvalue())
     assert not (tmp_path / "pickle").exists()
+
+
+def _real_and_decoy() -> tuple[bytes, bytes]:
+    real = C.torch_zip(C.state_dict_pickle(w=C.tensor(C.storage_pid())), {"0": bytes(16)})
+    decoy = C.torch_zip(C.state_dict_pickle(w=C.tensor(C.storage_pid())), {"0": b"\x01" * 16}, prefix="decoy")
+    return real, decoy
+
+
+def test_decoy_archive_appended_is_refused() -> None:
+    real, decoy = _real_and_decoy()
+    assert import_legacy_bytes(real).tensors["w"].abs().sum() == 0
+    with pytest.raises(LegacyFormatError, match=r"decoy|disagree|after the end"):
+        import_legacy_bytes(real + decoy)
+
+
+def test_decoy_archive_in_the_end_record_comment_is_refused() -> None:
+    real, decoy = _real_and_decoy()
+    eocd = real.rindex(b"PK\x05\x06")
+    with_comment = real[: eocd + 20] + struct.pack("<H", len(decoy)) + decoy
+    with pytest.raises(LegacyFormatError, match=r"decoy|disagree|after the end"):
+        import_legacy_bytes(with_comment)
+
+
+def test_decoy_end_record_pointing_at_the_real_directory_is_refused() -> None:
+    # An end record whose offsets are torch's (absolute) but whose position makes zipfile shift them.
+    real, _ = _real_and_decoy()
+    eocd = real.rindex(b"PK\x05\x06")
+    shifted = real[:eocd] + b"\x00" * 64 + real[eocd:]
+    with pytest.raises(LegacyFormatError, match=r"decoy|disagree"):
+        import_legacy_bytes(shifted)
