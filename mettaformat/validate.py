@@ -10,92 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import torch
 
 from mettaformat.errors import MettaFormatError
 
 __all__ = ["Problem", "ValidationReport", "unsafe_globals", "validate"]
-
-#: Modules whose names in a pickle mean "run something" (fickling / picklescan's lists, condensed).
-_UNSAFE_MODULES: Final = frozenset(
-    {
-        "os",
-        "posix",
-        "nt",
-        "subprocess",
-        "sys",
-        "builtins",
-        "__builtin__",
-        "socket",
-        "shutil",
-        "importlib",
-        "runpy",
-        "pty",
-        "commands",
-        "webbrowser",
-        "ctypes",
-        "code",
-        "codeop",
-        "pickle",
-        "_pickle",
-        "marshal",
-        "types",
-        "multiprocessing",
-        "asyncio",
-        "requests",
-        "urllib",
-        "http",
-        "ftplib",
-        "telnetlib",
-        "pdb",
-        "bdb",
-        "timeit",
-    }
-)
-_SAFE_BUILTINS: Final = frozenset(
-    {
-        "set",
-        "frozenset",
-        "list",
-        "dict",
-        "tuple",
-        "object",
-        "bytearray",
-        "bytes",
-        "int",
-        "float",
-        "complex",
-        "bool",
-        "str",
-        "slice",
-        "range",
-        "getattr_safe",
-    }
-)
-_UNSAFE_NAMES: Final = frozenset(
-    {
-        "eval",
-        "exec",
-        "system",
-        "popen",
-        "__import__",
-        "compile",
-        "open",
-        "getattr",
-        "setattr",
-        "apply",
-        "breakpoint",
-        "execfile",
-        "input",
-        "load",
-        "loads",
-        "_load_from_bytes",
-        "load_config",
-    }
-)
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -125,16 +46,10 @@ class ValidationReport:
 
 
 def unsafe_globals(class_paths: list[str]) -> list[str]:
-    """The class paths from a pickle that name code-running callables."""
-    found = []
-    for path in class_paths:
-        module, _, name = path.rpartition(".")
-        root = module.split(".")[0]
-        if (
-            root in _UNSAFE_MODULES and not (root in ("builtins", "__builtin__") and name in _SAFE_BUILTINS)
-        ) or name in _UNSAFE_NAMES:
-            found.append(path)
-    return sorted(set(found))
+    """The class paths from a pickle that name code-running callables (the importer's own rule)."""
+    from mettaformat.legacy.unsafe import unsafe_class_paths
+
+    return unsafe_class_paths(class_paths)
 
 
 def _problem(e: MettaFormatError) -> Problem:

@@ -36,6 +36,7 @@ __all__ = [
     "build",
     "call",
     "extend_list",
+    "interprets",
     "ordered_dict",
     "resolve_global",
     "set_items",
@@ -267,6 +268,11 @@ for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _TABLE[(_mod, "_reconstruct")] = (numpy_compat.reconstruct, False)
     _TABLE[(_mod, "scalar")] = (numpy_compat.scalar, False)
 _TABLE[("numpy", "dtype")] = (numpy_compat.dtype, True)
+
+
+def interprets(module: str, name: str) -> bool:
+    """True if the importer interprets ``module.name`` as data (it never calls any global)."""
+    return not isinstance(resolve_global(module, name), LegacyObject)
 
 
 def resolve_global(module: str, name: str) -> Any:
