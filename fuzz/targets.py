@@ -115,13 +115,50 @@ def zstd_frame(data: bytes) -> None:
 
 
 def unpickler(data: bytes) -> None:
-    """The restricted pickle VM, with no storages available."""
-    from mettaformat.legacy.unpickler import unpickle
+    """The restricted pickle VM, with no storages available, and CPython's unpickler as its oracle.
 
+    Whenever our VM accepts a stream that names no global, CPython's own unpickler (which then
+    has nothing to import) must read it too, to an equal value.
+    """
+    from mettaformat.legacy.unpickler import PickleVM
+
+    vm = PickleVM(bytearray(data))
     try:
-        unpickle(bytearray(data))
+        ours = vm.run()
     except MettaFormatError:
-        pass
+        return
+    # CPython grows its memo array to the largest index written; keep the oracle's memory small.
+    if vm.globals_seen or max(vm.memo, default=0) > 1 << 16:
+        return
+    theirs = _cpython_loads(data)
+    try:
+        same = _canonical(ours) == _canonical(theirs)
+    except RecursionError:  # cyclic values: == recurses; nothing to compare cheaply
+        return
+    if not same:
+        raise AssertionError(f"pickle VM disagrees with CPython: {ours!r:.200} != {theirs!r:.200}")
+
+
+def _cpython_loads(data: bytes) -> object:
+    import io
+    import pickle
+
+    class NoGlobals(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            raise pickle.UnpicklingError(f"global {module}.{name}")
+
+    return NoGlobals(io.BytesIO(data), encoding="utf-8").load()
+
+
+def _canonical(value: object) -> object:
+    # NaN != NaN; compare floats by their bit patterns instead.
+    if type(value) is float:
+        return ("float", struct.pack("<d", value))
+    if type(value) in (list, tuple):
+        return (type(value).__name__, [_canonical(x) for x in value])  # type: ignore[attr-defined]
+    if type(value) is dict:
+        return ("dict", [(_canonical(k), _canonical(v)) for k, v in value.items()])  # type: ignore[attr-defined]
+    return value
 
 
 def torch_zip(data: bytes) -> None:
