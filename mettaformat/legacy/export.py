@@ -348,13 +348,13 @@ def _agent_attributes_note(ckpt: Checkpoint, graph_module: Any, model: torch.nn.
     if not ckpt.agent_attributes:
         return
     from mettaformat.legacy.graph import graph_equal
-    from mettaformat.legacy.modules import module_attrs
+    from mettaformat.legacy.modules import module_attrs, module_dict
 
     if model is not None:
         held = getattr(model, "agent_attributes", None)
     else:
         attrs = module_attrs(graph_module) or {}
-        inner = module_attrs((attrs.get("_modules") or {}).get("policy")) or {}
+        inner = module_attrs(module_dict(attrs, "_modules").get("policy")) or {}
         held = attrs.get("agent_attributes", inner.get("agent_attributes"))
     if not (isinstance(held, dict) and graph_equal(dict(held), ckpt.agent_attributes)):
         report.not_carried.append("agent_attributes: the policy object carries its own, which differ")

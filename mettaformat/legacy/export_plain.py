@@ -17,7 +17,9 @@ import torch
 from mettaformat._torch import contiguous_cpu, storage_key
 from mettaformat.checkpoint import Checkpoint
 from mettaformat.container.tree import LegacyObject
+from mettaformat.errors import WriteError
 from mettaformat.legacy.allowlist import RecordedDefaultDict
+from mettaformat.legacy.describe import describe
 from mettaformat.legacy.pickler import class_pairs
 
 __all__ = ["ALIASES_KEY", "dropped_fields", "safetensors_payload", "weights_only_tree"]
@@ -56,7 +58,10 @@ def weights_only_tree(
     """
     if allow_objects:
         return value
-    out = _filter(value, path, not_carried, notes)
+    try:
+        out = _filter(value, path, not_carried, notes)
+    except RecursionError as e:
+        raise WriteError(f"{path}: nested too deeply to write") from e
     return {} if out is _DROP else out
 
 
@@ -73,7 +78,7 @@ def _filter(v: Any, path: str, not_carried: list[str], notes: list[str]) -> Any:
             notes.append(f"{path}: a collections.defaultdict, written as a dict")
         out: dict[Any, Any] = OrderedDict() if isinstance(v, OrderedDict) else {}
         for k, x in v.items():
-            key = _filter(k, f"{path}[{k!r}]", not_carried, notes)
+            key = _filter(k, f"{path}[{describe(k)}]", not_carried, notes)
             item = _filter(x, f"{path}.{k}", not_carried, notes) if key is not _DROP else _DROP
             if item is not _DROP:
                 out[key] = item

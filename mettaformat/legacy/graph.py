@@ -146,9 +146,13 @@ def graph_equal(a: Any, b: Any) -> bool:
         b: another.
 
     Returns:
-        True if they are equal.
+        True if they are equal; False also for graphs too deep to compare (callers then write
+        the value they were given, and the writer reports the depth).
     """
-    return _Equal().eq(to_storable(a), to_storable(b))
+    try:
+        return _Equal().eq(to_storable(a), to_storable(b))
+    except RecursionError:
+        return False
 
 
 class _Equal:

@@ -26,7 +26,7 @@ from mettaformat.checkpoint import Checkpoint, TrainingState
 from mettaformat.container.tree import LegacyObject
 from mettaformat.errors import LegacyFormatError, LegacyImportError
 from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
-from mettaformat.legacy.modules import EXTRA_STATE_NOTE, is_module, module_attrs, recover_module
+from mettaformat.legacy.modules import EXTRA_STATE_NOTE, is_module, module_attrs, module_dict, recover_module
 from mettaformat.legacy.numpy_compat import is_numpy_scalar, numpy_scalar_value
 
 __all__ = ["LoadedPickle", "to_checkpoint"]
@@ -115,7 +115,7 @@ def _set_model(ckpt: Checkpoint, model: Any, limits: LegacyLimits) -> None:
     ckpt.provenance["model_class"] = model.class_path
     ckpt.provenance["notes"] = [*state.notes, EXTRA_STATE_NOTE]
     agent = module_attrs(model) or {}
-    inner = module_attrs((agent.get("_modules") or {}).get("policy")) or {}
+    inner = module_attrs(module_dict(agent, "_modules").get("policy")) or {}
     attributes = agent.get("agent_attributes", inner.get("agent_attributes"))
     if isinstance(attributes, dict):
         ckpt.agent_attributes = dict(attributes)
@@ -145,7 +145,7 @@ def _policy_record(ckpt: Checkpoint, record: LegacyObject, limits: LegacyLimits)
     ckpt.provenance["record_class"] = record.class_path
     if is_module(policy):
         _set_model(ckpt, policy, limits)
-        if era == "D" and "policy" in (module_attrs(policy) or {}).get("_modules", {}):
+        if era == "D" and "policy" in module_dict(module_attrs(policy) or {}, "_modules"):
             era = "D (policy submodule)"
         elif era == "A0/A1":
             era = "A1" if isinstance(policy, LegacyObject) and policy.name == "MettaAgent" else "A0"
@@ -154,16 +154,26 @@ def _policy_record(ckpt: Checkpoint, record: LegacyObject, limits: LegacyLimits)
     ckpt.provenance["era"] = era
 
 
+def _version(d: dict[Any, Any], key: str) -> int | str | None:
+    # Versions are compared and stored downstream: only ints (numpy ints too) and strings pass.
+    value = d.get(key)
+    if is_numpy_scalar(value):
+        value = numpy_scalar_value(value)
+    if value is None or type(value) in (int, str):
+        return value
+    raise LegacyFormatError(f"{key} must be an int or a string, got a {_describe(value)}", region="data.pkl")
+
+
 def _v2(ckpt: Checkpoint, d: dict[Any, Any], limits: LegacyLimits) -> None:
-    version = d.get("checkpoint_format_version")
-    ckpt.versions = {"checkpoint_format": version}
+    ckpt.versions = {"checkpoint_format": _version(d, "checkpoint_format_version")}
     for key, tag in (
         ("observation_space_version", "observation_space"),
         ("action_space_version", "action_space"),
         ("layer_version", "layer"),
     ):
-        if d.get(key) is not None:
-            ckpt.versions[tag] = d[key]
+        version = _version(d, key)
+        if version is not None:
+            ckpt.versions[tag] = version
     ckpt.name = d.get("name") if isinstance(d.get("name"), str) else None
     ckpt.uri = d.get("uri") if isinstance(d.get("uri"), str) else None
     ckpt.metadata = plain_metadata(d.get("metadata"))

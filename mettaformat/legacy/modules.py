@@ -23,7 +23,7 @@ from mettaformat.container.tree import LegacyObject
 from mettaformat.errors import LegacyLimitError
 from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
 
-__all__ = ["ModuleState", "is_module", "module_attrs", "recover_module"]
+__all__ = ["ModuleState", "is_module", "module_attrs", "module_dict", "recover_module", "state_slots"]
 
 _LEAF_TYPES: Final = frozenset(
     {type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device}
@@ -75,7 +75,11 @@ def is_module(obj: Any) -> bool:
     return attrs is not None and any(isinstance(attrs.get(k), dict) for k in _MODULE_KEYS)
 
 
-def _named(attrs: dict[str, Any], key: str) -> dict[Any, Any]:
+def module_dict(attrs: dict[str, Any], key: str) -> dict[Any, Any]:
+    """``attrs[key]`` (``_modules``, ``_parameters``, ``_buffers``) if it is a dict, else an empty one.
+
+    A hostile or damaged graph may hold anything there; readers treat a non-dict as absent.
+    """
     value = attrs.get(key)
     return value if isinstance(value, dict) else {}
 
@@ -96,7 +100,8 @@ def recover_module(root: Any, *, limits: LegacyLimits = DEFAULT_LIMITS) -> Modul
     budget = _Budget(limits.max_traversal)
     notes: list[str] = []
     classes: dict[str, str] = {}
-    state = _state_dict(root, budget, notes, classes)
+    slots = state_slots(root, notes=notes, classes=classes, budget=budget)
+    state = {key: holder[name] for key, holder, name, _ in slots}
     held = {id(t) for t in state.values()}
     extra = _graph_tensors(root, held, budget)
     return ModuleState(state, extra, classes, notes)
@@ -116,8 +121,25 @@ class _Budget:
             raise LegacyLimitError("object graph nodes visited", self.used, self.limit, region="module graph")
 
 
-def _state_dict(root: Any, budget: _Budget, notes: list[str], classes: dict[str, str]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def state_slots(
+    root: Any, *, limits: LegacyLimits = DEFAULT_LIMITS, notes: list[str] | None = None,
+    classes: dict[str, str] | None = None, budget: _Budget | None = None,
+) -> list[tuple[str, dict[Any, Any], Any, bool]]:
+    """Where each state-dict tensor of a pickled module lives, in ``Module.state_dict()`` order.
+
+    Args:
+        root: a pickled module.
+        limits: ``max_traversal`` bounds the modules visited.
+        notes: receives what was skipped (cycles, non-module children, non-tensor slots).
+        classes: receives the class path of every module visited, by dotted module path.
+        budget: a traversal budget shared with a later walk (default: a fresh one).
+
+    Returns:
+        ``(state-dict key, slot dict, name in it, is a parameter)`` per tensor.
+    """
+    budget = budget or _Budget(limits.max_traversal)
+    notes = [] if notes is None else notes
+    slots: list[tuple[str, dict[Any, Any], Any, bool]] = []
     on_path: set[int] = set()
     # ("enter", module, prefix) or ("exit", module, "") -- recursion made explicit.
     work: list[tuple[str, Any, str]] = [("enter", root, "")]
@@ -134,23 +156,25 @@ def _state_dict(root: Any, budget: _Budget, notes: list[str], classes: dict[str,
         if attrs is None or not is_module(mod):
             notes.append(f"{prefix.rstrip('.')}: child is a {type(mod).__name__}, not a module; skipped")
             continue
-        classes[prefix.rstrip(".")] = mod.class_path
+        if classes is not None:
+            classes[prefix.rstrip(".")] = mod.class_path
         on_path.add(id(mod))
         work.append(("exit", mod, ""))
         non_persistent = attrs.get("_non_persistent_buffers_set")
         skip = non_persistent if isinstance(non_persistent, (set, frozenset)) else frozenset()
         for kind in ("_parameters", "_buffers"):
-            for name, value in _named(attrs, kind).items():
+            holder = module_dict(attrs, kind)
+            for name, value in holder.items():
                 if value is None or (kind == "_buffers" and name in skip):
                     continue
                 if not isinstance(value, torch.Tensor):
                     notes.append(f"{prefix}{name}: {kind[1:-1]} is a {type(value).__name__}, not a tensor; skipped")
                     continue
-                out[f"{prefix}{name}"] = value
-        children = [(n, c) for n, c in _named(attrs, "_modules").items() if c is not None]
+                slots.append((f"{prefix}{name}", holder, name, kind == "_parameters"))
+        children = [(n, c) for n, c in module_dict(attrs, "_modules").items() if c is not None]
         for name, child in reversed(children):
             work.append(("enter", child, f"{prefix}{name}."))
-    return out
+    return slots
 
 
 #: A position in the object graph: ``(key, parent position)``, ``(_ROOT, None)`` for the root.

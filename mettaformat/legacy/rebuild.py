@@ -20,7 +20,7 @@ from mettaformat.checkpoint import Checkpoint
 from mettaformat.container.tree import LegacyObject
 from mettaformat.legacy.graph import graph_equal
 from mettaformat.legacy.metta import plain_metadata
-from mettaformat.legacy.modules import is_module, module_attrs
+from mettaformat.legacy.modules import is_module, module_attrs, state_slots
 from mettaformat.legacy.pickler import PickleOptions
 
 __all__ = [
@@ -88,31 +88,8 @@ def module_hook_dicts(graph: Any) -> set[int]:
 def _state_slots(root: Any) -> dict[str, tuple[dict[Any, Any], str, bool]]:
     """``state-dict key -> (slot dict, name, is_parameter)``, in ``Module.state_dict()`` order."""
     out: dict[str, tuple[dict[Any, Any], str, bool]] = {}
-    on_path: set[int] = set()
-    work: list[tuple[bool, Any, str]] = [(True, root, "")]
-    while work:
-        enter, mod, prefix = work.pop()
-        if not enter:
-            on_path.discard(id(mod))
-            continue
-        attrs = module_attrs(mod)
-        if attrs is None or not is_module(mod) or id(mod) in on_path:
-            continue  # the importer skipped (and noted) these too
-        on_path.add(id(mod))
-        work.append((False, mod, ""))
-        skip = attrs.get("_non_persistent_buffers_set")
-        skip = skip if isinstance(skip, (set, frozenset)) else frozenset()
-        for kind in ("_parameters", "_buffers"):
-            slots = attrs.get(kind)
-            if not isinstance(slots, dict):
-                continue
-            for name, value in slots.items():
-                if value is not None and not (kind == "_buffers" and name in skip):
-                    out.setdefault(f"{prefix}{name}", (slots, name, kind == "_parameters"))
-        children = attrs.get("_modules")
-        pairs = [(n, c) for n, c in (children or {}).items() if c is not None] if isinstance(children, dict) else []
-        for name, child in reversed(pairs):
-            work.append((True, child, f"{prefix}{name}."))
+    for key, holder, name, is_param in state_slots(root):
+        out.setdefault(key, (holder, name, is_param))
     return out
 
 
