@@ -140,8 +140,12 @@ def read_checkpoint(
         eager = not lazy or off_host(torch.device(device))
         ckpt.tensors = reader.load_section("model", device) if eager else reader.state_dict("model")
         if "legacy" in reader.tree_names:
+            from mettaformat.legacy.metta import graph_tensors
+
             ckpt.legacy_graph = reader.tree("legacy")
-        if "legacy" in reader.sections:
+            # Named as the importer names them, not by their place in the stored tree.
+            ckpt.legacy_tensors = graph_tensors(ckpt.legacy_graph)
+        elif "legacy" in reader.sections:
             ckpt.legacy_tensors = reader.state_dict("legacy")
         trees = {name: reader.tree(name) for name in _TRAINING_TREES if name in reader.tree_names}
         if trees:

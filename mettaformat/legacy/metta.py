@@ -29,7 +29,7 @@ from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
 from mettaformat.legacy.modules import EXTRA_STATE_NOTE, is_module, module_attrs, module_dict, recover_module
 from mettaformat.legacy.numpy_compat import is_numpy_scalar, numpy_scalar_value
 
-__all__ = ["LoadedPickle", "to_checkpoint"]
+__all__ = ["LoadedPickle", "graph_tensors", "to_checkpoint"]
 
 _RECORD_ERAS: Final = {
     "agent.policy_store": "A0/A1",
@@ -102,6 +102,26 @@ def to_checkpoint(loaded: LoadedPickle, *, limits: LegacyLimits = DEFAULT_LIMITS
     else:
         raise LegacyImportError(f"no known Metta checkpoint shape in a top-level {_describe(v)}", region="data.pkl")
     return ckpt
+
+
+def graph_tensors(graph: Any, *, limits: LegacyLimits = DEFAULT_LIMITS) -> dict[str, torch.Tensor]:
+    """The graph-only tensors of a legacy object graph, named exactly as :func:`to_checkpoint` names them.
+
+    A container stores a legacy graph as an object tree; reading it back recognises the graph
+    again, so ``legacy_tensors`` keep one naming across import, conversion and export.
+
+    Args:
+        graph: a ``legacy_graph`` (from the importer or decoded from a container).
+        limits: ``max_traversal`` bounds the walk.
+
+    Returns:
+        Dotted attribute path -> tensor; empty for graphs with no recognisable module.
+    """
+    try:
+        ckpt = to_checkpoint(LoadedPickle(graph, set(), "mettaformat"), limits=limits)
+    except LegacyImportError:
+        return {}
+    return dict(ckpt.legacy_tensors)
 
 
 def _describe(v: Any) -> str:
