@@ -128,7 +128,7 @@ def load_any(
     if torch.device(device).type != "cpu" and kind != "mettaformat":
         ckpt.tensors = _to_device(ckpt.tensors, device)
     if migrate:
-        apply_migrations(ckpt)
+        apply_migrations(ckpt, source=path)
     return ckpt
 
 

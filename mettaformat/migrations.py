@@ -10,6 +10,7 @@ shows the raw form.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,18 +52,21 @@ def registered_migrations() -> list[Migration]:
     return list(_registry)
 
 
-def apply_migrations(ckpt: Checkpoint, *, warn: bool = True) -> list[str]:
-    """Apply every matching migration to ``ckpt``; return the ids applied."""
+def apply_migrations(ckpt: Checkpoint, *, warn: bool = True, source: str | os.PathLike[str] | None = None) -> list[str]:
+    """Apply every matching migration to ``ckpt``; return the ids applied.
+
+    ``source`` is the file the checkpoint was read from; warnings name it (a legacy file's own
+    ``uri`` says where it was written, not where it is).
+    """
     applied: list[str] = []
+    where = os.fspath(source) if source is not None else ckpt.uri or ckpt.name or "checkpoint"
     for m in _registry:
         if m.applies(ckpt):
             m.apply(ckpt)
             applied.append(m.id)
             ckpt.provenance.setdefault("migrations", []).append({"id": m.id, "description": m.description})
             if warn:
-                warnings.warn(
-                    f"{ckpt.uri or ckpt.name or 'checkpoint'}: {m.description}", MigrationWarning, stacklevel=3
-                )
+                warnings.warn(f"{where}: {m.description}", MigrationWarning, stacklevel=3)
     return applied
 
 
