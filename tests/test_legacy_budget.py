@@ -32,6 +32,15 @@ def test_every_pickle_opcode_is_run_by_exactly_one_place() -> None:
     assert codes == INLINE | HANDLED
 
 
+def test_records_are_built_with_the_fields_in_order() -> None:
+    import dataclasses
+
+    from mettaformat.container.tree import LegacyObject
+    from mettaformat.legacy.vmloop import RECORD_FIELDS
+
+    assert tuple(f.name for f in dataclasses.fields(LegacyObject)) == RECORD_FIELDS
+
+
 def test_budget_charges_bytearray_of_a_memoised_buffer() -> None:
     big = b"B" + struct.pack("<I", 50_000) + b"x" * 50_000
     pkl = _memo_then_repeat(big, C.call(C.glob("__builtin__", "bytearray"), b"h\x00"), 20)

@@ -105,21 +105,37 @@ class PickleVM:
         """Raise a :class:`LegacyFormatError` at the current opcode."""
         raise LegacyFormatError(message, region=self.region, offset=self.offset)
 
+    def over(self, what: str, value: int, cap: int) -> NoReturn:
+        """Raise a :class:`LegacyLimitError` at the current opcode."""
+        raise LegacyLimitError(what, value, cap, region=self.region, offset=self.offset)
+
+    def underflow(self) -> NoReturn:
+        self.fail("stack underflow")
+
+    def no_mark(self) -> NoReturn:
+        self.fail("opcode needs a MARK but none is open")
+
+    def missing(self, idx: int) -> NoReturn:
+        self.fail(f"memo slot {idx} was never written")
+
+    def too_many(self, count: int) -> NoReturn:
+        self.objects = count
+        self.over("pickle objects", count, self.limits.max_objects)
+
+    def memo_full(self) -> NoReturn:
+        self.over("memo slots", len(self.memo), self.limits.max_memo)
+
     def charge(self, n: int) -> None:
         """Account for ``n`` element copies or allocations; raise once the work budget is spent."""
         self._work += n
         if self._work > self._max_work:
-            raise LegacyLimitError(
-                "pickle work units", self._work, self._max_work, region=self.region, offset=self.offset
-            )
+            self.over("pickle work units", self._work, self._max_work)
 
     def count_object(self) -> None:
         """Account for one container or record created."""
         self.objects += 1
         if self.objects > self.limits.max_objects:
-            raise LegacyLimitError(
-                "pickle objects", self.objects, self.limits.max_objects, region=self.region, offset=self.offset
-            )
+            self.too_many(self.objects)
 
     def make_tuple(self, items: list[Any] | tuple[Any, ...]) -> tuple[Any, ...]:
         """Build a tuple, refusing nesting deeper than ``limits.max_tuple_depth``."""
@@ -137,9 +153,7 @@ class PickleVM:
         if depth:
             depth += 1
             if depth > self.limits.max_tuple_depth:
-                raise LegacyLimitError(
-                    "tuple nesting", depth, self.limits.max_tuple_depth, region=self.region, offset=self.offset
-                )
+                self.over("tuple nesting", depth, self.limits.max_tuple_depth)
             # Keeping the tuple referenced keeps its id unique for later lookups.
             deep[id(t)] = (depth, size, t)
         return t
@@ -190,19 +204,19 @@ class PickleVM:
     def pop(self) -> Any:
         """Pop one value above the innermost MARK."""
         if len(self.stack) <= (self.marks[-1] if self.marks else 0):
-            self.fail("stack underflow")
+            self.underflow()
         return self.stack.pop()
 
     def top(self) -> Any:
         """The value on top of the stack, above the innermost MARK."""
         if len(self.stack) <= (self.marks[-1] if self.marks else 0):
-            self.fail("stack underflow")
+            self.underflow()
         return self.stack[-1]
 
     def pop_mark(self) -> list[Any]:
         """Pop everything above the innermost MARK, and the MARK."""
         if not self.marks:
-            self.fail("opcode needs a MARK but none is open")
+            self.no_mark()
         m = self.marks.pop()
         items = self.stack[m:]
         del self.stack[m:]
@@ -212,15 +226,13 @@ class PickleVM:
         """Store ``value`` in memo slot ``idx``, within the slot cap."""
         self.memo[idx] = value
         if len(self.memo) > self.limits.max_memo:
-            raise LegacyLimitError(
-                "memo slots", len(self.memo), self.limits.max_memo, region=self.region, offset=self.offset
-            )
+            self.memo_full()
 
     def memo_get(self, idx: int) -> Any:
         """The value in memo slot ``idx``."""
         value = self.memo.get(idx, self.memo)  # the memo itself is the "missing" sentinel
         if value is self.memo:
-            self.fail(f"memo slot {idx} was never written")
+            self.missing(idx)
         return value
 
     # -- driver ---------------------------------------------------------------------------------

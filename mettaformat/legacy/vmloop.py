@@ -1,32 +1,24 @@
 """The one interpreter loop of :class:`~mettaformat.legacy.unpickler.PickleVM`.
 
-Nearly all the opcodes of a torch pickle are the two dozen run inline here, with the
-position, the opcode's own offset, the read limit, the MARK floor and the object count in
-local variables; every other opcode runs its handler from :data:`.opcodes.TABLE` with that
-state written back to the VM. Each opcode is in exactly one of the two places. Runs that
-torch's pickler always writes together are taken in one step: ``BINGET...``,
-``BINGET EMPTY_TUPLE REDUCE|NEWOBJ`` (``OrderedDict()``, module instances) and a new value
-followed by its ``BINPUT``/``LONG_BINPUT``/``MEMOIZE``. The checks are the VM's:
-
-* every argument is checked against ``limit`` (the end of the current ``FRAME``, else of the
-  stream) before anything is read; a frame ends when the position reaches its end;
-* pops check the stack height above the innermost MARK;
-* the memo is a dict with a slot cap, ``GET`` pushes references;
-* containers and records count against ``max_objects``; tuples of tuples go through
-  :meth:`PickleVM.make_tuple` (nesting cap, hash cost); tuple keys are charged when hashed;
-* ``REDUCE``/``NEWOBJ``/``BUILD``/``SETITEM(S)``/``APPEND`` beyond the plain cases go through
-  :mod:`.allowlist`; nothing named in the stream is imported or called.
+The opcodes of a torch pickle run inline here, with the position, the opcode's offset, the read
+limit, the MARK floor and the object count in locals; every other opcode runs its handler from
+:data:`.opcodes.TABLE` with that state written back to the VM. Each opcode is in exactly one of
+the two places. Runs torch's pickler always writes together are taken in one step: ``BINGET...``,
+``BINGET EMPTY_TUPLE REDUCE|NEWOBJ`` (``OrderedDict()``, module instances), and a new value
+followed by its ``BINPUT``/``LONG_BINPUT``/``MEMOIZE``. The checks are the VM's: arguments against
+``limit`` (the end of the current ``FRAME``, else of the stream) before any read; pops against the
+innermost MARK; the memo slot cap; ``max_objects``; tuple nesting and tuple-key hashing through
+:meth:`PickleVM.make_tuple`/:meth:`~PickleVM.charge_keys`; anything beyond plain containers through
+:mod:`.allowlist`. Nothing named in the stream is imported or called.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import struct
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final
 
 from mettaformat.container.tree import LegacyObject
-from mettaformat.errors import LegacyLimitError
 from mettaformat.legacy import allowlist
 from mettaformat.legacy.allowlist import Builtin
 from mettaformat.legacy.opcodes import TABLE
@@ -34,7 +26,7 @@ from mettaformat.legacy.opcodes import TABLE
 if TYPE_CHECKING:
     from mettaformat.legacy.unpickler import PickleVM
 
-__all__ = ["INLINE", "run_loop"]
+__all__ = ["INLINE", "RECORD_FIELDS", "run_loop"]
 
 _U2 = struct.Struct("<H").unpack_from
 _U4 = struct.Struct("<I").unpack_from
@@ -51,24 +43,14 @@ INLINE: Final = frozenset(
         pickle.BININT2, pickle.SETITEM, pickle.APPEND, pickle.BININT,
     )
 )  # fmt: skip
-#: LegacyObject's fields in order, so records can be built positionally (twice as fast as
-#: with keywords); checked here so that a change to the class cannot go unnoticed.
-_POSITIONAL = [f.name for f in dataclasses.fields(LegacyObject)] == [
-    "module",
-    "name",
-    "args",
-    "state",
-    "items",
-    "listitems",
-    "kind",
-]
+#: The fields of LegacyObject in order: records are built positionally, twice as fast as with
+#: keywords (a test checks the order).
+RECORD_FIELDS: Final = ("module", "name", "args", "state", "items", "listitems", "kind")
 
 
 def _record(cls: LegacyObject, args: tuple[Any, ...], how: str) -> LegacyObject:
     # What allowlist.stub_call returns for a class it has accepted once already.
-    if _POSITIONAL:
-        return LegacyObject(cls.module, cls.name, args, None, [], [], how)
-    return LegacyObject(cls.module, cls.name, args=args, kind=how)  # pragma: no cover
+    return LegacyObject(cls.module, cls.name, args, None, [], [], how)
 
 
 def run_loop(vm: PickleVM) -> None:
@@ -102,7 +84,6 @@ def run_loop(vm: PickleVM) -> None:
     marks = vm.marks
     memo = vm.memo
     table = TABLE
-    fail = vm.fail
     make_tuple = vm.make_tuple
     charge_keys = vm.charge_keys
     max_memo = vm.limits.max_memo
@@ -120,27 +101,10 @@ def run_loop(vm: PickleVM) -> None:
     floor = marks[-1] if marks else 0
     value: Any = None
 
-    def short(at: int, p: int, n: int) -> NoReturn:
-        # An argument of n bytes at p does not fit before the limit.
-        vm.op_pos = at
-        vm.short(p, n)
-
-    def underflow(at: int) -> NoReturn:
-        vm.op_pos = at
-        fail("stack underflow")
-
-    def too_many(at: int, count: int) -> NoReturn:
-        vm.op_pos = at
-        vm.objects = count
-        raise LegacyLimitError("pickle objects", count, max_objects, region=vm.region, offset=vm.offset)
-
-    def memo_full(at: int) -> NoReturn:
-        vm.op_pos = at
-        raise LegacyLimitError("memo slots", len(memo), max_memo, region=vm.region, offset=vm.offset)
-
-    def missing(at: int, idx: int) -> NoReturn:
-        vm.op_pos = at
-        fail(f"memo slot {idx} was never written")
+    def at(p: int) -> PickleVM:
+        # Name the opcode at p in the error about to be raised.
+        vm.op_pos = p
+        return vm
 
     def tuple_of(items: list[Any], at: int) -> tuple[Any, ...]:
         # Only tuples of tuples need make_tuple's bookkeeping.
@@ -161,8 +125,7 @@ def run_loop(vm: PickleVM) -> None:
         while True:
             if pos >= limit:
                 if pos >= end:
-                    vm.op_pos = op_pos
-                    fail("pickle ends without STOP")
+                    at(op_pos).fail("pickle ends without STOP")
                 # The current FRAME is used up; the stream continues unframed.
                 vm.frame_end = -1
                 limit = vm.limit = end
@@ -171,11 +134,11 @@ def run_loop(vm: PickleVM) -> None:
             if op == BINGET:  # usually several in a row
                 while True:
                     if pos + 2 > limit:
-                        short(pos, pos + 1, 1)
+                        at(pos).short(pos + 1, 1)
                     try:
                         append(memo[data[pos + 1]])
                     except KeyError:
-                        missing(pos, data[pos + 1])
+                        at(pos).missing(data[pos + 1])
                     pos += 2
                     if pos >= limit:
                         break
@@ -194,10 +157,10 @@ def run_loop(vm: PickleVM) -> None:
                 pos += 1
                 op_pos = pos
                 if len(stack) <= floor:
-                    underflow(pos)
+                    at(pos).underflow()
                 objects += 1
                 if objects > max_objects:
-                    too_many(pos, objects)
+                    at(pos).too_many(objects)
                 func = pop()
                 vm.op_pos = pos
                 if type(func) is LegacyObject and func in stubbed:
@@ -212,23 +175,23 @@ def run_loop(vm: PickleVM) -> None:
             # a BINPUT/LONG_BINPUT/MEMOIZE right after runs below.
             elif op == LONG_BINGET:
                 if pos + 5 > limit:
-                    short(pos, pos + 1, 4)
+                    at(pos).short(pos + 1, 4)
                 idx = _U4(data, pos + 1)[0]
                 try:
                     append(memo[idx])
                 except KeyError:
-                    missing(pos, idx)
+                    at(pos).missing(idx)
                 pos += 5
                 continue
             elif op == EMPTY_DICT or op == EMPTY_LIST:
                 objects += 1
                 if objects > max_objects:
-                    too_many(pos, objects)
+                    at(pos).too_many(objects)
                 value = {} if op == EMPTY_DICT else []
                 pos += 1
             elif op == BININT1:
                 if pos + 2 > limit:
-                    short(pos, pos + 1, 1)
+                    at(pos).short(pos + 1, 1)
                 append(data[pos + 1])
                 pos += 2
                 continue
@@ -237,41 +200,32 @@ def run_loop(vm: PickleVM) -> None:
                 marks.append(floor)
                 pos += 1
                 continue
-            elif op == BINUNICODE or op == SHORT_BINUNICODE:
-                if op == BINUNICODE:
-                    if pos + 5 > limit:
-                        short(pos, pos + 1, 4)
-                    q = pos + 5 + _U4(data, pos + 1)[0]
-                    p = pos + 5
-                else:
-                    if pos + 2 > limit:
-                        short(pos, pos + 1, 1)
-                    q = pos + 2 + data[pos + 1]
-                    p = pos + 2
+            elif op == BINUNICODE:
+                if pos + 5 > limit:
+                    at(pos).short(pos + 1, 4)
+                q = pos + 5 + _U4(data, pos + 1)[0]
                 if q > limit:
-                    short(pos, p, q - p)
-                value = str(view[p:q], "utf-8", "surrogatepass")
+                    at(pos).short(pos + 5, q - pos - 5)
+                value = str(view[pos + 5 : q], "utf-8", "surrogatepass")
                 pos = q
             elif op == SETITEMS:
                 if not marks:
-                    vm.op_pos = pos
-                    fail("opcode needs a MARK but none is open")
+                    at(pos).no_mark()
                 m = marks.pop()
                 floor = marks[-1] if marks else 0
                 items = stack[m:]
                 del stack[m:]
                 if len(items) % 2:
-                    vm.op_pos = pos
-                    fail("SETITEMS with an odd number of items")
+                    at(pos).fail("SETITEMS with an odd number of items")
                 if len(stack) <= floor:
-                    underflow(pos)
+                    at(pos).underflow()
                 target = stack[-1]
                 if type(target) is dict:
                     it = iter(items)
+                    if tuple in map(type, items[::2]):
+                        vm.op_pos = pos
+                        charge_keys(items[::2])
                     for key in it:  # an even count: next() never runs out
-                        if type(key) is tuple:
-                            vm.op_pos = pos
-                            charge_keys((key,))
                         target[key] = next(it)
                 else:
                     vm.op_pos = pos
@@ -280,7 +234,7 @@ def run_loop(vm: PickleVM) -> None:
                 continue
             elif op == BUILD:
                 if len(stack) - 2 < floor:
-                    underflow(pos)
+                    at(pos).underflow()
                 state = pop()
                 target = stack[-1]
                 if type(target) is LegacyObject and target.state is None:
@@ -292,10 +246,10 @@ def run_loop(vm: PickleVM) -> None:
                 continue
             elif op == REDUCE or op == NEWOBJ:  # (other than after BINGET EMPTY_TUPLE)
                 if len(stack) - 2 < floor:
-                    underflow(pos)
+                    at(pos).underflow()
                 objects += 1
                 if objects > max_objects:
-                    too_many(pos, objects)
+                    at(pos).too_many(objects)
                 args = pop()
                 func = pop()
                 vm.op_pos = pos
@@ -313,20 +267,19 @@ def run_loop(vm: PickleVM) -> None:
             elif TUPLE1 <= op <= TUPLE3:
                 objects += 1
                 if objects > max_objects:
-                    too_many(pos, objects)
+                    at(pos).too_many(objects)
                 n = op - TUPLE1 + 1
                 if len(stack) - n < floor:
-                    underflow(pos)
+                    at(pos).underflow()
                 value = tuple_of(stack[-n:], pos)
                 del stack[-n:]
                 pos += 1
             elif op == TUPLE:
                 objects += 1
                 if objects > max_objects:
-                    too_many(pos, objects)
+                    at(pos).too_many(objects)
                 if not marks:
-                    vm.op_pos = pos
-                    fail("opcode needs a MARK but none is open")
+                    at(pos).no_mark()
                 m = marks.pop()
                 floor = marks[-1] if marks else 0
                 value = tuple_of(stack[m:], pos)
@@ -347,44 +300,42 @@ def run_loop(vm: PickleVM) -> None:
                 # Not right after a new value (those run below).
                 n = 4 if op == LONG_BINPUT else 1 if op == BINPUT else 0
                 if pos + 1 + n > limit:
-                    short(pos, pos + 1, n)
+                    at(pos).short(pos + 1, n)
                 if len(stack) <= floor:
-                    underflow(pos)
+                    at(pos).underflow()
                 memo[_U4(data, pos + 1)[0] if n == 4 else data[pos + 1] if n else len(memo)] = stack[-1]
                 if len(memo) > max_memo:
-                    memo_full(pos)
+                    at(pos).memo_full()
                 pos += 1 + n
                 continue
             elif op == BINFLOAT:
                 if pos + 9 > limit:
-                    short(pos, pos + 1, 8)
+                    at(pos).short(pos + 1, 8)
                 append(_F8(data, pos + 1)[0])
                 pos += 9
                 continue
             elif op == BININT2:
                 if pos + 3 > limit:
-                    short(pos, pos + 1, 2)
+                    at(pos).short(pos + 1, 2)
                 append(_U2(data, pos + 1)[0])
                 pos += 3
                 continue
             elif op == SETITEM:
                 if len(stack) - 3 < floor:
-                    underflow(pos)
+                    at(pos).underflow()
                 value = pop()
                 key = pop()
                 target = stack[-1]
-                vm.op_pos = pos
-                if type(target) is dict:
-                    if type(key) is tuple:
-                        charge_keys((key,))
+                if type(target) is dict and type(key) is not tuple:
                     target[key] = value
                 else:
+                    vm.op_pos = pos
                     allowlist.set_items(vm, target, [key, value])
                 pos += 1
                 continue
             elif op == APPEND:
                 if len(stack) - 2 < floor:
-                    underflow(pos)
+                    at(pos).underflow()
                 value = pop()
                 target = stack[-1]
                 if type(target) is list:
@@ -394,9 +345,17 @@ def run_loop(vm: PickleVM) -> None:
                     allowlist.extend_list(vm, target, [value])
                 pos += 1
                 continue
+            elif op == SHORT_BINUNICODE:
+                if pos + 2 > limit:
+                    at(pos).short(pos + 1, 1)
+                q = pos + 2 + data[pos + 1]
+                if q > limit:
+                    at(pos).short(pos + 2, q - pos - 2)
+                value = str(view[pos + 2 : q], "utf-8", "surrogatepass")
+                pos = q
             elif op == BININT:
                 if pos + 5 > limit:
-                    short(pos, pos + 1, 4)
+                    at(pos).short(pos + 1, 4)
                 append(_I4(data, pos + 1)[0])
                 pos += 5
                 continue
@@ -422,7 +381,7 @@ def run_loop(vm: PickleVM) -> None:
                         op_pos = pos
                         memo[_U4(data, pos + 1)[0]] = value
                         if len(memo) > max_memo:
-                            memo_full(pos)
+                            at(pos).memo_full()
                         pos += 5
                 elif op == BINPUT:
                     if pos + 2 <= limit:
@@ -433,7 +392,7 @@ def run_loop(vm: PickleVM) -> None:
                     op_pos = pos
                     memo[len(memo)] = value
                     if len(memo) > max_memo:
-                        memo_full(pos)
+                        at(pos).memo_full()
                     pos += 1
     except BaseException:
         vm.op_pos = op_pos
