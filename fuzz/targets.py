@@ -162,13 +162,30 @@ def _canonical(value: object) -> object:
 
 
 def torch_zip(data: bytes) -> None:
-    """The torch zip parser and everything behind it (pickle, storages, recognisers)."""
+    """The torch zip parser and everything behind it (pickle, storages, recognisers), then what users do next
+    with an imported checkpoint: migrate it, recognise its graph again, write it as a container and as a
+    weights-only file. Each step may refuse with a MettaFormatError, none may crash."""
+    from mettaformat.convert import write_target
     from mettaformat.legacy import import_legacy_bytes
+    from mettaformat.legacy.export_plain import weights_only_tree
+    from mettaformat.legacy.metta import graph_tensors
+    from mettaformat.migrations import apply_migrations
 
     try:
-        import_legacy_bytes(data)
+        ckpt = import_legacy_bytes(data)
     except MettaFormatError:
-        pass
+        return
+    with tempfile.TemporaryDirectory(dir=_TMP) as tmp:
+        for step in (
+            lambda: graph_tensors(ckpt.legacy_graph),
+            lambda: weights_only_tree(ckpt.metadata, "metadata", [], []),
+            lambda: write_target(ckpt, os.path.join(tmp, "x.mfmt"), "mfmt"),
+            lambda: apply_migrations(ckpt, warn=False),
+        ):
+            try:
+                step()
+            except MettaFormatError:
+                pass
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
