@@ -95,8 +95,7 @@ def parts(path: Path, repeat: int) -> dict[str, dict[str, float | int]]:
     value, seen = load_torch_zip(zip_)
     stages = {
         "read file": read,
-        "open_torch_zip (all CRCs)": lambda: open_torch_zip(buf),
-        "open_torch_zip (storage CRCs deferred)": lambda: open_torch_zip(buf, defer_crcs=True),
+        "open_torch_zip (with CRCs)": lambda: open_torch_zip(buf),
         "load_torch_zip (VM + tensors)": lambda: load_torch_zip(zip_),
         "to_checkpoint (recognisers)": lambda: to_checkpoint(LoadedPickle(value, seen, "torch-zip", {})),
     }

@@ -131,7 +131,7 @@ def _import(buf: bytearray, limits: LegacyLimits) -> Checkpoint:
 def _import_unguarded(buf: bytearray, limits: LegacyLimits) -> Checkpoint:
     kind = sniff(bytes(buf[:_SNIFF_BYTES]))
     if kind == "torch-zip":
-        zip_ = open_torch_zip(buf, limits=limits, defer_crcs=True)
+        zip_ = open_torch_zip(buf, limits=limits)
         value, seen = load_torch_zip(zip_, limits=limits)
         extra: dict[str, Any] = {"zip_prefix": zip_.prefix, "byteorder": "big" if zip_.big_endian else "little"}
     elif kind == "torch-legacy-stream":

@@ -14,14 +14,13 @@ import io
 import itertools
 import re
 import struct
-import threading
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from mettaformat.errors import LegacyFormatError, LegacyLimitError, LegacyUnsupportedError, MettaFormatError
+from mettaformat.errors import LegacyFormatError, LegacyLimitError, LegacyUnsupportedError
 from mettaformat.legacy.describe import describe
 from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
 from mettaformat.legacy.tensors import StorageRef, check_storage_type, tensor_from_buffer
@@ -57,15 +56,12 @@ class TorchZip:
         prefix: the single top-level folder (``model_0050.pt``, ``archive``...).
         records: member name below the prefix -> ``(data offset, size)`` in ``buffer``.
         big_endian: the ``byteorder`` record says ``big`` (storages are byteswapped).
-        pending_crcs: storage CRCs left for :func:`load_torch_zip` to check while it interprets the pickle.
     """
 
     buffer: bytearray
     prefix: str
     records: Mapping[str, tuple[int, int]]
     big_endian: bool
-    #: ``(member name, start, size, CRC-32)`` of the storages whose CRC is still to be checked.
-    pending_crcs: tuple[tuple[str, int, int, int], ...] = ()
 
     def read(self, name: str) -> bytes:
         """Return a copy of the member ``name`` (relative to the prefix)."""
@@ -163,14 +159,12 @@ def _central_directory(buf: bytearray, limits: LegacyLimits) -> int:
     return int(cd_offset)
 
 
-def open_torch_zip(buf: bytearray, *, limits: LegacyLimits = DEFAULT_LIMITS, defer_crcs: bool = False) -> TorchZip:
+def open_torch_zip(buf: bytearray, *, limits: LegacyLimits = DEFAULT_LIMITS) -> TorchZip:
     """Validate a torch zip archive and index its members.
 
     Args:
         buf: the whole file.
         limits: resource caps.
-        defer_crcs: check the CRCs of storage records later, in :func:`load_torch_zip`
-            (concurrently with the pickle); the other members are checked here either way.
 
     Returns:
         The validated archive.
@@ -241,10 +235,8 @@ def open_torch_zip(buf: bytearray, *, limits: LegacyLimits = DEFAULT_LIMITS, def
             raise LegacyFormatError(f"members {a!r} and {b!r} overlap", region=_REGION, offset=start)
     if "data.pkl" not in records:
         raise LegacyFormatError("archive has no data.pkl", region=_REGION)
-    crcs = [(info.orig_filename, *records[info.orig_filename.partition("/")[2]], info.CRC) for info in infos]
-    deferred = tuple(c for c in crcs if defer_crcs and c[0].partition("/")[2].startswith("data/"))
-    _check_crcs(buf, [c for c in crcs if c not in deferred])
-    zip_ = TorchZip(buf, prefix, records, _byteorder_is_big(buf, records), deferred)
+    _check_crcs(buf, [(i.orig_filename, *records[i.orig_filename.partition("/")[2]], i.CRC) for i in infos])
+    zip_ = TorchZip(buf, prefix, records, _byteorder_is_big(buf, records))
     if "version" in records:
         text = zip_.read("version").strip()
         if not text.isdigit() or not 1 <= int(text) <= _MAX_FILE_VERSION:
@@ -292,27 +284,6 @@ def _check_crcs(buf: bytearray, crcs: Iterable[tuple[str, int, int, int]]) -> No
             continue
         if zlib.crc32(view[start : start + size]) != crc:
             raise LegacyFormatError("CRC-32 mismatch", region=f"zip member {name!r}", offset=start)
-
-
-class _CrcCheck(threading.Thread):
-    """The deferred CRCs, checked on another core while the pickle runs (zlib releases the GIL)."""
-
-    def __init__(self, zip_: TorchZip) -> None:
-        super().__init__(name="mettaformat-crc32", daemon=True)
-        self.zip = zip_
-        self.error: LegacyFormatError | None = None
-
-    def run(self) -> None:
-        try:
-            _check_crcs(self.zip.buffer, self.zip.pending_crcs)
-        except LegacyFormatError as e:
-            self.error = e
-
-    def result(self) -> None:
-        """Wait for the check; raise its error, if any."""
-        self.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _byteorder_is_big(buf: bytearray, records: Mapping[str, tuple[int, int]]) -> bool:
@@ -373,17 +344,7 @@ def load_torch_zip(zip_: TorchZip, *, limits: LegacyLimits = DEFAULT_LIMITS) -> 
         return ref
 
     vm.persistent_load = persistent_load
-    crc = _CrcCheck(zip_) if zip_.pending_crcs else None
-    if crc is not None:
-        crc.start()
     try:
-        value = vm.run()
-    except MettaFormatError:
-        if crc is not None:
-            crc.result()  # a damaged record explains a broken pickle better than the pickle does
-        raise
+        return vm.run(), vm.globals_seen
     finally:
         vm.persistent_load = None  # it closes over the VM: no cycle outlives the run
-    if crc is not None:
-        crc.result()
-    return value, vm.globals_seen
