@@ -57,7 +57,11 @@ def test_builtin_mutator_finds_nothing_in_a_short_run() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_coverage_guided_session(target: str, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "fuzz.libfuzzer", target, f"-max_total_time={SECONDS}", "-timeout=20",
+    # libFuzzer's -timeout is a periodic SIGALRM (every timeout/2 + 1 s); one landing while the
+    # interpreter shuts down, after libFuzzer's handler is gone, kills the process (-14). The first
+    # alarm comes after the session ends; a hanging input is still reported, by the timeout below.
+    cmd = [sys.executable, "-m", "fuzz.libfuzzer", target, f"-max_total_time={SECONDS}",
+           f"-timeout={2 * SECONDS + 20}",
            "-rss_limit_mb=4096", f"-artifact_prefix={tmp_path}/", str(tmp_path / "work"), str(CORPUS / target)]
     (tmp_path / "work").mkdir()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SECONDS + 120,
