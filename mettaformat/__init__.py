@@ -10,22 +10,70 @@ The public surface is small:
   :func:`register_model_type` tells it how to rebuild a model.
 - :func:`check_checkpoint_compatibility` says whether a runtime can load a checkpoint.
 - :class:`MettaFormatError` is the root of every error (see :mod:`mettaformat.errors`).
+
+Importing the package is cheap: the names above that need torch are imported on first use
+(PEP 562), so ``mettaformat --version`` and tools that only need the errors, the constants or
+the header parser never pay for importing torch.
 """
 
 from __future__ import annotations
 
-from mettaformat.agent import MettaAgent
-from mettaformat.anyformat import load_any
-from mettaformat.checkpoint import Checkpoint, TrainingState
-from mettaformat.compat import CompatibilityLevel, CompatibilityReport, RuntimeVersions, check_checkpoint_compatibility
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from mettaformat.constants import MFMT_MAGIC, MFMT_VERSION_MAJOR, MFMT_VERSION_MINOR
-from mettaformat.container.reader import LazyCheckpoint, load, load_file, open
-from mettaformat.container.writer import save, save_file
 from mettaformat.errors import MettaFormatError, ModelReconstructionError
-from mettaformat.registry import register_model_type
-from mettaformat.store import PolicyStore
+
+if TYPE_CHECKING:
+    from mettaformat.agent import MettaAgent
+    from mettaformat.anyformat import load_any
+    from mettaformat.checkpoint import Checkpoint, TrainingState
+    from mettaformat.compat import (
+        CompatibilityLevel,
+        CompatibilityReport,
+        RuntimeVersions,
+        check_checkpoint_compatibility,
+    )
+    from mettaformat.container.reader import LazyCheckpoint, load, load_file, open
+    from mettaformat.container.writer import save, save_file
+    from mettaformat.registry import register_model_type
+    from mettaformat.store import PolicyStore
 
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it, imported on first access.
+_LAZY: dict[str, str] = {
+    "MettaAgent": "mettaformat.agent",
+    "load_any": "mettaformat.anyformat",
+    "Checkpoint": "mettaformat.checkpoint",
+    "TrainingState": "mettaformat.checkpoint",
+    "CompatibilityLevel": "mettaformat.compat",
+    "CompatibilityReport": "mettaformat.compat",
+    "RuntimeVersions": "mettaformat.compat",
+    "check_checkpoint_compatibility": "mettaformat.compat",
+    "LazyCheckpoint": "mettaformat.container.reader",
+    "load": "mettaformat.container.reader",
+    "load_file": "mettaformat.container.reader",
+    "open": "mettaformat.container.reader",
+    "save": "mettaformat.container.writer",
+    "save_file": "mettaformat.container.writer",
+    "register_model_type": "mettaformat.registry",
+    "PolicyStore": "mettaformat.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mettaformat' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "MFMT_MAGIC",

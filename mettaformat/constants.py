@@ -48,6 +48,8 @@ Compression = Literal["none", "zstd"]
 #: Raw bytes per zstd frame written by default; large tensors are cut into frames this size.
 ZSTD_DEFAULT_FRAME_SIZE: Final = 4 << 20
 ZSTD_DEFAULT_LEVEL: Final = 3
+#: What ``convert`` writes (here, not in the converter, so the CLI's parser needs no torch).
+CONVERT_TARGETS: Final = ("mfmt", "v1", "v2", "v2-full", "pt", "safetensors", "dcp")
 
 # -- limits (checked before anything is allocated) ----------------------------------------------
 #: msgpack header size. safetensors uses 100 MB for its JSON header; ours carries more (trees).

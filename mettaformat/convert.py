@@ -17,7 +17,7 @@ import torch
 from mettaformat.anyformat import load_any, sniff_format
 from mettaformat.checkpoint import Checkpoint
 from mettaformat.checkpoint_io import write_checkpoint
-from mettaformat.constants import Compression
+from mettaformat.constants import CONVERT_TARGETS, Compression
 from mettaformat.errors import WriteError
 from mettaformat.legacy.export import (
     ExportReport,
@@ -32,7 +32,6 @@ from mettaformat.legacy.graph import storable_checkpoint
 __all__ = ["CONVERT_TARGETS", "ConvertReport", "ConvertTarget", "convert", "target_for_path", "write_target"]
 
 ConvertTarget = Literal["mfmt", "v1", "v2", "v2-full", "pt", "safetensors", "dcp"]
-CONVERT_TARGETS: Final = ("mfmt", "v1", "v2", "v2-full", "pt", "safetensors", "dcp")
 _BY_SUFFIX: Final[dict[str, ConvertTarget]] = {".mfmt": "mfmt", ".safetensors": "safetensors"}
 
 

@@ -7,11 +7,13 @@ a tag missing from this table is rejected by name (never guessed).
 
 from __future__ import annotations
 
-from typing import Final
-
-import torch
+import functools
+from typing import TYPE_CHECKING, Final
 
 from mettaformat.errors import HeaderError, WriteError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DTYPE_TABLE_TAGS", "DTYPE_TAGS", "dtype_from_tag", "itemsize", "tag_from_dtype"]
 
@@ -37,17 +39,25 @@ _TABLE: Final[tuple[tuple[str, str, int], ...]] = (
     ("F8_E5M2FNUZ", "float8_e5m2fnuz", 1),
 )
 
-# Older torch builds lack some dtypes (uint16/32/64 before 2.3); those tags are then unknown.
-_TAG_TO_DTYPE: Final[dict[str, torch.dtype]] = {
-    tag: getattr(torch, attr) for tag, attr, _ in _TABLE if isinstance(getattr(torch, attr, None), torch.dtype)
-}
-_DTYPE_TO_TAG: Final[dict[torch.dtype, str]] = {d: t for t, d in _TAG_TO_DTYPE.items()}
-_ITEMSIZE: Final[dict[str, int]] = {tag: size for tag, _, size in _TABLE if tag in _TAG_TO_DTYPE}
+_ITEMSIZE: Final[dict[str, int]] = {tag: size for tag, _, size in _TABLE}
 
-#: Every tag this reader understands.
-DTYPE_TAGS: Final = tuple(_TAG_TO_DTYPE)
+#: Every tag this reader understands. The table itself needs no torch, so the header parser
+#: (and ``mettaformat inspect``) can check tags without importing it; a tag this torch build
+#: lacks is refused when a tensor of it is read.
+DTYPE_TAGS: Final = tuple(_ITEMSIZE)
 #: Every tag of the spec's table, in table order (its row is the tag's code in a columnar index).
 DTYPE_TABLE_TAGS: Final = tuple(tag for tag, _, _ in _TABLE)
+
+
+@functools.cache
+def _torch_tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    # Older torch builds lack some dtypes (uint16/32/64 before 2.3); those tags then fail to load.
+    to_dtype = {
+        tag: getattr(torch, attr) for tag, attr, _ in _TABLE if isinstance(getattr(torch, attr, None), torch.dtype)
+    }
+    return to_dtype, {d: t for t, d in to_dtype.items()}
 
 
 def dtype_from_tag(tag: str, *, path: str | None = None) -> torch.dtype:
@@ -56,10 +66,12 @@ def dtype_from_tag(tag: str, *, path: str | None = None) -> torch.dtype:
     Raises:
         HeaderError: the tag is unknown (or unsupported by this torch build).
     """
-    try:
-        return _TAG_TO_DTYPE[tag]
-    except (KeyError, TypeError):
-        raise HeaderError(f"unknown dtype {tag!r}; this reader knows {', '.join(DTYPE_TAGS)}", path=path) from None
+    if not isinstance(tag, str) or tag not in _ITEMSIZE:
+        raise HeaderError(f"unknown dtype {tag!r}; this reader knows {', '.join(DTYPE_TAGS)}", path=path)
+    dtype = _torch_tables()[0].get(tag)
+    if dtype is None:
+        raise HeaderError(f"dtype {tag} is not supported by this torch build", path=path)
+    return dtype
 
 
 def tag_from_dtype(dtype: torch.dtype, *, name: str | None = None) -> str:
@@ -69,7 +81,7 @@ def tag_from_dtype(dtype: torch.dtype, *, name: str | None = None) -> str:
         WriteError: the dtype cannot be stored in a safetensors stream (complex128, quantized...).
     """
     try:
-        return _DTYPE_TO_TAG[dtype]
+        return _torch_tables()[1][dtype]
     except KeyError:
         where = f" (tensor {name!r})" if name is not None else ""
         raise WriteError(f"dtype {dtype} cannot be stored in a safetensors stream{where}") from None

@@ -8,8 +8,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 __all__ = ["emit_json", "human_bytes", "jsonable", "progress_bar", "sanitize", "table"]
 
 
@@ -39,6 +37,9 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k) if isinstance(k, str) else repr(k): jsonable(v) for k, v in value.items()}
+    torch = sys.modules.get("torch")  # no torch imported means no torch value can be here
+    if torch is None:
+        return repr(value)
     if isinstance(value, (torch.dtype, torch.device)):
         return str(value)
     if isinstance(value, torch.Tensor):

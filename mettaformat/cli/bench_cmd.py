@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mettaformat.anyformat import load_any
-from mettaformat.bench import compare_formats, markdown_table
 from mettaformat.cli._output import emit_json, sanitize
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _positive(text: str) -> int:
@@ -26,13 +25,20 @@ def _positive(text: str) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="compare size and load time across formats for your checkpoints")
-    p.add_argument("files", nargs="*", metavar="FILE")
+    p.add_argument(
+        "files", nargs="*", metavar="FILE", help="checkpoints to measure (default: a synthetic 64 MiB state dict)"
+    )
     p.add_argument("--repeat", type=_positive, default=7, help="timed runs per measurement (median reported)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mettaformat.anyformat import load_any
+    from mettaformat.bench import compare_formats, markdown_table
+
     inputs: list[tuple[str, dict[str, torch.Tensor]]] = []
     for f in args.files:
         inputs.append((f, {k: v.contiguous() for k, v in load_any(f, migrate=False).tensors.items()}))

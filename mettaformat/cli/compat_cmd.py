@@ -6,20 +6,21 @@ import argparse
 from typing import Any
 
 from mettaformat.cli._output import emit_json, sanitize
-from mettaformat.compat import RuntimeVersions, check_checkpoint_compatibility
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("compat", help="check whether a checkpoint is compatible with this runtime")
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help="the checkpoint to check (any format)")
     p.add_argument("--observation-space", help="runtime observation space version, e.g. v1")
     p.add_argument("--action-space", help="runtime action space version")
     p.add_argument("--layer", help="runtime layer architecture version")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mettaformat.compat import RuntimeVersions, check_checkpoint_compatibility
+
     runtime = RuntimeVersions(
         observation_space=args.observation_space, action_space=args.action_space, layer=args.layer
     )

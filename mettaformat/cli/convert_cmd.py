@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from mettaformat.cli._output import emit_json, human_bytes, sanitize
-from mettaformat.convert import CONVERT_TARGETS, convert, target_for_path
+from mettaformat.constants import CONVERT_TARGETS
 from mettaformat.errors import WriteError
 
 
@@ -17,8 +17,8 @@ def add_parser(sub: Any) -> None:
         description="Read SRC as stored (no schema migrations) and write DST. Anything the target "
         "format cannot carry is listed; --strict refuses instead.",
     )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
+    p.add_argument("src", metavar="SRC", help="the checkpoint to read (any format)")
+    p.add_argument("dst", metavar="DST", help="the file to write; must not be SRC")
     p.add_argument(
         "--to",
         choices=CONVERT_TARGETS,
@@ -37,6 +37,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mettaformat.convert import convert, target_for_path
+
     to = args.to or target_for_path(args.dst)
     if to is None:
         raise WriteError(f"cannot tell the target format from {args.dst!r}; pass --to {{{','.join(CONVERT_TARGETS)}}}")

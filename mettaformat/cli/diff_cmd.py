@@ -6,18 +6,19 @@ import argparse
 from typing import Any
 
 from mettaformat.cli._output import emit_json, sanitize
-from mettaformat.diff import diff_checkpoints
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("diff", help="compare two checkpoints of any format")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("a", metavar="A", help="the first checkpoint (any format)")
+    p.add_argument("b", metavar="B", help="the second checkpoint (any format)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mettaformat.diff import diff_checkpoints
+
     d = diff_checkpoints(args.a, args.b)
     if args.json:
         emit_json(d.to_dict())

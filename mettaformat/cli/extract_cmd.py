@@ -7,19 +7,20 @@ import sys
 from typing import Any
 
 from mettaformat.cli._output import emit_json, human_bytes, sanitize
-from mettaformat.container.extract import extract_safetensors
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("extract", help="write a section as a standalone .safetensors file")
-    p.add_argument("file")
-    p.add_argument("out")
+    p.add_argument("file", metavar="FILE", help="the .mfmt container to read")
+    p.add_argument("out", metavar="OUT", help="the .safetensors file to write; must not be FILE")
     p.add_argument("--section", default="model", help="section to extract (default: model)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mettaformat.container.extract import extract_safetensors
+
     report = extract_safetensors(args.file, args.out, section=args.section)
     if args.json:
         emit_json(

@@ -5,21 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mettaformat.anyformat import load_any, sniff_format
-from mettaformat.checkpoint_io import split_metadata
 from mettaformat.cli._output import emit_json, human_bytes, jsonable, sanitize, table
-from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.dtypes import tag_from_dtype
 from mettaformat.errors import WriteError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show a checkpoint's structure, tensors and metadata")
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help="the checkpoint to describe (any format)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
@@ -48,6 +46,8 @@ def _entries(section: str, tensors: Mapping[str, torch.Tensor]) -> list[dict[str
 
 def describe_other(path: str, kind: str) -> dict[str, Any]:
     """A legacy or safetensors file, through the safe importer (nothing in it runs)."""
+    from mettaformat.anyformat import load_any
+
     ckpt = load_any(path, migrate=False)
     version = ckpt.versions.get("checkpoint_format")
     return {
@@ -69,6 +69,10 @@ def describe_other(path: str, kind: str) -> dict[str, Any]:
 
 def describe(path: str) -> dict[str, Any]:
     """Everything inspect shows, as plain data (reads the header only for containers)."""
+    from mettaformat.anyformat import sniff_format
+    from mettaformat.checkpoint_io import split_metadata
+    from mettaformat.container.reader import LazyCheckpoint
+
     kind = sniff_format(path)
     if kind in ("dcp", "torch-dcp"):  # a distributed checkpoint directory
         from mettaformat.dcp.report import describe_dcp

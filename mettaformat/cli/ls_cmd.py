@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from mettaformat.cli._output import emit_json, human_bytes, sanitize, table
-from mettaformat.store import PolicyRecord, PolicyStore
+from mettaformat.store.record import PolicyRecord
 from mettaformat.store.selectors import latest_first, lookup_metric, rank_by_metric
 
 
@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if args.top is not None and args.top < 1:
         print("mettaformat ls: error: --top must be at least 1", file=sys.stderr)
         return 2
+    from mettaformat.store import PolicyStore
+
     store = PolicyStore(use_index=not args.no_index)
     scan = store.scan(args.dir)
     metric = args.sort or args.metric

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mettaformat.cli._output import emit_json, progress_bar, sanitize
-from mettaformat.migrate import MigrationResult, migrate
+
+if TYPE_CHECKING:
+    from mettaformat.migrate import MigrationResult
 
 
 def add_parser(sub: Any) -> None:
@@ -23,7 +25,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-backup", action="store_true", help="do not back up an input replaced in place")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-directories")
     p.add_argument("-n", "--dry-run", action="store_true", help="import and check every input, write nothing")
-    p.add_argument("--compression", choices=("none", "zstd"), default="none")
+    p.add_argument(
+        "--compression", choices=("none", "zstd"), default="none", help="codec of the new containers (default: none)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(run=run)
 
@@ -64,6 +68,8 @@ def _line(r: MigrationResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mettaformat.migrate import migrate
+
     quiet = bool(getattr(args, "quiet", False))
     reporter = _Reporter(quiet=quiet, silent=args.json)
     try:

@@ -13,9 +13,8 @@ import sys
 from typing import Any
 
 from mettaformat.cli._output import emit_json, human_bytes, sanitize, table
-from mettaformat.store import BestN, EveryNEpochs, LatestN, PolicyStore, RetentionPolicy
 from mettaformat.store.maintenance import DEFAULT_TEMP_GRACE_S
-from mettaformat.store.retention import AnyOf
+from mettaformat.store.retention import AnyOf, BestN, EveryNEpochs, LatestN, RetentionPolicy
 
 
 def _seconds(text: str) -> float:
@@ -74,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from mettaformat.store import PolicyStore
+
     report = PolicyStore().prune(
         policy, args.dir, dry_run=args.dry_run, temp_grace_s=args.temp_grace, allow_delete_all=args.allow_delete_all
     )

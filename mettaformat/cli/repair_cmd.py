@@ -6,19 +6,20 @@ import argparse
 from typing import Any
 
 from mettaformat.cli._output import emit_json, sanitize
-from mettaformat.repair import repair
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("repair", help="recover a damaged container into a new file")
-    p.add_argument("file")
-    p.add_argument("out")
+    p.add_argument("file", metavar="FILE", help="the damaged .mfmt container (left untouched)")
+    p.add_argument("out", metavar="OUT", help="the repaired container to write; must not be FILE")
     p.add_argument("--zero", action="store_true", help="zero-fill damaged tensors instead of dropping them")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mettaformat.repair import repair
+
     report = repair(args.file, args.out, zero=args.zero)
     if args.json:
         emit_json(report.to_dict())

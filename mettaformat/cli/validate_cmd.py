@@ -6,18 +6,19 @@ import argparse
 from typing import Any
 
 from mettaformat.cli._output import emit_json, progress_bar, sanitize
-from mettaformat.validate import validate
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("validate", help="check structure, index, padding and every checksum")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="checkpoints to check (any format)")
     p.add_argument("--deep", action="store_true", help="also materialise tensors and report non-finite values")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mettaformat.validate import validate
+
     bar = progress_bar(len(args.files), "validate", quiet=args.quiet or len(args.files) < 2)
     reports = []
     for f in args.files:

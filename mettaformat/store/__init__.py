@@ -15,15 +15,38 @@ Module map: ``store`` (the class), ``catalog`` (reading records), ``index`` (the
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from mettaformat.store.cache import PolicyCache
-from mettaformat.store.catalog import ScanResult
 from mettaformat.store.maintenance import PruneReport, SkippedFile
 from mettaformat.store.metadata import PolicyMetadata
 from mettaformat.store.record import PolicyRecord
 from mettaformat.store.retention import AnyOf, BestN, EveryNEpochs, LatestN, RetentionPolicy
 from mettaformat.store.selectors import Exclusion, Mode, Selection, SelectorName
-from mettaformat.store.store import PolicyStore, PolicyStoreWarning
 from mettaformat.store.uri import INDEX_FILE_NAME, SchemeHandler, register_scheme, registered_schemes
+
+if TYPE_CHECKING:
+    from mettaformat.store.catalog import ScanResult
+    from mettaformat.store.store import PolicyStore, PolicyStoreWarning
+
+# The retention rules, records and selectors need no torch; the store itself loads policies and
+# does, so it is imported on first use (``mettaformat prune --help`` stays instant).
+_LAZY: dict[str, str] = {
+    "PolicyStore": "mettaformat.store.store",
+    "PolicyStoreWarning": "mettaformat.store.store",
+    "ScanResult": "mettaformat.store.catalog",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mettaformat.store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "INDEX_FILE_NAME",
