@@ -1,7 +1,9 @@
 """``mettaformat prune DIR``: delete the checkpoints no retention rule keeps.
 
 A checkpoint survives when any rule keeps it (``--keep-last``, ``--keep-best``,
-``--every-n-epochs``). Temp files of crashed saves older than ``--temp-grace`` seconds are
+``--every-n-epochs``). Rules count per run (a folder may hold several), and copies of one
+checkpoint in several formats count once. On a terminal the plan is shown and confirmed before
+anything is deleted (``--yes`` skips the question). Temp files of crashed saves older than ``--temp-grace`` seconds are
 removed too. Exit codes: 0 done; 1 some files were left alone (unreadable, changed meanwhile,
 or not deletable); 2 usage error.
 """
@@ -13,7 +15,7 @@ import sys
 from typing import Any
 
 from mettaformat.cli._output import emit_json, human_bytes, sanitize, table
-from mettaformat.store.maintenance import DEFAULT_TEMP_GRACE_S
+from mettaformat.store.maintenance import DEFAULT_TEMP_GRACE_S, PruneReport
 from mettaformat.store.retention import AnyOf, BestN, EveryNEpochs, LatestN, RetentionPolicy
 
 
@@ -26,7 +28,7 @@ def _seconds(text: str) -> float:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("prune", help="delete checkpoints outside the retention rules (keep-last/best/every)")
-    p.add_argument("dir", help="a directory or glob")
+    p.add_argument("dir", metavar="DIR", help="a directory, glob or file:// URI")
     p.add_argument("--keep-last", metavar="N", type=int, default=0, help="keep the N newest")
     p.add_argument("--keep-best", metavar="N", type=int, default=0, help="keep the N best by --metric")
     p.add_argument("--metric", default="score", help="metric for --keep-best (default: score)")
@@ -44,6 +46,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--allow-delete-all", action="store_true", help="permit deleting every checkpoint")
     p.add_argument("--dry-run", action="store_true", help="report only; delete nothing")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
@@ -75,23 +78,46 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from mettaformat.store import PolicyStore
 
+    asked: list[bool] = []
+
+    def confirm(plan: PruneReport) -> bool:
+        _print_report(plan)
+        asked.append(True)
+        if not plan.deleted and not plan.temp_files_removed:
+            return False
+        answer = input(f"Delete {len(plan.deleted) + len(plan.temp_files_removed)} files? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    interactive = not (args.dry_run or args.yes or args.json) and sys.stdin.isatty() and sys.stdout.isatty()
     report = PolicyStore().prune(
-        policy, args.dir, dry_run=args.dry_run, temp_grace_s=args.temp_grace, allow_delete_all=args.allow_delete_all
+        policy,
+        args.dir,
+        dry_run=args.dry_run,
+        temp_grace_s=args.temp_grace,
+        allow_delete_all=args.allow_delete_all,
+        confirm=confirm if interactive else None,
     )
     if args.json:
         emit_json({"uri": args.dir, **report.to_dict()})
+    elif asked and report.dry_run:
+        print("nothing deleted")
     else:
-        verb = "would delete" if report.dry_run else "deleted"
-        rows: list[list[Any]] = [
-            ["keep", r.name, r.epoch, ", ".join(report.kept_by.get(r.path, ()))] for r in report.kept
-        ]
-        rows += [[verb, r.name, r.epoch, ""] for r in report.deleted]
-        if rows:
-            print(table(["action", "name", "epoch", "kept by"], rows, align="llr"))
-        freed = human_bytes(sum(r.size for r in report.deleted))
-        print(f"{policy!r}: kept {len(report.kept)}, {verb} {len(report.deleted)} ({freed})")
-        for path in report.temp_files_removed:
-            print(f"{'would remove' if report.dry_run else 'removed'} temp file {sanitize(str(path))}")
-        for s in report.skipped:
-            print(f"mettaformat prune: left alone: {sanitize(str(s.path))}: {sanitize(s.reason)}", file=sys.stderr)
+        _print_report(report)
     return 1 if report.skipped else 0
+
+
+def _print_report(report: PruneReport) -> None:
+    verb = "would delete" if report.dry_run else "deleted"
+    rows: list[list[Any]] = [
+        ["keep", report.runs.get(r.path, ""), r.name, r.epoch, ", ".join(report.kept_by.get(r.path, ()))]
+        for r in report.kept
+    ]
+    rows += [[verb, report.runs.get(r.path, ""), r.name, r.epoch, ""] for r in report.deleted]
+    if rows:
+        print(table(["action", "run", "name", "epoch", "kept by"], rows, align="lllr"))
+    freed = human_bytes(report.bytes_freed)
+    print(f"{report.policy}: kept {len(report.kept)}, {verb} {len(report.deleted)} ({freed})")
+    for path in report.temp_files_removed:
+        print(f"{'would remove' if report.dry_run else 'removed'} temp file {sanitize(str(path))}")
+    for s in report.skipped:
+        print(f"mettaformat prune: left alone: {sanitize(str(s.path))}: {sanitize(s.reason)}", file=sys.stderr)

@@ -24,9 +24,18 @@ from typing import Any, Final
 from mettaformat._atomic import TEMP_SUFFIX
 from mettaformat.store.record import PolicyRecord, stat_signature
 from mettaformat.store.retention import RetentionPolicy
+from mettaformat.store.runs import group_by_run
 from mettaformat.store.selectors import latest_first
 
-__all__ = ["DEFAULT_TEMP_GRACE_S", "PruneReport", "SkippedFile", "clean_temp_files", "delete_records", "plan_prune"]
+__all__ = [
+    "DEFAULT_TEMP_GRACE_S",
+    "PrunePlan",
+    "PruneReport",
+    "SkippedFile",
+    "clean_temp_files",
+    "delete_records",
+    "plan_prune",
+]
 
 #: A temp file younger than this may belong to a save in progress (in this or another process).
 DEFAULT_TEMP_GRACE_S: Final = 3600.0
@@ -52,6 +61,8 @@ class PruneReport:
         kept_by: for each kept path, the policies that kept it.
         skipped: files left alone: unreadable ones, and ones that changed since listing.
         temp_files_removed: crash leftovers removed (or that would be).
+        runs: for each checkpoint, the run whose retention decided its fate
+            (see :mod:`mettaformat.store.runs`).
     """
 
     policy: str
@@ -61,6 +72,22 @@ class PruneReport:
     kept_by: Mapping[Path, tuple[str, ...]] = field(default_factory=dict)
     skipped: tuple[SkippedFile, ...] = ()
     temp_files_removed: tuple[Path, ...] = ()
+    runs: Mapping[Path, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        lines = [f"{self.policy}: kept {len(self.kept)}, {verb} {len(self.deleted)} ({self.bytes_freed} bytes)"]
+        lines += [f"  keep {r.path} ({', '.join(self.kept_by.get(r.path, ()))})" for r in self.kept]
+        lines += [f"  {verb} {r.path}" for r in self.deleted]
+        temp_verb = "would remove" if self.dry_run else "removed"
+        lines += [f"  {temp_verb} temp file {p}" for p in self.temp_files_removed]
+        lines += [f"  left alone {s.path}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+    @property
+    def bytes_freed(self) -> int:
+        """Bytes of the deleted checkpoints (that would be freed, in a dry run)."""
+        return sum(r.size for r in self.deleted)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (used by ``mettaformat prune --json``)."""
@@ -68,29 +95,60 @@ class PruneReport:
             "policy": self.policy,
             "dry_run": self.dry_run,
             "kept": [
-                {"path": str(r.path), "epoch": r.epoch, "kept_by": list(self.kept_by.get(r.path, ()))}
+                {
+                    "path": str(r.path),
+                    "run": self.runs.get(r.path),
+                    "epoch": r.epoch,
+                    "kept_by": list(self.kept_by.get(r.path, ())),
+                }
                 for r in self.kept
             ],
-            "deleted": [{"path": str(r.path), "epoch": r.epoch, "size": r.size} for r in self.deleted],
+            "deleted": [
+                {"path": str(r.path), "run": self.runs.get(r.path), "epoch": r.epoch, "size": r.size}
+                for r in self.deleted
+            ],
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
             "temp_files_removed": [str(p) for p in self.temp_files_removed],
-            "bytes_freed": sum(r.size for r in self.deleted),
+            "bytes_freed": self.bytes_freed,
         }
 
 
-def plan_prune(
-    records: Sequence[PolicyRecord], policy: RetentionPolicy
-) -> tuple[list[PolicyRecord], list[PolicyRecord], dict[Path, tuple[str, ...]]]:
-    """Split ``records`` into (kept, to delete), newest first, and say which policy kept what."""
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a prune keeps and deletes, newest first, and why."""
+
+    kept: list[PolicyRecord]
+    doomed: list[PolicyRecord]
+    kept_by: dict[Path, tuple[str, ...]]
+    runs: dict[Path, str]
+
+
+def plan_prune(records: Sequence[PolicyRecord], policy: RetentionPolicy) -> PrunePlan:
+    """Apply ``policy`` to each run separately; copies of one checkpoint share its fate.
+
+    See :mod:`mettaformat.store.runs` for how runs and copies are recognised.
+    """
     reasons: dict[Path, list[str]] = {}
-    for leaf in policy.leaves():
-        for path in leaf.keep(records):
-            reasons.setdefault(path, []).append(repr(leaf))
-    kept_paths = policy.keep(records)  # the union, by definition; leaves() only explains it
+    kept_paths: set[Path] = set()
+    runs: dict[Path, str] = {}
+    for group in group_by_run(records):
+        copies = {c.representative.path: c.files for c in group.checkpoints}
+        representatives = [c.representative for c in group.checkpoints]
+        for files in copies.values():
+            runs.update((f.path, group.run) for f in files)
+        for leaf in policy.leaves():
+            for path in leaf.keep(representatives):
+                for f in copies[path]:
+                    reasons.setdefault(f.path, []).append(repr(leaf))
+        # The union, by definition; leaves() only explains it.
+        kept_paths.update(f.path for path in policy.keep(representatives) for f in copies[path])
     ordered = latest_first(records)
-    kept = [r for r in ordered if r.path in kept_paths]
-    doomed = [r for r in ordered if r.path not in kept_paths]
-    return kept, doomed, {p: tuple(v) for p, v in reasons.items() if p in kept_paths}
+    return PrunePlan(
+        kept=[r for r in ordered if r.path in kept_paths],
+        doomed=[r for r in ordered if r.path not in kept_paths],
+        kept_by={p: tuple(v) for p, v in reasons.items() if p in kept_paths},
+        runs=runs,
+    )
 
 
 def delete_records(records: Sequence[PolicyRecord]) -> tuple[list[PolicyRecord], list[SkippedFile]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -305,12 +305,14 @@ class PolicyStore:
         dry_run: bool = False,
         temp_grace_s: float = DEFAULT_TEMP_GRACE_S,
         allow_delete_all: bool = False,
+        confirm: Callable[[PruneReport], bool] | None = None,
     ) -> PruneReport:
         """Delete the checkpoints ``policy`` does not keep, and crash-leftover temp files.
 
-        Unreadable files are never deleted (reported as skipped), nor a checkpoint re-saved
-        since it was listed. Temp files younger than ``temp_grace_s`` may be saves in progress
-        and are kept.
+        The policy applies to each run separately, and copies of one checkpoint in several
+        formats count as one (see :mod:`mettaformat.store.runs`). Unreadable files are never
+        deleted (reported as skipped), nor a checkpoint re-saved since it was listed. Temp files
+        younger than ``temp_grace_s`` may be saves in progress and are kept.
 
         Args:
             policy: what to keep (``LatestN(3) | BestN(5, "score")``...).
@@ -318,9 +320,12 @@ class PolicyStore:
             dry_run: report only; delete nothing.
             temp_grace_s: minimum age of a temp file before it is removed.
             allow_delete_all: permit a prune that keeps no checkpoint at all.
+            confirm: called with the plan (a dry-run report) before anything is deleted;
+                nothing is deleted unless it returns True. The CLI asks on a terminal.
 
         Returns:
-            A :class:`PruneReport`.
+            A :class:`PruneReport` (the plan itself, marked ``dry_run``, when ``confirm``
+            declined).
 
         Raises:
             StoreError: the policy keeps nothing while checkpoints exist (unless
@@ -333,31 +338,38 @@ class PolicyStore:
             raise StoreError(f"temp file grace period must be a non-negative number of seconds, not {temp_grace_s}")
         target = self._uri(uri)
         scan = self.scan(target)
-        kept, doomed, kept_by = plan_prune(scan.records, policy)
-        if scan.records and not kept and not allow_delete_all:
+        plan = plan_prune(scan.records, policy)
+        if scan.records and not plan.kept and not allow_delete_all:
             raise StoreError(
                 f"{policy!r} keeps none of the {len(scan.records)} checkpoints at {target}; "
                 "pass allow_delete_all=True to delete them all"
             )
         skipped = [SkippedFile(e.path, f"unreadable: {e.detail}") for e in scan.unreadable]
-        if dry_run:
-            deleted = doomed
-        else:
-            deleted, not_deleted = delete_records(doomed)
-            skipped.extend(not_deleted)
-            self._forget(deleted)
-        temps: list[Path] = []
-        for directory in sorted(self._directories(target, scan)):
-            temps.extend(clean_temp_files(directory, grace_s=temp_grace_s, dry_run=dry_run))
-        return PruneReport(
-            policy=repr(policy),
-            dry_run=dry_run,
-            kept=tuple(kept),
-            deleted=tuple(deleted),
-            kept_by=kept_by,
-            skipped=tuple(skipped),
-            temp_files_removed=tuple(temps),
-        )
+        directories = sorted(self._directories(target, scan))
+
+        def report(deleted: list[PolicyRecord], temps: list[Path], dry: bool) -> PruneReport:
+            return PruneReport(
+                policy=repr(policy),
+                dry_run=dry,
+                kept=tuple(plan.kept),
+                deleted=tuple(deleted),
+                kept_by=plan.kept_by,
+                skipped=tuple(skipped),
+                temp_files_removed=tuple(temps),
+                runs=plan.runs,
+            )
+
+        def temp_files(dry: bool) -> list[Path]:
+            return [p for d in directories for p in clean_temp_files(d, grace_s=temp_grace_s, dry_run=dry)]
+
+        if dry_run or confirm is not None:
+            preview = report(plan.doomed, temp_files(True), True)
+            if dry_run or (confirm is not None and not confirm(preview)):
+                return preview
+        deleted, not_deleted = delete_records(plan.doomed)
+        skipped.extend(not_deleted)
+        self._forget(deleted)
+        return report(deleted, temp_files(False), False)
 
     def clean_temp_files(
         self,
