@@ -390,3 +390,19 @@ def test_mixed_directory_lists_and_loads_both(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(catalog_mod, "load_any", counting)
     assert PolicyStore(tmp_path).records() == records and imports == []
+
+
+@pytest.mark.parametrize("how", ["derived name", "name=", "path="])
+def test_save_never_replaces_an_existing_checkpoint_unless_asked(tmp_path: Path, how: str) -> None:
+    store = PolicyStore(tmp_path)
+    target = tmp_path / "model_0003.mfmt"
+    where: dict[str, Any] = {"derived name": {}, "name=": {"name": target.name}, "path=": {"path": target}}[how]
+    first = store.save(agent=TinyNet(), model_type=MODEL_TYPE, metadata={"epoch": 3, "score": 1.0}, **where)
+    before = target.read_bytes()
+    with pytest.raises(StoreError, match="already exists; pass overwrite=True"):
+        store.save(agent=TinyNet(), model_type=MODEL_TYPE, metadata={"epoch": 3, "score": 2.0}, **where)
+    assert target.read_bytes() == before and store.records()[0].metadata["score"] == 1.0
+    second = store.save(
+        agent=TinyNet(), model_type=MODEL_TYPE, metadata={"epoch": 3, "score": 2.0}, overwrite=True, **where
+    )
+    assert second.metadata["score"] == 2.0 and second.ino != first.ino

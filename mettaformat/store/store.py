@@ -229,8 +229,12 @@ class PolicyStore:
         compression: Compression = "none",
         level: int = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
+        overwrite: bool = False,
     ) -> PolicyRecord:
         """Save a policy atomically and return its record.
+
+        An existing file at the target is never replaced silently: the save is refused unless
+        ``overwrite=True``.
 
         Args:
             name: file name inside the root (must end in ``.mfmt``); default
@@ -242,6 +246,7 @@ class PolicyStore:
             compression: ``"none"`` or ``"zstd"``.
             level: zstd level.
             durable: fsync before the rename.
+            overwrite: replace an existing checkpoint of the same name.
 
         Returns:
             The record of the file written (read back from its header).
@@ -249,7 +254,7 @@ class PolicyStore:
         Raises:
             TypeError: ``agent`` is missing or not a module.
             StoreError: no name can be derived (no root, no integer epoch), an invalid name,
-                or a name not ending in ``.mfmt``.
+                a name not ending in ``.mfmt``, or the target exists and ``overwrite`` is False.
             WriteError: the metadata cannot be stored, or an I/O error (the old file is kept).
         """
         if isinstance(agent, MettaAgent):
@@ -260,6 +265,10 @@ class PolicyStore:
             raise TypeError(f"PolicyStore.save needs agent=<MettaAgent or nn.Module>, got {type(agent).__name__}")
         merged = {**base.metadata, **dict(metadata or {})}
         target = self._target(name, path, merged)
+        if not overwrite and os.path.lexists(target):
+            raise StoreError(
+                f"{target} already exists; pass overwrite=True to replace it, or another name=", region=str(target)
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         ckpt = base.to_checkpoint()
         ckpt.metadata = merged
