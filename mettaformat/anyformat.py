@@ -13,13 +13,13 @@ to the next, which is how format confusion attacks work):
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import torch
 
+from mettaformat._files import open_regular
 from mettaformat._torch import storage_key
 from mettaformat.checkpoint import Checkpoint
 from mettaformat.checkpoint_io import read_checkpoint
@@ -47,13 +47,8 @@ def sniff_format(path: str | os.PathLike[str]) -> FormatName:
         dcp_kind = sniff_dcp(path)
         if dcp_kind is not None:
             return dcp_kind
-    # Non-blocking open, then a regular-file check: a FIFO or device named as a checkpoint must
-    # fail at once instead of blocking the reader (HOSTILE H1).
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd, st = open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{path} is not a regular file", region="file")
         head = os.pread(fd, _SNIFF_BYTES, 0)
         size = st.st_size
     finally:

@@ -38,7 +38,10 @@ def ctx() -> Iterator[multiprocessing.context.BaseContext]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(multiprocessing.spawn, "get_preparation_data", without_main)
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "mettaformat", "tests.workers.crash"])
+        # The package imports its torch-backed modules lazily: preload the writer and reader too.
+        context.set_forkserver_preload(
+            ["torch", "mettaformat.container.writer", "mettaformat.container.reader", "tests.workers.crash"]
+        )
         yield context
 
 

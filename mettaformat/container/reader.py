@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +25,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
+from mettaformat._files import open_regular
 from mettaformat._pool import shared_pool
 from mettaformat._torch import buffer_tensor, tensor_bytes, writable_bytes
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
@@ -44,7 +44,7 @@ from mettaformat.container.verify import (
     read_and_hash,
 )
 from mettaformat.dtypes import dtype_from_tag
-from mettaformat.errors import FormatError, IntegrityError, LayoutError, MettaFormatError, TensorNotFoundError
+from mettaformat.errors import IntegrityError, LayoutError, MettaFormatError, TensorNotFoundError
 
 __all__ = ["LazyCheckpoint", "load", "load_file", "open"]
 
@@ -108,12 +108,9 @@ class LazyCheckpoint:
         #: read raw tensors into fresh memory instead of mapping them (they then outlive the file)
         self.copy = copy
         self._device: torch.device = torch.device("cpu")
-        # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer appears
-        # (a hang, not an error). _open() rejects anything but a regular file right after, and
-        # regular files ignore the flag; it is cleared anyway so later reads are plain reads.
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        self._fd, st = open_regular(self.path)
         try:
-            self._open()
+            self._open(st)
         except BaseException:
             os.close(self._fd)
             self._fd = -1  # or __del__ closes the number again, possibly another file's by then
@@ -129,11 +126,7 @@ class LazyCheckpoint:
             raise LayoutError(f"file ended after {len(data)} of {length} bytes", region=region, offset=offset)
         return data
 
-    def _open(self) -> None:
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{self.path} is not a regular file", region="file")
-        os.set_blocking(self._fd, True)
+    def _open(self, st: os.stat_result) -> None:
         self.file_size = size = st.st_size
         self._identity = file_identity(st)
         preamble = Preamble.unpack(self._pread(min(size, PREAMBLE_SIZE), 0, "preamble"), size)

@@ -11,6 +11,7 @@ import gc
 import os
 from typing import Any, Final, Literal, NoReturn
 
+from mettaformat._files import read_regular
 from mettaformat.checkpoint import Checkpoint
 from mettaformat.errors import LegacyFormatError, LegacyUnsupportedError, MettaFormatError
 from mettaformat.legacy.legacy_stream import load_legacy_stream
@@ -78,12 +79,7 @@ def import_legacy(path: str | os.PathLike[str], *, limits: LegacyLimits = DEFAUL
             wrapped files, sparse tensors...) and ``UnsafeContentError`` say why.
     """
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            buf = bytearray(size)
-            if f.readinto(buf) != size:
-                raise LegacyFormatError("file changed size while being read", region="file")
-        return _import(buf, limits)
+        return _import(read_regular(path), limits)
     except MettaFormatError as e:
         _name_file(e, path)
         raise
