@@ -14,6 +14,7 @@ from typing import Any, Final, Literal
 
 import torch
 
+from mettaformat._files import refuse_overwriting_input
 from mettaformat.anyformat import load_any, sniff_format
 from mettaformat.checkpoint import Checkpoint
 from mettaformat.checkpoint_io import write_checkpoint
@@ -165,8 +166,7 @@ def convert(
     to = to or target_for_path(dst_path)
     if to is None:
         raise WriteError(f"cannot tell the target format from {os.fspath(dst)!r}; pass to= one of {CONVERT_TARGETS}")
-    if dst_path.exists() and os.path.samefile(src_path, dst_path):
-        raise WriteError(f"{dst}: refusing to overwrite the source; write elsewhere (or use migrate)")
+    refuse_overwriting_input(dst_path, src_path, command="convert")
     source_format = sniff_format(src_path)
     ckpt = load_any(src_path, migrate=False)
     report = write_target(

@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 import torch
 
 from mettaformat._atomic import TEMP_SUFFIX, fsync_dir, is_temp_file
+from mettaformat._files import open_regular, refuse_overwriting_input
 from mettaformat.anyformat import load_any, sniff_format
 from mettaformat.checkpoint_io import read_checkpoint, write_checkpoint
 from mettaformat.constants import Compression
@@ -193,6 +194,8 @@ def _migrate_file(inp: Path, out: Path, *, backup: bool, dry_run: bool, compress
     result = MigrationResult(os.fspath(inp), os.fspath(out), "failed")
     in_place = out.exists() and os.path.samefile(inp, out)
     try:
+        if not backup:  # in place is only ever done after a backup
+            refuse_overwriting_input(out, inp, command="migrate --no-backup")
         if sniff_format(inp) == "mettaformat":
             return _skip(result, "already a mettaformat container")
         if not in_place and _up_to_date(inp, out):
@@ -235,7 +238,8 @@ def _up_to_date(inp: Path, out: Path) -> bool:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd, _ = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mettaformat._atomic import atomic_fd
+from mettaformat._files import refuse_overwriting_input
 from mettaformat._torch import tensor_bytes
 from mettaformat.container.codecs.base import pwrite_all
 from mettaformat.container.reader import LazyCheckpoint
@@ -41,6 +42,7 @@ def extract_safetensors(
         FormatError, IntegrityError: the source is damaged.
         WriteError: the target cannot be written.
     """
+    refuse_overwriting_input(target, source, command="extract")
     with LazyCheckpoint(source, verify=True) as ckpt:
         entry = ckpt.header.section(section)
         if entry is None:
