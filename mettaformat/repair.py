@@ -6,7 +6,10 @@ Recovery never trusts the damaged file further than its checksums allow:
   (then metadata and trees are lost, and the report says so);
 - every tensor is checked against its checksum; a tensor whose bytes are missing (truncated
   file) or damaged is dropped, or zero-filled with ``zero=True``;
-- trees whose tensors were lost are dropped.
+- trees whose tensors were lost are dropped;
+- memory stays proportional to the input: a tensor is decoded only when all its stored bytes
+  are in the file (the codec's frame checks then bound its size, as for ``load_file``), and a
+  zero-filled stand-in is never larger than the file.
 
 The input is never modified and never overwritten.
 """
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mettaformat._files import read_regular, refuse_overwriting_input
 from mettaformat._torch import tensor_bytes
 from mettaformat.constants import PREAMBLE_SIZE, TRAILER_TAIL_SIZE
 from mettaformat.container.codecs import get_codec
@@ -28,7 +32,7 @@ from mettaformat.container.layout import Preamble, TrailerTail, checksum
 from mettaformat.container.tree import decode_tree
 from mettaformat.container.writer import write_container
 from mettaformat.dtypes import dtype_from_tag
-from mettaformat.errors import FormatError, MettaFormatError, WriteError
+from mettaformat.errors import FormatError, MettaFormatError
 
 __all__ = ["RepairReport", "repair"]
 
@@ -76,14 +80,14 @@ def _index(data: bytes) -> tuple[Header, str, list[str]]:
 def _recover_tensor(data: memoryview, section: SectionEntry, entry: TensorEntry) -> torch.Tensor:
     reader = get_codec(section.codec, region=f"section {section.name!r}").open_section(section)
     dtype = dtype_from_tag(entry.dtype)
+    # Checked before anything is allocated: the sizes come from a damaged file. Stored bytes
+    # present in the file bound the decoded size (the codec's frame checks bound the ratio).
+    if reader.stored_end(entry) > len(data):
+        raise FormatError("bytes missing (file truncated)", region=f"tensor {entry.name!r}")
     out = torch.empty(entry.nbytes, dtype=torch.uint8)
     if reader.zero_copy:
-        start = section.offset + section.stream_header_length + entry.begin
-        chunk = data[start : start + entry.nbytes]
-        if len(chunk) != entry.nbytes:
-            raise FormatError("bytes missing (file truncated)", region=f"tensor {entry.name!r}")
         if entry.nbytes:
-            out.copy_(torch.frombuffer(bytearray(chunk), dtype=torch.uint8))
+            out.copy_(torch.frombuffer(bytearray(reader.view(data, entry)), dtype=torch.uint8))
     else:
         for task in reader.decode_tasks(data, entry, out):
             task()
@@ -100,9 +104,8 @@ def repair(source: str | os.PathLike[str], output: str | os.PathLike[str], *, ze
         FormatError: nothing can be recovered (no intact index).
     """
     src, out = Path(source), Path(output)
-    if out.exists() and out.resolve() == src.resolve():
-        raise WriteError("repair never overwrites its input: choose another output path")
-    data = src.read_bytes()
+    refuse_overwriting_input(out, src, command="repair")
+    data = bytes(read_regular(src))
     header, index_from, notes = _index(data)
     report = RepairReport(source=str(src), output=str(out), index_from=index_from, notes=notes)
     view = memoryview(data)
@@ -121,11 +124,13 @@ def repair(source: str | os.PathLike[str], output: str | os.PathLike[str], *, ze
                 tensors[entry.name] = _recover_tensor(view, s, entry)
                 report.recovered.append(label)
             except MettaFormatError:
-                if zero:
+                if zero and entry.nbytes <= len(data):
                     tensors[entry.name] = torch.zeros(entry.shape, dtype=dtype_from_tag(entry.dtype))
                     report.zero_filled.append(label)
                 else:
                     report.lost.append(label)
+                    if zero:
+                        report.notes.append(f"{label}: declares {entry.nbytes} bytes, more than the file holds")
         for alias, target in s.aliases.items():
             if target in tensors:
                 tensors[alias] = tensors[target]

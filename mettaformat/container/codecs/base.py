@@ -45,6 +45,9 @@ class SectionReader(Protocol):
     def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
         """Independent jobs that together fill ``out`` (uint8, ``entry.nbytes`` long)."""
 
+    def stored_end(self, entry: TensorEntry) -> int:
+        """The file offset just past a tensor's stored bytes (lets repair skip what a cut file lacks)."""
+
 
 class Codec(Protocol):
     name: ClassVar[str]

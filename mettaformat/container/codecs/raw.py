@@ -96,6 +96,9 @@ class _RawSection:
     def view(self, source: memoryview, entry: TensorEntry) -> memoryview:
         return source[self.data_start + entry.begin : self.data_start + entry.end]
 
+    def stored_end(self, entry: TensorEntry) -> int:
+        return self.data_start + entry.end
+
     def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
         def copy() -> None:
             out.copy_(torch.frombuffer(self.view(source, entry), dtype=torch.uint8))

@@ -284,6 +284,11 @@ class _ZstdSection:
         first, end = self.tensor_frames[entry.name]
         return [self.frames[i][2] for i in range(first, end)]
 
+    def stored_end(self, entry: TensorEntry) -> int:
+        first, end = self.tensor_frames[entry.name]
+        offset, clen, _, _ = self.frames[end - 1] if end > first else self.frames[0]
+        return offset + clen
+
     def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
         first, end = self.tensor_frames[entry.name]
         width = itemsize(entry.dtype)
