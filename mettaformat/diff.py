@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,32 +50,79 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(
-            torch.equal(a, b))
+        both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        return both and _compare_tensor("", a, b, 0.0, 0.0) is None
     try:
         return bool(a == b)
     except (TypeError, ValueError, RuntimeError):
         return False
 
 
-def _compare_tensor(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange | None:
+#: Elements compared at a time: memory stays bounded whatever a tensor claims to hold.
+_BLOCK = 1 << 20
+
+
+def _blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Views of ``t`` of at most ``_BLOCK`` elements, in order (never a copy of the whole)."""
+    if t.numel() <= _BLOCK or t.dim() == 0:
+        yield t
+        return
+    row = t.numel() // t.size(0)
+    if row > _BLOCK:
+        for i in range(t.size(0)):
+            yield from _blocks(t[i])
+    else:
+        step = _BLOCK // row
+        for start in range(0, t.size(0), step):
+            yield t[start : start + step]
+
+
+def _collapse_broadcast(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop the dimensions both tensors repeat (stride 0): a huge broadcast view costs its storage only.
+
+    Returns the reduced views and how many times each of their elements stands for.
+    """
+    repeat = 1
+    for d in range(a.dim()):
+        if a.size(d) > 1 and a.stride(d) == 0 and b.stride(d) == 0:
+            repeat *= a.size(d)
+            a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+    return a, b, repeat
+
+
+def _compare_tensor(name: str, a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> TensorChange | None:
     if a.dtype != b.dtype:
         return TensorChange(name, "dtype", f"{a.dtype} -> {b.dtype}")
     if a.shape != b.shape:
         return TensorChange(name, "shape", f"{list(a.shape)} -> {list(b.shape)}")
-    if torch.equal(a, b):
+    total = a.numel()
+    a, b, repeat = _collapse_broadcast(a, b)
+    numeric = a.dtype != torch.bool
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    count, worst = 0, 0.0
+    for x, y in zip(_blocks(a), _blocks(b), strict=True):
+        if numeric:
+            xw, yw = x.to(wide), y.to(wide)
+            differ = ~torch.isclose(xw, yw, rtol=rtol, atol=atol, equal_nan=True)
+            if bool(differ.any()):
+                delta = (xw - yw).abs()[differ]
+                finite = delta[torch.isfinite(delta)]
+                worst = max(worst, float(finite.max()) if finite.numel() else math.inf)
+        else:
+            differ = x != y
+        count += int(differ.sum()) * repeat
+    if not count:
         return None
-    if a.is_floating_point() or a.is_complex() or a.dtype not in (torch.bool,):
-        delta = (a.to(torch.float64) - b.to(torch.float64)).abs()
-        finite = delta[torch.isfinite(delta)]
-        worst = float(finite.max()) if finite.numel() else math.inf
-        count = int((a != b).sum())
-        return TensorChange(name, "values", f"{count} of {a.numel()} elements differ", worst)
-    return TensorChange(name, "values", f"{int((a != b).sum())} of {a.numel()} elements differ")
+    return TensorChange(name, "values", f"{count} of {total} elements differ", worst if numeric else None)
 
 
-def diff_checkpoints(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> CheckpointDiff:
+def diff_checkpoints(
+    a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float = 0.0, rtol: float = 0.0
+) -> CheckpointDiff:
     """Compare the checkpoints at ``a`` and ``b`` (any formats ``load_any`` reads, as stored).
+
+    Values are compared a block at a time (memory stays bounded, even for huge broadcast views);
+    NaN equals NaN. An element differs when ``|a - b| > atol + rtol * |b|`` (exact by default).
 
     Raises:
         FormatError, LegacyImportError, IntegrityError: a file cannot be read.
@@ -86,7 +134,7 @@ def diff_checkpoints(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> Ch
     result.removed = sorted(set(ta) - set(tb))
     for name in ta:
         if name in tb:
-            change = _compare_tensor(name, ta[name], tb[name])
+            change = _compare_tensor(name, ta[name], tb[name], atol, rtol)
             if change is None:
                 result.unchanged += 1
             else:

@@ -12,6 +12,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("diff", help="compare two checkpoints of any format")
     p.add_argument("a", metavar="A", help="the first checkpoint (any format)")
     p.add_argument("b", metavar="B", help="the second checkpoint (any format)")
+    p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance per element (default: 0, exact)")
+    p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance per element (default: 0, exact)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
@@ -19,7 +21,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from mettaformat.diff import diff_checkpoints
 
-    d = diff_checkpoints(args.a, args.b)
+    d = diff_checkpoints(args.a, args.b, atol=args.atol, rtol=args.rtol)
     if args.json:
         emit_json(d.to_dict())
         return 0 if d.identical else 1
