@@ -24,7 +24,7 @@ from mettaformat._torch import storage_key
 from mettaformat.checkpoint import Checkpoint
 from mettaformat.checkpoint_io import read_checkpoint
 from mettaformat.constants import MAX_STREAM_HEADER_SIZE, MFMT_MAGIC
-from mettaformat.errors import FormatError
+from mettaformat.errors import FormatError, naming_file
 from mettaformat.migrations import apply_migrations
 
 __all__ = ["FormatName", "load_any", "sniff_format"]
@@ -106,24 +106,25 @@ def load_any(
         >>> ckpt = mettaformat.load_any("model_0050.pt")
         >>> ckpt.metadata["epoch"], len(ckpt.tensors)
     """
-    kind = sniff_format(path)
-    if kind == "mettaformat":
-        ckpt = read_checkpoint(path, device=device, lazy=lazy)
-    elif kind == "safetensors":
-        ckpt = _read_safetensors(path)
-    elif kind in ("dcp", "torch-dcp"):
-        from mettaformat.dcp.consolidate import read_dcp
+    with naming_file(path):
+        kind = sniff_format(path)
+        if kind == "mettaformat":
+            ckpt = read_checkpoint(path, device=device, lazy=lazy)
+        elif kind == "safetensors":
+            ckpt = _read_safetensors(path)
+        elif kind in ("dcp", "torch-dcp"):
+            from mettaformat.dcp.consolidate import read_dcp
 
-        ckpt = read_dcp(path)
-    else:
-        from mettaformat.legacy import import_legacy
+            ckpt = read_dcp(path)
+        else:
+            from mettaformat.legacy import import_legacy
 
-        ckpt = import_legacy(path)
-    ckpt.uri = ckpt.uri or Path(path).resolve().as_uri()
-    if torch.device(device).type != "cpu" and kind != "mettaformat":
-        ckpt.tensors = _to_device(ckpt.tensors, device)
-    if migrate:
-        apply_migrations(ckpt, source=path)
+            ckpt = import_legacy(path)
+        ckpt.uri = ckpt.uri or Path(path).resolve().as_uri()
+        if torch.device(device).type != "cpu" and kind != "mettaformat":
+            ckpt.tensors = _to_device(ckpt.tensors, device)
+        if migrate:
+            apply_migrations(ckpt, source=os.fspath(path))
     return ckpt
 
 

@@ -31,6 +31,10 @@ messages.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 __all__ = [
     "BadMagicError",
     "CodecError",
@@ -62,7 +66,11 @@ class MettaFormatError(Exception):
         region: the part of the file concerned (``"preamble"``, ``"header"``,
             ``"section model"``, ``"tensor 'fc.weight'"``, ``"data.pkl"``...), if known.
         offset: the absolute byte offset concerned, if known.
+        file: the path the caller passed, once an entry point has named it (see
+            :func:`naming_file`); the message then starts with it.
     """
+
+    file: str | None = None
 
     def __init__(self, message: str, *, region: str | None = None, offset: int | None = None) -> None:
         self.message = message
@@ -74,6 +82,39 @@ class MettaFormatError(Exception):
         if offset is not None:
             where.append(f"offset {offset}")
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
+
+
+    def name_file(self, path: str | os.PathLike[str], *, hint: str | None = None) -> None:
+        """Say which file this error is about (once; the innermost entry point wins)."""
+        if self.file is not None:
+            return
+        self.file = os.fspath(path)
+        text = str(self)
+        if not text.startswith(self.file):
+            text = f"{self.file}: {text}"
+        if hint:
+            text = f"{text}; {hint}"
+        self.args = (text,)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@contextmanager
+def naming_file(path: str | os.PathLike[str], *, container: bool = False) -> Iterator[None]:
+    """Entry points that open a path wrap their work in this: any error then names that path.
+
+    Args:
+        container: the file is a container; structural damage and checksum failures then
+            suggest ``mettaformat repair``, which recovers what the checksums still vouch for.
+    """
+    try:
+        yield
+    except MettaFormatError as e:
+        repairable = container and isinstance(e, (LayoutError, IntegrityError, CodecError))
+        hint = f"`mettaformat repair {os.fspath(path)} OUT.mfmt` may recover the intact tensors" if repairable else None
+        e.name_file(path, hint=hint)
+        raise
 
 
 class FormatError(MettaFormatError, ValueError):
@@ -162,7 +203,7 @@ class TensorNotFoundError(MettaFormatError, KeyError):
         super().__init__(f"no tensor named {name!r}", region=region)
 
     def __str__(self) -> str:  # KeyError would repr() the message
-        return Exception.__str__(self)
+        return MettaFormatError.__str__(self)
 
 
 class WriteError(MettaFormatError):

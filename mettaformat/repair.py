@@ -32,7 +32,7 @@ from mettaformat.container.layout import Preamble, TrailerTail, checksum
 from mettaformat.container.tree import decode_tree
 from mettaformat.container.writer import write_container
 from mettaformat.dtypes import dtype_from_tag
-from mettaformat.errors import FormatError, MettaFormatError
+from mettaformat.errors import FormatError, MettaFormatError, naming_file
 
 __all__ = ["RepairReport", "repair"]
 
@@ -105,8 +105,9 @@ def repair(source: str | os.PathLike[str], output: str | os.PathLike[str], *, ze
     """
     src, out = Path(source), Path(output)
     refuse_overwriting_input(out, src, command="repair")
-    data = bytes(read_regular(src))
-    header, index_from, notes = _index(data)
+    with naming_file(src):
+        data = bytes(read_regular(src))
+        header, index_from, notes = _index(data)
     report = RepairReport(source=str(src), output=str(out), index_from=index_from, notes=notes)
     view = memoryview(data)
     sections: dict[str, dict[str, torch.Tensor]] = {}

@@ -13,6 +13,7 @@ process that shrinks the file *between* the check and the access can still do th
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import tempfile
@@ -44,7 +45,7 @@ from mettaformat.container.verify import (
     read_and_hash,
 )
 from mettaformat.dtypes import dtype_from_tag
-from mettaformat.errors import IntegrityError, LayoutError, MettaFormatError, TensorNotFoundError
+from mettaformat.errors import IntegrityError, LayoutError, MettaFormatError, TensorNotFoundError, naming_file
 
 __all__ = ["LazyCheckpoint", "load", "load_file", "open"]
 
@@ -99,6 +100,17 @@ def load(data: bytes, device: str | torch.device = "cpu") -> dict[str, torch.Ten
         return load_file(f.name, device)
 
 
+def _names_file(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors raised while reading an open container name its path (and suggest repair)."""
+
+    @functools.wraps(method)
+    def wrapper(self: LazyCheckpoint, *args: Any, **kwargs: Any) -> Any:
+        with naming_file(self.path, container=True):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class LazyCheckpoint:
     """An open container. See :func:`open`."""
 
@@ -110,7 +122,8 @@ class LazyCheckpoint:
         self._device: torch.device = torch.device("cpu")
         self._fd, st = open_regular(self.path)
         try:
-            self._open(st)
+            with naming_file(self.path, container=True):
+                self._open(st)
         except BaseException:
             os.close(self._fd)
             self._fd = -1  # or __del__ closes the number again, possibly another file's by then
@@ -193,6 +206,7 @@ class LazyCheckpoint:
 
     # -- metadata ----------------------------------------------------------------------------
     @property
+    @_names_file
     def metadata(self) -> dict[str, Any]:
         """The checkpoint metadata (a decoded object tree)."""
         value = decode_tree(self.header.metadata, path="header.metadata")
@@ -207,6 +221,7 @@ class LazyCheckpoint:
         s = self.header.section(section)
         return list(s.order) if s is not None else []
 
+    @_names_file
     def tree(self, name: str) -> Any:
         """Decode the object tree ``name``; its tensor references are loaded."""
         if name not in self.header.trees:
@@ -245,6 +260,7 @@ class LazyCheckpoint:
             self._source = memoryview(self._map)
         return self._source
 
+    @_names_file
     def get_tensor(self, name: str, *, section: str = "model") -> torch.Tensor:
         """Read one tensor (zero-copy for raw sections), verifying its checksum if ``verify``.
 
@@ -348,10 +364,12 @@ class LazyCheckpoint:
             raise TensorNotFoundError(section, region="sections")
         return self._readers[section]
 
+    @_names_file
     def read_entry(self, section: SectionEntry, entry: TensorEntry) -> torch.Tensor:
         """Read one tensor entry of ``section`` (uncached; checksum verified if ``verify``)."""
         return self._read(section, entry)
 
+    @_names_file
     def stream_header(self, section: str) -> bytes:
         """The safetensors header bytes of ``section``'s stream (decoded for zstd sections)."""
         return self.section_reader(section).stream_header(self._mapped())
@@ -365,6 +383,7 @@ class LazyCheckpoint:
         """A mapping of ``section``'s tensors that reads each one on first access."""
         return LazyStateDict(self, section)
 
+    @_names_file
     def load_section(
         self, section: str = "model", device: str | torch.device = "cpu", *, copy: bool | None = None
     ) -> dict[str, torch.Tensor]:
@@ -454,6 +473,7 @@ class LazyCheckpoint:
         return out
 
     # -- whole-file checks -------------------------------------------------------------------
+    @_names_file
     def verify_structure(self) -> None:
         """Check what open does not read: padding, the trailer index, each embedded safetensors header.
 

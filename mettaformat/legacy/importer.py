@@ -13,7 +13,7 @@ from typing import Any, Final, Literal, NoReturn
 
 from mettaformat._files import read_regular
 from mettaformat.checkpoint import Checkpoint
-from mettaformat.errors import LegacyFormatError, LegacyUnsupportedError, MettaFormatError
+from mettaformat.errors import LegacyFormatError, LegacyUnsupportedError, naming_file
 from mettaformat.legacy.legacy_stream import load_legacy_stream
 from mettaformat.legacy.limits import DEFAULT_LIMITS, LegacyLimits
 from mettaformat.legacy.metta import LoadedPickle, to_checkpoint
@@ -78,20 +78,8 @@ def import_legacy(path: str | os.PathLike[str], *, limits: LegacyLimits = DEFAUL
             :class:`~mettaformat.errors.LegacyUnsupportedError` (TorchScript, tar,
             wrapped files, sparse tensors...) and ``UnsafeContentError`` say why.
     """
-    try:
+    with naming_file(path):
         return _import(read_regular(path), limits)
-    except MettaFormatError as e:
-        _name_file(e, path)
-        raise
-
-
-def _name_file(e: MettaFormatError, path: str | os.PathLike[str]) -> None:
-    # Regions inside the file (data.pkl, zip member, storage) come from the parsers; the file
-    # itself is only known here. Name the one the caller passed, not a URI stored inside it.
-    name = os.fspath(path)
-    e.message = f"{name}: {e.message}"
-    where = [w for w in (e.region, None if e.offset is None else f"offset {e.offset}") if w is not None]
-    e.args = (f"{e.message} ({', '.join(where)})" if where else e.message,)
 
 
 def import_legacy_bytes(data: bytes | bytearray | memoryview, *, limits: LegacyLimits = DEFAULT_LIMITS) -> Checkpoint:
