@@ -20,7 +20,7 @@ from mettaformat.anyformat import load_any
 from mettaformat.checkpoint import Checkpoint, TrainingState
 from mettaformat.checkpoint_io import write_checkpoint
 from mettaformat.constants import MFMT_VERSION_MAJOR, ZSTD_DEFAULT_LEVEL, Compression
-from mettaformat.errors import ModelReconstructionError
+from mettaformat.errors import ModelReconstructionError, naming_file
 from mettaformat.registry import get_model_builder, registered_model_types
 from mettaformat.training import capture_training_state, restore_rng
 
@@ -276,8 +276,9 @@ class MettaAgent(nn.Module):
                 weights do not fit the built model.
             FormatError, LegacyImportError, IntegrityError: the file cannot be read.
         """
-        ckpt = load_any(path, migrate=migrate, lazy=lazy, device=device)
-        return cls.from_checkpoint(ckpt, model=model, device=device, strict=strict, lazy=lazy)
+        with naming_file(path):
+            ckpt = load_any(path, migrate=migrate, lazy=lazy, device=device)
+            return cls.from_checkpoint(ckpt, model=model, device=device, strict=strict, lazy=lazy)
 
     @classmethod
     def load_for_training(
@@ -306,6 +307,10 @@ class MettaAgent(nn.Module):
 
         A checkpoint without training state (a plain policy) loads with an empty
         ``training_state``: the optimizer, scheduler and RNGs are left as they are.
+
+        An optimizer drives the parameters it was built over, so ``optimizer=`` needs the model
+        those parameters belong to as ``model=`` (build the model, then the optimizer over
+        ``model.parameters()``, then call this); otherwise a ``ValueError`` says so.
         """
         if distributed:
             if model is None:
@@ -313,8 +318,10 @@ class MettaAgent(nn.Module):
             from mettaformat.dcp.training import load_sharded_training
 
             return load_sharded_training(cls, path, model, optimizer, scheduler, restore_rng_state=restore_rng_state)
-        ckpt = load_any(path, lazy=False, device=device)
-        agent = cls.from_checkpoint(ckpt, model=model, device=device, lazy=False)
+        _check_optimizer_drives(optimizer, model)
+        with naming_file(path):
+            ckpt = load_any(path, lazy=False, device=device)
+            agent = cls.from_checkpoint(ckpt, model=model, device=device, lazy=False)
         training = ckpt.training or TrainingState()
         if optimizer is not None and training.optimizer is not None:
             optimizer.load_state_dict(training.optimizer)
@@ -326,6 +333,29 @@ class MettaAgent(nn.Module):
                 agent.provenance["rng_not_restored"] = missing
         agent.training_state = training
         return agent
+
+
+def _check_optimizer_drives(optimizer: torch.optim.Optimizer | None, model: nn.Module | None) -> None:
+    """Refuse an optimizer that would not update the model load_for_training returns."""
+    if optimizer is None:
+        return
+    how = (
+        "build the model first, e.g. model = MettaAgent.load(path).model (or your constructor), then "
+        "optimizer = torch.optim.Adam(model.parameters()), then "
+        "MettaAgent.load_for_training(path, model=model, optimizer=optimizer)"
+    )
+    if model is None:
+        raise ValueError(
+            "load_for_training(optimizer=...) needs model=...: the model it would build is new, and your "
+            f"optimizer holds other parameters, so training would not change it; {how}"
+        )
+    own = {id(p) for p in unwrap_model(model).parameters()}
+    foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
+    if foreign:
+        raise ValueError(
+            f"the optimizer holds {foreign} parameters that are not the model's, so training would not change "
+            f"the loaded model; {how}"
+        )
 
 
 def _build(ckpt: Checkpoint, config: dict[str, Any]) -> nn.Module:

@@ -84,8 +84,9 @@ def save_and_reload(agent: MettaAgent, opt: torch.optim.Optimizer, counters: dic
     for path in (standard, compressed):
         loaded = MettaAgent.load(path)
         assert torch.equal(loaded(obs)[0], agent(obs)[0])
-    resumed = MettaAgent.load_for_training(training, optimizer=torch.optim.Adam(
-        MettaAgent.load(standard).parameters(), lr=3e-3))
+    model = MettaAgent.load(standard).model  # the optimizer must drive the model it resumes
+    resumed = MettaAgent.load_for_training(training, model=model, optimizer=torch.optim.Adam(
+        model.parameters(), lr=3e-3))
     print(f"2. saved standard ({_kib(standard)}), compressed ({_kib(compressed)}) and training "
           f"({_kib(training)}, with Adam state and RNG) checkpoints; all reload identically "
           f"(resume at epoch {resumed.trainer_state['epoch']})")

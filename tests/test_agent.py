@@ -113,8 +113,9 @@ def test_training_checkpoint_round_trip_in_process(tmp_path: Path) -> None:
         assert {"model", "optimizer", "rng"} <= set(f.sections)
     data = (tmp_path / "t.mfmt").read_bytes()
     assert b"\x80\x02" not in data[:64] and b"PK\x03\x04" not in data  # not a pickle, not a torch zip
-    opt2 = torch.optim.Adam(TinyPolicy(6).parameters(), lr=1e-3)
-    loaded = MettaAgent.load_for_training(tmp_path / "t.mfmt", optimizer=opt2)
+    model2 = TinyPolicy(6)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
+    loaded = MettaAgent.load_for_training(tmp_path / "t.mfmt", model=model2, optimizer=opt2)
     assert loaded.trainer_state == {"epoch": 5, "agent_step": 640}
     s1, s2 = opt.state_dict(), opt2.state_dict()
     assert s1["param_groups"] == s2["param_groups"]
@@ -152,3 +153,22 @@ def test_ddp_only_rank_zero_writes(tmp_path: Path) -> None:
     assert loaded.keys() == expected.keys()
     for k, v in expected.items():
         assert torch.equal(loaded[k], v)
+
+
+@pytest.mark.parametrize("how", ["no model", "another model's optimizer"])
+def test_an_optimizer_that_would_not_drive_the_loaded_model_is_refused(tmp_path: Path, how: str) -> None:
+    agent = make_agent()
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    agent.save_for_training(tmp_path / "t.mfmt", optimizer=opt, trainer_state={"epoch": 1})
+    model = TinyPolicy(6)
+    stray = torch.optim.Adam(TinyPolicy(6).parameters(), lr=1e-3)
+    kwargs: dict[str, Any] = {"optimizer": stray} if how == "no model" else {"model": model, "optimizer": stray}
+    with pytest.raises(ValueError, match=r"model=model, optimizer=optimizer"):
+        MettaAgent.load_for_training(tmp_path / "t.mfmt", **kwargs)
+    # The documented way: the optimizer is built over the model that is then filled.
+    good = torch.optim.Adam(model.parameters(), lr=0.5)
+    loaded = MettaAgent.load_for_training(tmp_path / "t.mfmt", model=model, optimizer=good)
+    before = [p.detach().clone() for p in loaded.parameters()]
+    loaded(torch.randn(3, 4)).sum().backward()
+    good.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, loaded.parameters(), strict=True))
