@@ -10,6 +10,8 @@ it never hands back an agent without a model.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -322,17 +324,29 @@ class MettaAgent(nn.Module):
         with naming_file(path):
             ckpt = load_any(path, lazy=False, device=device)
             agent = cls.from_checkpoint(ckpt, model=model, device=device, lazy=False)
-        training = ckpt.training or TrainingState()
-        if optimizer is not None and training.optimizer is not None:
-            optimizer.load_state_dict(training.optimizer)
-        if scheduler is not None and training.scheduler is not None:
-            scheduler.load_state_dict(training.scheduler)
-        if restore_rng_state and training.rng:
-            missing = restore_rng(training.rng)
-            if missing:
-                agent.provenance["rng_not_restored"] = missing
+            training = ckpt.training or TrainingState()
+            # The trees are type-checked; whether they fit this optimizer is for torch to say.
+            with _not_fitting("the saved optimizer state does not fit this optimizer"):
+                if optimizer is not None and training.optimizer is not None:
+                    optimizer.load_state_dict(training.optimizer)
+            with _not_fitting("the saved scheduler state does not fit this scheduler"):
+                if scheduler is not None and training.scheduler is not None:
+                    scheduler.load_state_dict(training.scheduler)
+            with _not_fitting("the saved RNG state cannot be restored"):
+                if restore_rng_state and training.rng:
+                    missing = restore_rng(training.rng)
+                    if missing:
+                        agent.provenance["rng_not_restored"] = missing
         agent.training_state = training
         return agent
+
+
+@contextmanager
+def _not_fitting(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise ModelReconstructionError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 def _check_optimizer_drives(optimizer: torch.optim.Optimizer | None, model: nn.Module | None) -> None:

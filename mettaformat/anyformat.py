@@ -25,6 +25,7 @@ from mettaformat.checkpoint import Checkpoint
 from mettaformat.checkpoint_io import read_checkpoint
 from mettaformat.constants import MAX_STREAM_HEADER_SIZE, MFMT_MAGIC
 from mettaformat.errors import FormatError, naming_file
+from mettaformat.fields import check_checkpoint
 from mettaformat.migrations import apply_migrations
 
 __all__ = ["FormatName", "load_any", "sniff_format"]
@@ -120,6 +121,7 @@ def load_any(
             from mettaformat.legacy import import_legacy
 
             ckpt = import_legacy(path)
+        check_checkpoint(ckpt)  # a legacy or safetensors file's fields too, before anything uses them
         ckpt.uri = ckpt.uri or Path(path).resolve().as_uri()
         if torch.device(device).type != "cpu" and kind != "mettaformat":
             ckpt.tensors = _to_device(ckpt.tensors, device)

@@ -24,6 +24,7 @@ from mettaformat.container.device_load import off_host
 from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.container.writer import write_container
 from mettaformat.errors import HeaderError, WriteError
+from mettaformat.fields import check_checkpoint, check_training
 
 __all__ = ["CHECKPOINT_KEY", "read_checkpoint", "split_metadata", "write_checkpoint"]
 
@@ -86,6 +87,11 @@ def write_checkpoint(
     )
 
 
+def _or_empty(value: Any) -> Any:
+    """An absent tree is an empty map; anything else is kept for the type checks to judge."""
+    return {} if value is None else value
+
+
 def split_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(user metadata, the checkpoint's own fields) of a container's decoded metadata."""
     user = dict(metadata)
@@ -118,15 +124,19 @@ def read_checkpoint(
     reader = LazyCheckpoint(path, verify=verify, copy=not lazy)
     try:
         user, own = split_metadata(reader.metadata)
-        ckpt = Checkpoint(
-            model_type=own.get("model_type"),
-            name=own.get("name"),
-            uri=own.get("uri"),
-            metadata=user,
-            agent_attributes=dict(own.get("agent_attributes") or {}),
-            versions=dict(own.get("versions") or {}),
-            provenance=dict(own.get("provenance") or {}),
+        ckpt = check_checkpoint(
+            Checkpoint(
+                model_type=own.get("model_type"),
+                name=own.get("name"),
+                uri=own.get("uri"),
+                metadata=user,
+                agent_attributes=_or_empty(own.get("agent_attributes")),
+                versions=_or_empty(own.get("versions")),
+                provenance=_or_empty(own.get("provenance")),
+            )
         )
+        if own.get("config") is not None:
+            check_checkpoint(Checkpoint(provenance={"config": own["config"]}))
         ckpt.versions.setdefault("checkpoint_format", reader.preamble.major)
         ckpt.provenance.setdefault("source_format", "mettaformat")
         ckpt.provenance["container_version"] = f"{reader.preamble.major}.{reader.preamble.minor}"
@@ -149,11 +159,13 @@ def read_checkpoint(
             ckpt.legacy_tensors = reader.state_dict("legacy")
         trees = {name: reader.tree(name) for name in _TRAINING_TREES if name in reader.tree_names}
         if trees:
-            ckpt.training = TrainingState(
-                optimizer=trees.get("optimizer"),
-                scheduler=trees.get("scheduler"),
-                trainer_state=trees.get("trainer_state") or {},
-                rng=trees.get("rng") or {},
+            ckpt.training = check_training(
+                TrainingState(
+                    optimizer=trees.get("optimizer"),
+                    scheduler=trees.get("scheduler"),
+                    trainer_state=_or_empty(trees.get("trainer_state")),
+                    rng=_or_empty(trees.get("rng")),
+                )
             )
         return ckpt
     finally:

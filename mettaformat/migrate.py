@@ -219,6 +219,8 @@ def _migrate_file(inp: Path, out: Path, *, backup: bool, dry_run: bool, compress
         result.status = "migrated"
     except (MettaFormatError, OSError, RecursionError) as e:
         result.reason = f"{type(e).__name__}: {e}"
+    except Exception as e:  # one file must never stop the others: reported, not hidden
+        result.reason = f"unexpected {type(e).__name__}: {e}"
     return result
 
 

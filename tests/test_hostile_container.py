@@ -126,7 +126,9 @@ def expect(case: Case, tmp_path: Path) -> dict[str, torch.Tensor] | None:
         full_load(path)
     err = info.value
     assert type(err) is case.exc, f"{case.row} {case.label}: {type(err).__name__}: {err}"
-    assert re.search(case.match, str(err)), f"{case.row} {case.label}: {err}"
+    assert err.file == str(path), f"{case.row} {case.label}: the error does not name the file: {err}"
+    # The message proper, after the file name every entry point puts first.
+    assert re.search(case.match, str(err).removeprefix(f"{path}: ")), f"{case.row} {case.label}: {err}"
     if case.region is not None:
         assert err.region is not None and re.search(case.region, err.region), f"{case.row} {case.label}: {err}"
     return None

@@ -161,6 +161,9 @@ class RecordCatalog:
                 return item[0], self._read(*item)
             except (MettaFormatError, OSError) as e:
                 return item[0], e
+            except Exception as e:  # one file must never hide the others
+                logger.warning("unexpected failure reading %s", item[0], exc_info=True)
+                return item[0], StoreError(f"unexpected {type(e).__name__}: {e}", region=str(item[0]))
 
         if len(missing) < _CONCURRENT_MIN:
             return [read(item) for item in missing]

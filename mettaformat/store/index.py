@@ -130,8 +130,8 @@ def _parse_entry(raw: Any) -> IndexEntry | None:
     fmt, model_type, metadata = raw.get("format"), raw.get("model_type"), raw.get("metadata")
     if not isinstance(fmt, str) or not (model_type is None or isinstance(model_type, str)):
         return None
-    if not isinstance(metadata, dict):
-        return None
+    if not isinstance(metadata, dict) or not round_trips(metadata):
+        return None  # e.g. bytes keys: never written by update_index, so not an entry of ours
     return IndexEntry(
         signature=FileSignature(mtime_ns=raw["mtime_ns"], size=raw["size"], ino=raw["ino"]),
         format=fmt,
@@ -184,7 +184,8 @@ def read_index(directory: Path) -> dict[str, IndexEntry]:
     entries: dict[str, IndexEntry] = {}
     for name, raw in value["entries"].items():
         # Only plain listable names: an entry can never point outside its directory.
-        entry = _parse_entry(raw) if is_listable_name(name) and "/" not in name and "\\" not in name else None
+        plain = isinstance(name, str) and is_listable_name(name) and "/" not in name and "\\" not in name
+        entry = _parse_entry(raw) if plain else None
         if entry is not None:
             entries[name] = entry
     return entries
