@@ -65,3 +65,18 @@ class Checkpoint:
     provenance: dict[str, Any] = field(default_factory=dict)
     legacy_graph: Any = None
     legacy_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Never the tensors themselves: a state dict can hold gigabytes.
+        size = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        parts = [
+            f"model_type={self.model_type!r}",
+            f"name={self.name!r}",
+            f"{len(self.tensors)} tensors ({size} bytes)",
+            f"metadata keys={sorted(map(str, self.metadata))[:8]}{'...' if len(self.metadata) > 8 else ''}",
+            f"versions={self.versions!r}",
+            f"training={'yes' if self.training is not None else 'no'}",
+        ]
+        if self.legacy_tensors:
+            parts.append(f"{len(self.legacy_tensors)} legacy tensors")
+        return f"Checkpoint({', '.join(parts)})"

@@ -66,6 +66,21 @@ class MigrationResult:
     migrations: list[str] = field(default_factory=list)
     backup: str | None = None
 
+    def describe(self, *, dry_run: bool = False) -> str:
+        """One line: what happened (``would migrate`` in a dry run), the paths, and why."""
+        status = "would migrate" if dry_run and self.status == "migrated" else self.status
+        text = f"{status:8} {self.src}"
+        if self.status == "migrated":
+            text += f" -> {self.dst}"
+            if self.migrations:
+                text += f" ({', '.join(self.migrations)})"
+        if self.reason:
+            text += f": {self.reason}"
+        return text
+
+    def __str__(self) -> str:
+        return self.describe()
+
 
 @dataclass
 class MigrationSummary:
@@ -96,6 +111,14 @@ class MigrationSummary:
     @property
     def ok(self) -> bool:
         return self.failed == 0
+
+    def __str__(self) -> str:
+        head = (
+            f"{'Dry run: ' if self.dry_run else ''}{self.processed} processed, "
+            f"{self.migrated} {'to migrate' if self.dry_run else 'migrated'}, "
+            f"{self.skipped} skipped, {self.failed} failed"
+        )
+        return "\n".join([head, *(f"  {r.describe(dry_run=self.dry_run)}" for r in self.results)])
 
     def to_dict(self) -> dict[str, Any]:
         return {

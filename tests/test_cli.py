@@ -459,7 +459,7 @@ def test_validate_names_the_damage(files: Path, capsys: pytest.CaptureFixture[st
     code, out, err = run(capsys, "validate", *paths, "-q")
     assert code == 1 and err == ""
     assert "n.mfmt" not in out  # -q hides files that are fine
-    assert "m.mfmt: mettaformat (container), 2 tensors checked: 1 problem(s)" in out
+    assert "m.mfmt: mettaformat (container), 3 tensors checked: 1 problem(s)" in out
     assert "  section 'model' tensor 'b': checksum mismatch" in out
     assert "junk.bin: unknown format" in out and "missing: unknown format" in out
     code, data = run_json(capsys, "validate", *paths)
@@ -612,14 +612,16 @@ def test_extract_human_and_json(files: Path, capsys: pytest.CaptureFixture[str])
     assert code == 0
     size = out_path.stat().st_size
     assert out == f"wrote {out_path}: 3 tensors, {size} B\n"
-    assert "note: metadata is not part of the weights" in err
+    assert "not carried" not in err  # the metadata travels in __metadata__
     loaded = safetensors.torch.load_file(out_path)
+    with safetensors.safe_open(out_path, "pt") as f:
+        assert f.metadata()["epoch"] == "3"
     assert set(loaded) == {"a.weight", "b", EVIL} and torch.equal(loaded["b"], torch.ones(3))
     code, out, err = run(capsys, "extract", str(files / "m.mfmt"), str(out_path), "-q")
     assert code == 0 and out == ""
     code, data = run_json(capsys, "extract", str(files / "m.mfmt"), str(out_path))
     assert code == 0
-    assert data == {"out": str(out_path), "tensors": 3, "bytes": size, "aliases": {}, "not_carried": ["metadata"]}
+    assert data["not_carried"] == [] and data["notes"] and data["bytes"] == size
 
 
 def test_extract_tied_tensors_noted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

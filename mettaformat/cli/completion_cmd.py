@@ -8,7 +8,7 @@ from typing import Any
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("completion", help="print a shell completion script (eval it in your shell rc)")
-    p.add_argument("shell", choices=["bash", "zsh"])
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete for")
     p.set_defaults(run=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mettaformat.cli._output import emit_json, sanitize
+from mettaformat.cli._output import clip, emit_json, sanitize
 
 
 def add_parser(sub: Any) -> None:
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         extra = f", max abs diff {c.max_abs_diff:.6g}" if c.max_abs_diff is not None else ""
         print(f"~ {sanitize(c.name)}: {c.kind}: {sanitize(c.detail)}{extra}")
     for key, (va, vb) in d.metadata.items():
-        print(f"metadata {sanitize(key)}: {sanitize(repr(va))[:80]} -> {sanitize(repr(vb))[:80]}")
+        print(f"metadata {sanitize(key)}: {clip(sanitize(repr(va)), 80)} -> {clip(sanitize(repr(vb)), 80)}")
     if not args.quiet:
         print(
             f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, {d.unchanged} unchanged, "

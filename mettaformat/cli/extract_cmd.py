@@ -10,7 +10,13 @@ from mettaformat.cli._output import emit_json, human_bytes, sanitize
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("extract", help="write a section as a standalone .safetensors file")
+    p = sub.add_parser(
+        "extract",
+        help="write a section as a standalone .safetensors file",
+        description="Copy a section's tensors as stored into a .safetensors file; the user metadata goes "
+        "into its __metadata__ (as convert --to safetensors does). Trees and other sections are listed "
+        "as not carried.",
+    )
     p.add_argument("file", metavar="FILE", help="the .mfmt container to read")
     p.add_argument("out", metavar="OUT", help="the .safetensors file to write; must not be FILE")
     p.add_argument("--section", default="model", help="section to extract (default: model)")
@@ -30,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
                 "bytes": report.bytes_written,
                 "aliases": report.aliases,
                 "not_carried": report.dropped,
+                "notes": report.notes,
             }
         )
         return 0
@@ -43,5 +50,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     for what in report.dropped:
-        print(f"note: {sanitize(what)} is not part of the weights and was not extracted", file=sys.stderr)
+        print(f"note: not carried: {sanitize(what)}", file=sys.stderr)
+    for note in report.notes:
+        print(f"note: {sanitize(note)}", file=sys.stderr)
     return 0

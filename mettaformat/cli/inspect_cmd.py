@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mettaformat.cli._output import emit_json, human_bytes, jsonable, sanitize, table
+from mettaformat.cli._output import clip, emit_json, human_bytes, jsonable, sanitize, table
 from mettaformat.dtypes import tag_from_dtype
 from mettaformat.errors import WriteError
 
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         print("metadata:")
         for k, v in jsonable(info["metadata"]).items():
-            print(f"  {sanitize(k)}: {sanitize(repr(v))[:200]}")
+            print(f"  {sanitize(k)}: {clip(sanitize(repr(v)), 200)}")
     if info["trees"]:
         print(f"\ntrees: {', '.join(map(sanitize, info['trees']))}")
     return 0

@@ -33,10 +33,10 @@ def add_parser(sub: Any) -> None:
 
 
 class _Reporter:
-    """One line per file, or a progress bar when stdout is a terminal."""
+    """One line per file; on a terminal a progress bar below them too."""
 
-    def __init__(self, *, quiet: bool, silent: bool) -> None:
-        self.quiet, self.silent = quiet, silent
+    def __init__(self, *, quiet: bool, silent: bool, dry_run: bool) -> None:
+        self.quiet, self.silent, self.dry_run = quiet, silent, dry_run
         self.bar: Any = None
 
     def __call__(self, result: MigrationResult, index: int, total: int) -> None:
@@ -44,34 +44,26 @@ class _Reporter:
             return
         if self.bar is None and total > 1 and sys.stdout.isatty():
             self.bar = progress_bar(total, "migrate", quiet=self.quiet)
+        line = sanitize(result.describe(dry_run=self.dry_run))
+        if self.quiet and result.status != "failed":
+            line = ""
         if self.bar is not None:
+            if line:  # above the bar: the per-file log stays on screen
+                self.bar.write(line)
             self.bar.update(1)
-            if result.status == "failed":
-                self.bar.write(_line(result))
-        elif not self.quiet or result.status == "failed":
-            print(_line(result), flush=True)
+        elif line:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _line(r: MigrationResult) -> str:
-    text = f"{r.status:8} {sanitize(r.src)}"
-    if r.status == "migrated":
-        text += f" -> {sanitize(r.dst)}"
-        if r.migrations:
-            text += f" ({', '.join(r.migrations)})"
-    if r.reason:
-        text += f": {sanitize(r.reason)}"
-    return text
-
-
 def run(args: argparse.Namespace) -> int:
     from mettaformat.migrate import migrate
 
     quiet = bool(getattr(args, "quiet", False))
-    reporter = _Reporter(quiet=quiet, silent=args.json)
+    reporter = _Reporter(quiet=quiet, silent=args.json, dry_run=args.dry_run)
     try:
         summary = migrate(
             args.src,
@@ -87,9 +79,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(summary.to_dict())
     elif not quiet or not summary.ok:
-        print(
-            f"{'Dry run: ' if summary.dry_run else ''}{summary.processed} processed, "
-            f"{summary.migrated} {'to migrate' if summary.dry_run else 'migrated'}, "
-            f"{summary.skipped} skipped, {summary.failed} failed"
-        )
+        print(str(summary).splitlines()[0])
     return 0 if summary.ok else 1

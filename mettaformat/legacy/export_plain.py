@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from typing import Any, Final
 
 import torch
@@ -181,20 +181,31 @@ def safetensors_payload(
     if aliases:
         metadata[ALIASES_KEY] = json.dumps(aliases)
         notes.append(f"{len(aliases)} tied tensor(s) stored once; {ALIASES_KEY!r} names them (load_any re-ties them)")
+    add_safetensors_metadata(metadata, ckpt.metadata, not_carried, notes)
+    return tensors, metadata
+
+
+def add_safetensors_metadata(
+    out: dict[str, str], metadata: Mapping[Any, Any], not_carried: list[str], notes: list[str]
+) -> None:
+    """Add user ``metadata`` to a safetensors ``__metadata__`` map (str to str), the one way.
+
+    Strings are kept, other exact-JSON values are JSON-encoded (noted), and the rest (and keys
+    already in ``out``) are listed in ``not_carried``.
+    """
     encoded: list[str] = []
-    for k, v in ckpt.metadata.items():
-        if not isinstance(k, str) or k in metadata:
+    for k, v in metadata.items():
+        if not isinstance(k, str) or k in out:
             not_carried.append(f"metadata[{k!r}]: non-string or reserved key")
         elif isinstance(v, str):
-            metadata[k] = v
+            out[k] = v
         elif _json_exact(v):
-            metadata[k] = json.dumps(v)
+            out[k] = json.dumps(v)
             encoded.append(k)
         else:
             not_carried.append(f"metadata[{k!r}]: {type(v).__name__} has no exact JSON form")
     if encoded:
         notes.append(f"metadata {encoded} JSON-encoded (safetensors metadata is str to str; read back as strings)")
-    return tensors, metadata
 
 
 def _json_exact(v: Any, depth: int = 0) -> bool:
