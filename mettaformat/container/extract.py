@@ -43,6 +43,8 @@ class ExtractReport:
 
 def _with_metadata(stream_header: bytes, metadata: dict[str, Any], dropped: list[str], notes: list[str]) -> bytes:
     """The stream header with ``metadata`` added to ``__metadata__`` (padded to 8 bytes, as safetensors does)."""
+    if not metadata:
+        return stream_header  # nothing to add: the stored stream, byte for byte
     (n,) = struct.unpack_from("<Q", stream_header)
     header = json.loads(stream_header[8 : 8 + n])
     carried: dict[str, str] = dict(header.get("__metadata__") or {})
