@@ -18,7 +18,7 @@ safetensors-serialised bytes in memory (a fresh copy each run: zipnn 0.5.4 overw
 Every timing is the median of several runs after a warm-up, with min and max; files are in page
 cache. Throughput is compared with this machine's memcpy and ``readinto`` measured in the same run.
 
-Then the BENCH.md targets, each a ratio measured in this run. The raw-codec comparisons with
+Then the targets, each a ratio measured in this run. The raw-codec comparisons with
 safetensors are measured a second time with the two sides interleaved (A B B A ...), so that
 load drift on a shared machine hits both alike; a target is "noisy" where the median-based,
 min-based and interleaved verdicts disagree. Peak RSS (full run) comes from fresh child
@@ -511,7 +511,7 @@ def _target(out: list[dict[str, Any]], target: str, dataset: str, value: float |
 
 def targets(rows: list[Row], datasets: list[str], ref: Mapping[str, Any], zip_results: Mapping[str, Any],
             recheck: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each BENCH.md target as a ratio measured in this run, per data set."""
+    """Each target as a ratio measured in this run, per data set."""
     out: list[dict[str, Any]] = []
     for ds in datasets:
         st = _find(rows, ds, "safetensors", "load_file")
@@ -567,7 +567,7 @@ def targets(rows: list[Row], datasets: list[str], ref: Mapping[str, Any], zip_re
             _target(out, f"compressed size: mf zstd-{DEFAULT_LEVEL} ratio ÷ ZipNN ratio (same run)", ds,
                     zr.ratio / zp["ratio"], "≥ 1.0", lambda v: v >= 1.0,
                     f"mf {zr.ratio:.3f} vs ZipNN {zp['ratio']:.3f}"
-                    + (f" (BENCH.md: {ref_ratio})" if ref_ratio else "") + f"; best mf: {best.format} {best.ratio:.3f}")
+                    + (f" (target: {ref_ratio})" if ref_ratio else "") + f"; best mf: {best.format} {best.ratio:.3f}")
     # constant-time lazy open: header only, same 200-tensor header at every synthetic size
     synth = sorted({r.dataset: r.original_bytes for r in rows if r.dataset.startswith("synthetic")}.items(),
                    key=lambda kv: kv[1])
@@ -823,7 +823,7 @@ def run(args: argparse.Namespace, emit: Callable[[str], None] = print, *, preamb
                "round, so a load spike from another process hits both sides of the same ratio.\n")
 
     results = targets(all_rows, list(per_dataset), ref, zip_results, recheck)
-    emit("## Container targets (BENCH.md), ratios measured in this run\n")
+    emit("## Container targets, ratios measured in this run\n")
     emit(targets_table(results) + "\n")
 
     rss: list[dict[str, Any]] = []

@@ -64,7 +64,7 @@ from mettaformat.store import INDEX_FILE_NAME, PolicyStore
 MODEL_TYPE = "bench-metta-era-d"
 TARGET_S = 0.5
 
-#: The state dict of Metta's era-D ``model_0050.pt`` (LEGACY.md 1.4): name -> (dtype, shape).
+#: The state dict of Metta's era-D ``model_0050.pt`` (docs/legacy-formats.md 1.4): name -> (dtype, shape).
 METTA_SHAPES: dict[str, tuple[str, tuple[int, ...]]] = {
     "components._action_.W": ("float32", (1, 512, 16)),
     "components._action_.bias": ("float32", (1,)),
@@ -314,7 +314,7 @@ def log(msg: str) -> None:
 # -- targets -------------------------------------------------------------------------------------
 def store_targets(n: int, file_bytes: int, small_bytes: int, check: dict[str, dict[str, Timing]],
                   growth: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """BENCH.md: select the top 5 of 1,000 checkpoints by metric, reading headers only, in under 0.5 s.
+    """Target: select the top 5 of 1,000 checkpoints by metric, reading headers only, in under 0.5 s.
 
     From the full-size files when ``n`` is 1,000 (the interleaved size check), else from the
     growth point at 1,000 (small files with the same 27-tensor header; the size check shows
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         results["size_check"] = {"count": n, "full": fc, "small": sc, "ratio_cold": ratio}
         results["growth"] = growth
         results["targets"] = store_targets(n, file_bytes, small_bytes, check, growth)
-        print("\n## Store target (BENCH.md)\n")
+        print("\n## Store target\n")
         print(markdown_table(
             ["target", "checkpoints", "median s", "min s", "goal", "result"],
             [[t["target"], t["dataset"], f"{t['value']:.3f}", f"{t['value_from_min']:.3f}", t["goal"],

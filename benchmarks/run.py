@@ -11,7 +11,7 @@ Areas (each also runs alone as ``python -m benchmarks.bench_<area>``):
 - ``container``: mettaformat raw and zstd 1/3/9 against safetensors, torch.save and ZipNN on
   MiniLM (fp32, bf16), a Metta fixture, a trained RL policy with Adam state and synthetic
   10 MiB / 100 MiB / 1 GiB; size, save, load, load + touch, lazy open, peak RSS, bandwidth
-  references, cost growth; the container targets of BENCH.md.
+  references, cost growth; the container targets (docs/benchmarks.md).
 - ``training``: ``save_for_training`` / ``load_for_training`` against ``torch.save`` of a module.
 - ``store``: PolicyStore selection over 1,000 checkpoints against the old load-everything way.
 - ``legacy``: the safe legacy importer against ``torch.load(weights_only=False)``.
@@ -198,7 +198,7 @@ def reference_md(ref: dict[str, Any] | None) -> str:
             f"{ref['timings_ms']['memcpy_numpy']['runs']}): memcpy into a preallocated buffer "
             f"**{ref['memcpy_numpy_1thread_gbps']:.2f} GB/s** (numpy, 1 thread), {ref['memcpy_torch_copy_gbps']:.2f} GB/s "
             f"(torch `copy_`); `readinto` from page cache **{ref['readinto_page_cache_gbps']:.2f} GB/s**; `read_bytes` "
-            f"(allocating) {ref['read_bytes_allocating_gbps']:.2f} GB/s. BENCH.md's idle-machine figures: 11.0, 6.2 "
+            f"(allocating) {ref['read_bytes_allocating_gbps']:.2f} GB/s. Reference idle-machine figures: 11.0, 6.2 "
             "and 1.7 GB/s.")
 
 
@@ -231,12 +231,12 @@ def report_md(merged: dict[str, Any], *, for_docs: bool = False, plot_rel: str |
         out.append(reference_md(c.get("reference")) + "\n")
     if for_docs and plot_rel:
         out.append(f"![load time against size, and compression ratio per format]({plot_rel})\n")
-    out.append("## Targets (BENCH.md)\n")
+    out.append("## Targets\n")
     out.append(TARGET_RULES + "\n")
     out.append(targets_summary(merged["targets"]) + "\n")
     out.append("<details><summary>Every target row</summary>\n\n" + targets_detail(merged["targets"]) + "\n\n</details>\n")
     if c and c.get("targets") is not None:
-        out.append("Not measurable here: BENCH.md's copying-load target assumes a loader that reads into fresh memory; "
+        out.append("Not measurable here: the copying-load target assumes a loader that reads into fresh memory; "
                    "mettaformat's `load_file` maps the file, so the row above measures `load_file` followed by a copy "
                    "of every tensor (numpy memcpy into new tensors).\n")
     out.append("## Method\n")

@@ -1,6 +1,6 @@
 """``migrate``: legacy ``.pt`` checkpoints to ``.mfmt`` containers, one file or a whole directory.
 
-Modelled on Metta's ``migrate_checkpoints`` (LEGACY.md 5), with its faults fixed:
+Modelled on Metta's ``migrate_checkpoints`` (docs/legacy-formats.md 5), with its faults fixed:
 
 * the input is never modified: the output goes beside it (``model_0050.pt`` ->
   ``model_0050.mfmt``) or under ``dst``; only when ``dst`` is the input itself is it

@@ -1,4 +1,4 @@
-"""Crash consistency (HOSTILE.md I1-I5): a save killed at any point leaves the old file or the new one."""
+"""Crash consistency (threat model WR1-WR5): a save killed at any point leaves the old file or the new one."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def check_complete(path: Path) -> int:
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_I1_sigkill_at_random_points_leaves_old_or_new_file(tmp_path: Path, ctx: multiprocessing.context.BaseContext,
+def test_WR1_sigkill_at_random_points_leaves_old_or_new_file(tmp_path: Path, ctx: multiprocessing.context.BaseContext,
                                                             compression: str) -> None:
     path = tmp_path / "policy.mfmt"
     rng = random.Random(1234)
@@ -78,13 +78,13 @@ def test_I1_sigkill_at_random_points_leaves_old_or_new_file(tmp_path: Path, ctx:
         leftovers = list(tmp_path.glob(f"*{TEMP_SUFFIX}"))
         mid_write += bool(leftovers)
         versions_seen.add(check_complete(path))
-        for leftover in leftovers:  # I5: readers ignore them; the store cleans them
+        for leftover in leftovers:  # WR5: readers ignore them; the store cleans them
             leftover.unlink()
     assert mid_write > 0, "no kill landed inside a save; the harness is not exercising anything"
     assert len(versions_seen) > 1
 
 
-def test_I2_no_space_raises_keeps_old_file_and_leaves_no_temp(tmp_path: Path,
+def test_WR2_no_space_raises_keeps_old_file_and_leaves_no_temp(tmp_path: Path,
                                                               ctx: multiprocessing.context.BaseContext) -> None:
     path = tmp_path / "policy.mfmt"
     mettaformat.save_file({"w": torch.ones(4)}, path, metadata={"version": 1})
@@ -98,7 +98,7 @@ def test_I2_no_space_raises_keeps_old_file_and_leaves_no_temp(tmp_path: Path,
     assert not list(tmp_path.glob(f"*{TEMP_SUFFIX}"))
 
 
-def test_I3_fsync_failure_aborts_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_WR3_fsync_failure_aborts_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "policy.mfmt"
     mettaformat.save_file({"w": torch.ones(4)}, path)
     before = path.read_bytes()
@@ -113,7 +113,7 @@ def test_I3_fsync_failure_aborts_the_commit(tmp_path: Path, monkeypatch: pytest.
     assert not list(tmp_path.glob(f"*{TEMP_SUFFIX}"))
 
 
-def test_I4_temp_file_is_created_beside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_WR4_temp_file_is_created_beside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     renames: list[tuple[str, str]] = []
     real_replace = os.replace
 
@@ -129,7 +129,7 @@ def test_I4_temp_file_is_created_beside_the_target(tmp_path: Path, monkeypatch: 
     assert Path(src).parent == target.parent and Path(dst) == target  # a rename within one file system
 
 
-def test_I5_leftover_temp_files_are_ignored_by_readers(tmp_path: Path) -> None:
+def test_WR5_leftover_temp_files_are_ignored_by_readers(tmp_path: Path) -> None:
     path = tmp_path / "policy.mfmt"
     mettaformat.save_file({"w": torch.ones(4)}, path)
     (tmp_path / f".policy.mfmt.0123456789ab{TEMP_SUFFIX}").write_bytes(b"partial")

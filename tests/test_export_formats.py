@@ -34,7 +34,7 @@ def _state() -> OrderedDict[str, torch.Tensor]:
 
 
 def _v2_standard(**extra: Any) -> dict[str, Any]:
-    # MettaAgent.save(full_model=False) at 88c490efd6 (LEGACY.md 2.1).
+    # MettaAgent.save(full_model=False) at 88c490efd6 (docs/legacy-formats.md 2.1).
     return {
         "model_state_dict": _state(),
         "model_type": "brain",

@@ -1,6 +1,6 @@
-"""Hostile and malformed containers: catalogue rows A1-A11, B1-B13, C1-C10, D1-D9, E1-E3, H1, H4.
+"""Hostile and malformed containers: catalogue rows FR1-FR11, TT1-TT13, MD1-MD10, ZS1-ZS9, IN1-IN3, FS1, FS4.
 
-The catalogue is ``shared/HOSTILE.md`` section 5. Every crafted input must raise one specific
+The catalogue is ``docs/threat-model.md``. Every crafted input must raise one specific
 :class:`MettaFormatError` subclass whose message (and region) names what is wrong; never another
 exception type, never a partial result. Inputs are made from valid files with ``tests/craft.py``,
 which recomputes the header and trailer checksums and lengths so that the *intended* check is
@@ -187,20 +187,20 @@ def nested(depth: int, inner: bytes = b"\xc0", opener: bytes = b"\x91") -> bytes
 def case_A1() -> list[Case]:
     good = base("none")
     return [
-        Case("A1", "empty file", b"", LayoutError, "too small", "preamble"),
-        Case("A1", "one byte", b"\x89", LayoutError, "too small", "preamble"),
-        Case("A1", "31 bytes of preamble", good[:31], LayoutError, "too small", "preamble"),
-        Case("A1", "preamble only", good[:32], LayoutError, "runs past the end", "preamble"),
-        Case("A1", "preamble and tail only", good[:32] + good[-32:], LayoutError, "runs past the end", "preamble"),
+        Case("FR1", "empty file", b"", LayoutError, "too small", "preamble"),
+        Case("FR1", "one byte", b"\x89", LayoutError, "too small", "preamble"),
+        Case("FR1", "31 bytes of preamble", good[:31], LayoutError, "too small", "preamble"),
+        Case("FR1", "preamble only", good[:32], LayoutError, "runs past the end", "preamble"),
+        Case("FR1", "preamble and tail only", good[:32] + good[-32:], LayoutError, "runs past the end", "preamble"),
     ]
 
 
-def test_A1_empty_and_too_small_files(tmp_path: Path) -> None:
+def test_FR1_empty_and_too_small_files(tmp_path: Path) -> None:
     run(case_A1(), tmp_path)
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_A2_truncation_at_every_offset(tmp_path: Path, compression: str) -> None:
+def test_FR2_truncation_at_every_offset(tmp_path: Path, compression: str) -> None:
     data = base(compression)
     path = tmp_path / "cut.mfmt"
     path.write_bytes(data)
@@ -223,15 +223,15 @@ def case_A3() -> list[Case]:
     st_body = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     safetensors_like = struct.pack("<Q", len(st_body)) + st_body + b"\x00" * 4
     return [
-        Case("A3", "flipped magic", flipped, BadMagicError, "not a mettaformat file", "preamble"),
-        Case("A3", "newline translated", lf, BadMagicError, "not a mettaformat file", "preamble"),
-        Case("A3", "zip signature", zip_like, BadMagicError, r"not a mettaformat file \(magic b'PK", "preamble"),
-        Case("A3", "pickle", pickle_like, BadMagicError, "not a mettaformat file", "preamble"),
-        Case("A3", "safetensors", safetensors_like, BadMagicError, "not a mettaformat file", "preamble"),
+        Case("FR3", "flipped magic", flipped, BadMagicError, "not a mettaformat file", "preamble"),
+        Case("FR3", "newline translated", lf, BadMagicError, "not a mettaformat file", "preamble"),
+        Case("FR3", "zip signature", zip_like, BadMagicError, r"not a mettaformat file \(magic b'PK", "preamble"),
+        Case("FR3", "pickle", pickle_like, BadMagicError, "not a mettaformat file", "preamble"),
+        Case("FR3", "safetensors", safetensors_like, BadMagicError, "not a mettaformat file", "preamble"),
     ]
 
 
-def test_A3_wrong_magic(tmp_path: Path) -> None:
+def test_FR3_wrong_magic(tmp_path: Path) -> None:
     run(case_A3(), tmp_path)
     for case in case_A3():
         path = tmp_path / "m.mfmt"
@@ -245,27 +245,27 @@ def test_A3_wrong_magic(tmp_path: Path) -> None:
 def case_A4() -> list[Case]:
     garbage = b"\xc1" * 40  # not msgpack, and its checksum is wrong too
     return [
-        Case("A4", "major 4", craft.build(raw(), major=4, minor=0), UnsupportedVersionError,
+        Case("FR4", "major 4", craft.build(raw(), major=4, minor=0), UnsupportedVersionError,
              r"version 4\.0 not supported.*3"),
-        Case("A4", "major 2 (legacy numbering)", craft.build(raw(), major=2, minor=0), UnsupportedVersionError,
+        Case("FR4", "major 2 (legacy numbering)", craft.build(raw(), major=2, minor=0), UnsupportedVersionError,
              "2.0 not"),
-        Case("A4", "major 65535", craft.build(raw(), major=65535), UnsupportedVersionError, "65535"),
+        Case("FR4", "major 65535", craft.build(raw(), major=65535), UnsupportedVersionError, "65535"),
         # The version is checked before anything else is parsed: a broken header does not matter.
-        Case("A4", "major 4, garbage header", craft.build(raw(), major=4, header_bytes=garbage, header_checksum=1),
+        Case("FR4", "major 4, garbage header", craft.build(raw(), major=4, header_bytes=garbage, header_checksum=1),
              UnsupportedVersionError, "version 4"),
-        Case("A4", "required flag bit 1", craft.build(raw(), flags=0b11), UnsupportedVersionError,
+        Case("FR4", "required flag bit 1", craft.build(raw(), flags=0b11), UnsupportedVersionError,
              "unknown feature flags 0x2"),
-        Case("A4", "required flag bit 15", craft.build(raw(), flags=1 | 1 << 15), UnsupportedVersionError,
+        Case("FR4", "required flag bit 15", craft.build(raw(), flags=1 | 1 << 15), UnsupportedVersionError,
              "0x8000"),
-        Case("A4", "must_understand extension", edit(raw(), lambda p: p.header.update(must_understand=["dict-zstd"])),
+        Case("FR4", "must_understand extension", edit(raw(), lambda p: p.header.update(must_understand=["dict-zstd"])),
              UnsupportedVersionError, "dict-zstd"),
-        Case("A4", "must_understand not a string",
+        Case("FR4", "must_understand not a string",
              edit(raw(), lambda p: p.header.update(must_understand=[["x"], {"y": 1}])),
              HeaderError, r"must_understand\[0\]: expected str"),
     ]
 
 
-def test_A4_future_version_and_required_features(tmp_path: Path) -> None:
+def test_FR4_future_version_and_required_features(tmp_path: Path) -> None:
     run(case_A4(), tmp_path)
     path = tmp_path / "v.mfmt"
     path.write_bytes(craft.build(raw(), major=4, minor=0))
@@ -274,7 +274,7 @@ def test_A4_future_version_and_required_features(tmp_path: Path) -> None:
     assert info.value.found == (4, 0) and info.value.offset == 8
 
 
-def test_A4_unknown_optional_flags_and_newer_minor_are_accepted(tmp_path: Path) -> None:
+def test_FR4_unknown_optional_flags_and_newer_minor_are_accepted(tmp_path: Path) -> None:
     path = tmp_path / "opt.mfmt"
     path.write_bytes(craft.build(raw(), flags=1 | 1 << 16 | 1 << 31, minor=7))
     with pytest.warns(UserWarning, match="3.7"):
@@ -291,18 +291,18 @@ def case_A5() -> list[Case]:
         p.section()["offset"] = 4096 * 1000
 
     return [
-        Case("A5", "header length = file size", craft.build(raw(), header_length=n), LayoutError,
+        Case("FR5", "header length = file size", craft.build(raw(), header_length=n), LayoutError,
              f"header length {n} runs past the end of a {n}-byte file", "preamble"),
-        Case("A5", "header length just past the tail", craft.build(raw(), header_length=n - 63), LayoutError,
+        Case("FR5", "header length just past the tail", craft.build(raw(), header_length=n - 63), LayoutError,
              "runs past the end", "preamble"),
-        Case("A5", "index length = file size", craft.build(raw(), index_length=n), LayoutError,
+        Case("FR5", "index length = file size", craft.build(raw(), index_length=n), LayoutError,
              "runs past the start", "trailer"),
-        Case("A5", "section offset far past the end", edit(raw(), far_section), LayoutError,
+        Case("FR5", "section offset far past the end", edit(raw(), far_section), LayoutError,
              "bytes of padding before it", "section 'model'"),
     ]
 
 
-def test_A5_lengths_beyond_the_file(tmp_path: Path) -> None:
+def test_FR5_lengths_beyond_the_file(tmp_path: Path) -> None:
     run(case_A5(), tmp_path)
 
 
@@ -320,45 +320,45 @@ def case_A6() -> list[Case]:
     cases = []
     for value in (1 << 63, U64_MAX, U64_MAX - 31):
         cases += [
-            Case("A6", f"header length {value}", craft.build(raw(), header_length=value), LimitExceededError,
+            Case("FR6", f"header length {value}", craft.build(raw(), header_length=value), LimitExceededError,
                  f"header length {value} exceeds the limit {MAX_HEADER_SIZE}", "preamble"),
-            Case("A6", f"index length {value}", craft.build(raw(), index_length=value), LimitExceededError,
+            Case("FR6", f"index length {value}", craft.build(raw(), index_length=value), LimitExceededError,
                  f"trailer index length {value} exceeds the limit {MAX_INDEX_SIZE}", "trailer"),
-            Case("A6", f"tail file length {value}", craft.build(raw(), tail_file_length=value), LayoutError,
+            Case("FR6", f"tail file length {value}", craft.build(raw(), tail_file_length=value), LayoutError,
                  f"trailer says the file has {value} bytes", "trailer"),
-            Case("A6", f"safetensors length prefix {value}", edit(raw(), stream_prefix(value)), LayoutError,
+            Case("FR6", f"safetensors length prefix {value}", edit(raw(), stream_prefix(value)), LayoutError,
                  f"safetensors header length {value} disagrees", "safetensors header"),
         ]
     for value in (1 << 63, U64_MAX):
         cases += [
-            Case("A6", f"header file_length {value}",
+            Case("FR6", f"header file_length {value}",
                  edit(raw(), set_in(lambda p: p.header, file_length=value), fix_file_length=False),
                  HeaderError, "file_length: .* not a non-negative 63-bit integer"),
-            Case("A6", f"section offset {value}", edit(raw(), set_in(lambda p: p.section(), offset=value)),
+            Case("FR6", f"section offset {value}", edit(raw(), set_in(lambda p: p.section(), offset=value)),
                  HeaderError, r"sections\[0\].offset: .* not a non-negative 63-bit"),
-            Case("A6", f"section length {value}", edit(raw(), set_in(lambda p: p.section(), length=value)),
+            Case("FR6", f"section length {value}", edit(raw(), set_in(lambda p: p.section(), length=value)),
                  HeaderError, r"sections\[0\].length: .* not a non-negative 63-bit"),
-            Case("A6", f"stream length {value}",
+            Case("FR6", f"stream length {value}",
                  edit(raw(), set_in(lambda p: p.section()["stream"], length=value)),
                  HeaderError, r"stream.length: .* not a non-negative 63-bit"),
         ]
     big = (1 << 63) - 4096  # aligned, in range, absurd
     cases += [
-        Case("A6", "section offset 2**63-4096", edit(raw(), lambda p: p.section().update(offset=big)), LayoutError,
+        Case("FR6", "section offset 2**63-4096", edit(raw(), lambda p: p.section().update(offset=big)), LayoutError,
              "padding before it", "section 'model'"),
-        Case("A6", "section length 2**63-1", edit(raw(), lambda p: p.section().update(length=(1 << 63) - 1)),
+        Case("FR6", "section length 2**63-1", edit(raw(), lambda p: p.section().update(length=(1 << 63) - 1)),
              LayoutError, r"trailer index at \d+ does not follow the data \(ends 9223372036854779903\)", "trailer"),
-        Case("A6", "zstd section length 2**63-1", edit(zst(), lambda p: p.section().update(length=(1 << 63) - 1)),
+        Case("FR6", "zstd section length 2**63-1", edit(zst(), lambda p: p.section().update(length=(1 << 63) - 1)),
              LayoutError, "does not follow the data", "trailer"),
     ]
     return cases
 
 
-def test_A6_length_overflow(tmp_path: Path) -> None:
+def test_FR6_length_overflow(tmp_path: Path) -> None:
     run(case_A6(), tmp_path)
 
 
-def test_A6_header_length_overflow_allocates_nothing(tmp_path: Path) -> None:
+def test_FR6_header_length_overflow_allocates_nothing(tmp_path: Path) -> None:
     path = tmp_path / "big.mfmt"
     path.write_bytes(craft.build(raw(), header_length=U64_MAX))
     tracemalloc.start()
@@ -380,7 +380,7 @@ def _sparse(path: Path, size: int, chunks: list[tuple[int, bytes]]) -> None:
             f.write(data)
 
 
-def test_A7_lengths_within_the_file_but_above_the_caps(tmp_path: Path) -> None:
+def test_FR7_lengths_within_the_file_but_above_the_caps(tmp_path: Path) -> None:
     """Sparse files, so that the declared length really fits inside the file."""
     good = base("none")
     parts = craft.parse(good)
@@ -405,13 +405,13 @@ def test_A7_lengths_within_the_file_but_above_the_caps(tmp_path: Path) -> None:
 def case_A7() -> list[Case]:
     """Caps that fit a small file: the embedded safetensors header length."""
     return [
-        Case("A7", "stream header length above 100 MB",
+        Case("FR7", "stream header length above 100 MB",
              edit(raw(), lambda p: p.section()["stream"].update(header_length=100_000_064)), HeaderError,
              r"stream.header_length: 100000064 is not a multiple of 64 in \(8, 100000008\]"),
     ]
 
 
-def test_A7_stream_header_cap(tmp_path: Path) -> None:
+def test_FR7_stream_header_cap(tmp_path: Path) -> None:
     run(case_A7(), tmp_path)
 
 
@@ -432,22 +432,22 @@ def case_A8() -> list[Case]:
         p.section()["length"] += 16
 
     return [
-        Case("A8", "zip end record appended", good + eocd, LayoutError, "end magic missing", "trailer"),
-        Case("A8", "second tail appended", good + good[-32:], LayoutError, "trailer says the file has", "trailer"),
-        Case("A8", "junk before the index", craft.build(raw(), gap=b"JUNK"), IntegrityError,
+        Case("FR8", "zip end record appended", good + eocd, LayoutError, "end magic missing", "trailer"),
+        Case("FR8", "second tail appended", good + good[-32:], LayoutError, "trailer says the file has", "trailer"),
+        Case("FR8", "junk before the index", craft.build(raw(), gap=b"JUNK"), IntegrityError,
              "non-zero bytes in padding", "padding"),
-        Case("A8", "junk in the header padding", bytes(in_padding), IntegrityError, "non-zero bytes in padding",
+        Case("FR8", "junk in the header padding", bytes(in_padding), IntegrityError, "non-zero bytes in padding",
              "padding"),
-        Case("A8", "2 MiB of zeros before the index", craft.build(raw(), gap=bytes(2 << 20)), LayoutError,
+        Case("FR8", "2 MiB of zeros before the index", craft.build(raw(), gap=bytes(2 << 20)), LayoutError,
              "does not follow the data", "trailer"),
-        Case("A8", "bytes after the raw stream", edit(raw(), extra_after_stream), LayoutError,
+        Case("FR8", "bytes after the raw stream", edit(raw(), extra_after_stream), LayoutError,
              "raw section length .* differs from its stream length"),
-        Case("A8", "bytes after the last frame", edit(zst(), extra_after_frames), LayoutError,
+        Case("FR8", "bytes after the last frame", edit(zst(), extra_after_frames), LayoutError,
              "frames cover .* bytes of a .*-byte section", "frame table"),
     ]
 
 
-def test_A8_trailing_and_interstitial_bytes(tmp_path: Path) -> None:
+def test_FR8_trailing_and_interstitial_bytes(tmp_path: Path) -> None:
     run(case_A8(), tmp_path)
 
 
@@ -466,21 +466,21 @@ def case_A9() -> list[Case]:
         p.set_frames([*frames[:-1], (f[:-2], r, flt)])
 
     return [
-        Case("A9", "raw section 2 bytes short", edit(raw(), short_blob), LayoutError,
+        Case("FR9", "raw section 2 bytes short", edit(raw(), short_blob), LayoutError,
              "trailer index at .* does not follow the data", "trailer"),
-        Case("A9", "raw section and its length 2 bytes short", edit(raw(), short_section), LayoutError,
+        Case("FR9", "raw section and its length 2 bytes short", edit(raw(), short_section), LayoutError,
              "raw section length .* differs"),
-        Case("A9", "zstd section 2 bytes short", edit(zst(), short_blob), LayoutError, "does not follow the data"),
-        Case("A9", "last zstd frame 2 bytes short", edit(zst(), short_last_frame), CodecError, "truncated",
+        Case("FR9", "zstd section 2 bytes short", edit(zst(), short_blob), LayoutError, "does not follow the data"),
+        Case("FR9", "last zstd frame 2 bytes short", edit(zst(), short_last_frame), CodecError, "truncated",
              r"section 'model' frame \d"),
     ]
 
 
-def test_A9_data_shorter_than_declared(tmp_path: Path) -> None:
+def test_FR9_data_shorter_than_declared(tmp_path: Path) -> None:
     run(case_A9(), tmp_path)
 
 
-def test_A10_file_truncated_or_extended_after_open(tmp_path: Path) -> None:
+def test_FR10_file_truncated_or_extended_after_open(tmp_path: Path) -> None:
     path = tmp_path / "live.mfmt"
     mettaformat.save_file({"a": torch.randn(5000), "b": torch.randn(5000)}, path)
     with mettaformat.open(path) as ckpt:
@@ -500,7 +500,7 @@ def test_A10_file_truncated_or_extended_after_open(tmp_path: Path) -> None:
             ckpt.verify_structure()
 
 
-def test_A10_file_replaced_after_open_keeps_reading_the_old_one(tmp_path: Path) -> None:
+def test_FR10_file_replaced_after_open_keeps_reading_the_old_one(tmp_path: Path) -> None:
     path = tmp_path / "live.mfmt"
     a = torch.randn(5000)
     mettaformat.save_file({"a": a}, path)
@@ -519,17 +519,17 @@ def case_A11() -> list[Case]:
     magic_then_pickle = craft.MAGIC + evil + b"\x00" * 32
     # A valid zip local-header signature after our magic.
     return [
-        Case("A11", "header length that is a pickle", pickle_length, LayoutError, "runs past the end", "preamble"),
-        Case("A11", "magic then a pickle", magic_then_pickle, UnsupportedVersionError, "not supported",
+        Case("FR11", "header length that is a pickle", pickle_length, LayoutError, "runs past the end", "preamble"),
+        Case("FR11", "magic then a pickle", magic_then_pickle, UnsupportedVersionError, "not supported",
              "preamble"),
-        Case("A11", "pickle without our magic", b"\x80\x02" + evil + b"\x00" * 32, BadMagicError,
+        Case("FR11", "pickle without our magic", b"\x80\x02" + evil + b"\x00" * 32, BadMagicError,
              "not a mettaformat file"),
-        Case("A11", "valid file with a zip appended", good + b"PK\x03\x04" + b"\x00" * 26 + b"PK\x05\x06" +
+        Case("FR11", "valid file with a zip appended", good + b"PK\x03\x04" + b"\x00" * 26 + b"PK\x05\x06" +
              b"\x00" * 18, LayoutError, "end magic missing"),
     ]
 
 
-def test_A11_one_router_our_magic_wins(tmp_path: Path) -> None:
+def test_FR11_one_router_our_magic_wins(tmp_path: Path) -> None:
     canary = Path("/tmp/mfmt-A11-canary")
     canary.unlink(missing_ok=True)
     before = set(sys.modules)
@@ -556,14 +556,14 @@ def case_B1() -> list[Case]:
         p.tensor("y")["offsets"] = list(_offsets(p, "x"))
 
     return [
-        Case("B1", "identical ranges (tied)", edit(raw(), tied), LayoutError, "overlaps the previous tensor",
+        Case("TT1", "identical ranges (tied)", edit(raw(), tied), LayoutError, "overlaps the previous tensor",
              "section 'model'"),
-        Case("B1", "partial overlap", edit(raw(), partial), LayoutError, "overlaps the previous tensor"),
-        Case("B1", "identical ranges, zstd", edit(zst(), zstd_tied), LayoutError, "overlaps"),
+        Case("TT1", "partial overlap", edit(raw(), partial), LayoutError, "overlaps the previous tensor"),
+        Case("TT1", "identical ranges, zstd", edit(zst(), zstd_tied), LayoutError, "overlaps"),
     ]
 
 
-def test_B1_overlapping_tensors(tmp_path: Path) -> None:
+def test_TT1_overlapping_tensors(tmp_path: Path) -> None:
     run(case_B1(), tmp_path)
 
 
@@ -578,12 +578,12 @@ def case_B2() -> list[Case]:
         p.section()["stream"]["length"] += 8
 
     return [
-        Case("B2", "hole between tensors", edit(raw(), hole), LayoutError, "leaves a hole after offset"),
-        Case("B2", "hole at the end", edit(raw(), hole_at_end), LayoutError, r"tensors cover \d+ bytes of a"),
+        Case("TT2", "hole between tensors", edit(raw(), hole), LayoutError, "leaves a hole after offset"),
+        Case("TT2", "hole at the end", edit(raw(), hole_at_end), LayoutError, r"tensors cover \d+ bytes of a"),
     ]
 
 
-def test_B2_holes(tmp_path: Path) -> None:
+def test_TT2_holes(tmp_path: Path) -> None:
     run(case_B2(), tmp_path)
 
 
@@ -602,26 +602,26 @@ def case_B3() -> list[Case]:
 
     path = r"tensors\[\d\]\.offsets"
     return [
-        Case("B3", "begin > end", edit(raw(), reversed_), HeaderError, path + r": \[\d+, \d+\] holds -256 bytes"),
-        Case("B3", "end beyond the data", edit(raw(), beyond), LayoutError, "tensors cover 644 bytes of a 634"),
-        Case("B3", "negative", edit(raw(), offsets([-4, 252])), HeaderError, path + ": expected .* non-negative"),
-        Case("B3", "floats", edit(raw(), offsets([0.0, 256.0])), HeaderError, path),
-        Case("B3", "strings", edit(raw(), offsets(["0", "256"])), HeaderError, path),
-        Case("B3", "bools", edit(raw(), offsets([False, True])), HeaderError, path),
-        Case("B3", "three numbers", edit(raw(), offsets([0, 256, 512])), HeaderError, path),
-        Case("B3", "2**63", edit(raw(), offsets([1 << 63, (1 << 63) + 256])), HeaderError, path),
-        Case("B3", "a map", edit(raw(), offsets({"begin": 0})), HeaderError, path + ": expected list"),
+        Case("TT3", "begin > end", edit(raw(), reversed_), HeaderError, path + r": \[\d+, \d+\] holds -256 bytes"),
+        Case("TT3", "end beyond the data", edit(raw(), beyond), LayoutError, "tensors cover 644 bytes of a 634"),
+        Case("TT3", "negative", edit(raw(), offsets([-4, 252])), HeaderError, path + ": expected .* non-negative"),
+        Case("TT3", "floats", edit(raw(), offsets([0.0, 256.0])), HeaderError, path),
+        Case("TT3", "strings", edit(raw(), offsets(["0", "256"])), HeaderError, path),
+        Case("TT3", "bools", edit(raw(), offsets([False, True])), HeaderError, path),
+        Case("TT3", "three numbers", edit(raw(), offsets([0, 256, 512])), HeaderError, path),
+        Case("TT3", "2**63", edit(raw(), offsets([1 << 63, (1 << 63) + 256])), HeaderError, path),
+        Case("TT3", "a map", edit(raw(), offsets({"begin": 0})), HeaderError, path + ": expected list"),
     ]
 
 
-def test_B3_bad_offsets(tmp_path: Path) -> None:
+def test_TT3_bad_offsets(tmp_path: Path) -> None:
     run(case_B3(), tmp_path)
 
 
 @builder
 def case_B4() -> list[Case]:
     return [
-        Case("B4", f"shape {shape}", edit(raw(), set_in(lambda p: p.tensor("a"), shape=shape)), HeaderError,
+        Case("TT4", f"shape {shape}", edit(raw(), set_in(lambda p: p.tensor("a"), shape=shape)), HeaderError,
              r"tensors\[\d\]\.shape(\[\d\])?: (tensor size overflows the 4611686018427387904-byte limit|"
              r"dimension \d+ is not an integer in \[0, 2\^63\))")
         for shape in ([2, U64_MAX - 1], [2, (1 << 63) - 1], [1 << 32, 1 << 32], [1 << 20] * 5, [0, U64_MAX],
@@ -629,26 +629,26 @@ def case_B4() -> list[Case]:
     ]
 
 
-def test_B4_shape_product_overflow(tmp_path: Path) -> None:
+def test_TT4_shape_product_overflow(tmp_path: Path) -> None:
     run(case_B4(), tmp_path)
 
 
 @builder
 def case_B5() -> list[Case]:
     return [
-        Case("B5", f"dim {dim!r}", edit(raw(), set_in(lambda p: p.tensor("a"), shape=[dim])), HeaderError,
+        Case("TT5", f"dim {dim!r}", edit(raw(), set_in(lambda p: p.tensor("a"), shape=[dim])), HeaderError,
              r"shape\[0\]: dimension .* is not an integer in \[0, 2\^63\)")
         for dim in (-1, -(1 << 63), 64.0, True, "64", None, [64])
-    ] + [Case("B5", "shape not a list", edit(raw(), lambda p: p.tensor("a").update(shape=64)), HeaderError,
+    ] + [Case("TT5", "shape not a list", edit(raw(), lambda p: p.tensor("a").update(shape=64)), HeaderError,
               r"\.shape: expected list, found int")]
 
 
-def test_B5_bad_dimensions(tmp_path: Path) -> None:
+def test_TT5_bad_dimensions(tmp_path: Path) -> None:
     run(case_B5(), tmp_path)
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_B6_zero_size_and_scalar_tensors_are_accepted(tmp_path: Path, compression: str) -> None:
+def test_TT6_zero_size_and_scalar_tensors_are_accepted(tmp_path: Path, compression: str) -> None:
     tensors = {
         "scalar": torch.tensor(3.5),
         "empty": torch.empty(0, 5),
@@ -672,24 +672,24 @@ def case_B7() -> list[Case]:
         p.header["sections"] = [0] * (MAX_SECTIONS + 1)
 
     return [
-        Case("B7", "rank 65", edit(raw(), lambda p: p.tensor("a").update(shape=[1] * (MAX_RANK + 1))),
+        Case("TT7", "rank 65", edit(raw(), lambda p: p.tensor("a").update(shape=[1] * (MAX_RANK + 1))),
              LimitExceededError, f"tensor rank {MAX_RANK + 1} exceeds the limit {MAX_RANK}"),
-        Case("B7", "10**6 + 1 tensors", edit(raw(), many_tensors), LimitExceededError,
+        Case("TT7", "10**6 + 1 tensors", edit(raw(), many_tensors), LimitExceededError,
              f"tensor count {MAX_TENSORS_PER_SECTION + 1} exceeds the limit"),
-        Case("B7", "65 sections", edit(raw(), many_sections), LimitExceededError,
+        Case("TT7", "65 sections", edit(raw(), many_sections), LimitExceededError,
              f"section count {MAX_SECTIONS + 1} exceeds the limit {MAX_SECTIONS}"),
-        Case("B7", "4097-byte name", edit(raw(), lambda p: p.tensor("a").update(name="n" * 4097)), HeaderError,
+        Case("TT7", "4097-byte name", edit(raw(), lambda p: p.tensor("a").update(name="n" * 4097)), HeaderError,
              "invalid tensor name .*4096 bytes"),
-        Case("B7", "4097-byte section name", edit(raw(), lambda p: p.section().update(name="s" * 4097)),
+        Case("TT7", "4097-byte section name", edit(raw(), lambda p: p.section().update(name="s" * 4097)),
              HeaderError, "section name must be 1 to 4096 bytes"),
     ]
 
 
-def test_B7_counts_and_rank_above_caps(tmp_path: Path) -> None:
+def test_TT7_counts_and_rank_above_caps(tmp_path: Path) -> None:
     run(case_B7(), tmp_path)
 
 
-def test_B7_many_names_parse_in_linear_time(tmp_path: Path) -> None:
+def test_TT7_many_names_parse_in_linear_time(tmp_path: Path) -> None:
     """50k alias entries (under the cap): the duplicate-name check must not be quadratic."""
     parts = raw()
     parts.section()["tensors"] += [{"name": f"alias{i}", "alias": "a"} for i in range(50_000)]
@@ -704,7 +704,7 @@ def test_B7_many_names_parse_in_linear_time(tmp_path: Path) -> None:
 @builder
 def case_B8() -> list[Case]:
     return [
-        Case("B8", f"dtype {tag!r}", edit(raw(), set_in(lambda p: p.tensor("a"), dtype=tag)), HeaderError,
+        Case("TT8", f"dtype {tag!r}", edit(raw(), set_in(lambda p: p.tensor("a"), dtype=tag)), HeaderError,
              match)
         for tag, match in (
             ("F8_E8M0", r"dtype: unknown dtype 'F8_E8M0'; this reader knows"),
@@ -716,23 +716,23 @@ def case_B8() -> list[Case]:
     ]
 
 
-def test_B8_unknown_dtype(tmp_path: Path) -> None:
+def test_TT8_unknown_dtype(tmp_path: Path) -> None:
     run(case_B8(), tmp_path)
 
 
 @builder
 def case_B9() -> list[Case]:
     return [
-        Case("B9", "shape one short", edit(raw(), lambda p: p.tensor("a").update(shape=[63])), HeaderError,
+        Case("TT9", "shape one short", edit(raw(), lambda p: p.tensor("a").update(shape=[63])), HeaderError,
              r"offsets: \[\d+, \d+\] holds 256 bytes, shape and dtype need 252"),
-        Case("B9", "dtype twice as wide", edit(raw(), lambda p: p.tensor("a").update(dtype="F64")), HeaderError,
+        Case("TT9", "dtype twice as wide", edit(raw(), lambda p: p.tensor("a").update(dtype="F64")), HeaderError,
              "holds 256 bytes, shape and dtype need 512"),
-        Case("B9", "sub-byte dtype", edit(raw(), lambda p: p.tensor("a").update(dtype="U4", shape=[512])),
+        Case("TT9", "sub-byte dtype", edit(raw(), lambda p: p.tensor("a").update(dtype="U4", shape=[512])),
              HeaderError, "unknown dtype 'U4'"),
     ]
 
 
-def test_B9_size_disagrees_with_shape_and_dtype(tmp_path: Path) -> None:
+def test_TT9_size_disagrees_with_shape_and_dtype(tmp_path: Path) -> None:
     run(case_B9(), tmp_path)
 
 
@@ -748,13 +748,13 @@ def case_B10() -> list[Case]:
         p.header["sections"].append(dict(p.section()))
 
     return [
-        Case("B10", "two tensors named x", edit(raw(), dup), HeaderError, r"name: duplicate tensor name 'x'"),
-        Case("B10", "alias named like a tensor", edit(raw(), alias_dup), HeaderError, "duplicate tensor name 'a'"),
-        Case("B10", "two sections named model", edit(raw(), dup_section), HeaderError, "duplicate section names"),
+        Case("TT10", "two tensors named x", edit(raw(), dup), HeaderError, r"name: duplicate tensor name 'x'"),
+        Case("TT10", "alias named like a tensor", edit(raw(), alias_dup), HeaderError, "duplicate tensor name 'a'"),
+        Case("TT10", "two sections named model", edit(raw(), dup_section), HeaderError, "duplicate section names"),
     ]
 
 
-def test_B10_duplicate_names(tmp_path: Path) -> None:
+def test_TT10_duplicate_names(tmp_path: Path) -> None:
     run(case_B10(), tmp_path)
 
 
@@ -771,19 +771,19 @@ def case_B11() -> list[Case]:
 
     parts = raw()
     return [
-        Case("B11", "empty", edit(raw(), rename("")), HeaderError, "invalid tensor name ''"),
-        Case("B11", "NUL", edit(raw(), rename("a\x00b")), HeaderError, r"invalid tensor name 'a\\x00b'"),
-        Case("B11", "__metadata__", edit(raw(), rename("__metadata__")), HeaderError,
+        Case("TT11", "empty", edit(raw(), rename("")), HeaderError, "invalid tensor name ''"),
+        Case("TT11", "NUL", edit(raw(), rename("a\x00b")), HeaderError, r"invalid tensor name 'a\\x00b'"),
+        Case("TT11", "__metadata__", edit(raw(), rename("__metadata__")), HeaderError,
              "invalid tensor name '__metadata__'"),
-        Case("B11", "bin instead of str", edit(raw(), rename(b"a")), HeaderError, r"name: expected str, found bytes"),
-        Case("B11", "invalid UTF-8", craft.build(parts, header_bytes=non_utf8(parts)), HeaderError,
+        Case("TT11", "bin instead of str", edit(raw(), rename(b"a")), HeaderError, r"name: expected str, found bytes"),
+        Case("TT11", "invalid UTF-8", craft.build(parts, header_bytes=non_utf8(parts)), HeaderError,
              "invalid msgpack", "header"),
-        Case("B11", "alias to a missing tensor", edit(raw(), alias_to_nothing), HeaderError,
+        Case("TT11", "alias to a missing tensor", edit(raw(), alias_to_nothing), HeaderError,
              "alias 'tied' points to 'missing', which is not a stored tensor"),
     ]
 
 
-def test_B11_invalid_names(tmp_path: Path) -> None:
+def test_TT11_invalid_names(tmp_path: Path) -> None:
     run(case_B11(), tmp_path)
 
 
@@ -801,21 +801,21 @@ def case_B12() -> list[Case]:
         p.section()["stream"]["header_length"] += 8
 
     return [
-        Case("B12", "F32 tensor at an odd offset", edit(raw(), misaligned), HeaderError,
+        Case("TT12", "F32 tensor at an odd offset", edit(raw(), misaligned), HeaderError,
              "begin .* is not aligned to the 4-byte element size"),
-        Case("B12", "section not on a page", edit(raw(), section_off_page), LayoutError,
+        Case("TT12", "section not on a page", edit(raw(), section_off_page), LayoutError,
              "offset 4608 is not aligned to 4096", "section 'model'"),
-        Case("B12", "data region not on 64 bytes", edit(raw(), stream_header_off_64), HeaderError,
+        Case("TT12", "data region not on 64 bytes", edit(raw(), stream_header_off_64), HeaderError,
              "header_length: .* is not a multiple of 64"),
     ]
 
 
-def test_B12_misaligned_data(tmp_path: Path) -> None:
+def test_TT12_misaligned_data(tmp_path: Path) -> None:
     run(case_B12(), tmp_path)
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_B13_nan_and_inf_are_data(tmp_path: Path, compression: str) -> None:
+def test_TT13_nan_and_inf_are_data(tmp_path: Path, compression: str) -> None:
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45])
     tensors = {"f32": special, "f16": special.half(), "bf16": special.bfloat16(), "f64": special.double()}
     path = tmp_path / "nan.mfmt"
@@ -838,18 +838,18 @@ def _raw_header_case(row: str, label: str, value: bytes, exc: type[MettaFormatEr
 @builder
 def case_C1() -> list[Case]:
     return [
-        _raw_header_case("C1", "1025 nested arrays", nested(1025), HeaderError, "invalid msgpack"),
-        _raw_header_case("C1", "1025 nested maps", nested(1025, b"\xc0", b"\x81\xa1k")[:-1] + b"\xa1k\xc0",
+        _raw_header_case("MD1", "1025 nested arrays", nested(1025), HeaderError, "invalid msgpack"),
+        _raw_header_case("MD1", "1025 nested maps", nested(1025, b"\xc0", b"\x81\xa1k")[:-1] + b"\xa1k\xc0",
                          HeaderError, "invalid msgpack"),
-        _raw_header_case("C1", "100000 nested arrays", nested(100_000), HeaderError, "invalid msgpack"),
+        _raw_header_case("MD1", "100000 nested arrays", nested(100_000), HeaderError, "invalid msgpack"),
     ]
 
 
-def test_C1_deep_nesting(tmp_path: Path) -> None:
+def test_MD1_deep_nesting(tmp_path: Path) -> None:
     run(case_C1(), tmp_path)
 
 
-def test_C1_nesting_under_msgpack_limit_but_over_tree_depth(tmp_path: Path) -> None:
+def test_MD1_nesting_under_msgpack_limit_but_over_tree_depth(tmp_path: Path) -> None:
     """1000 levels decode as msgpack; the object-tree decoder stops at MAX_TREE_DEPTH."""
     parts = raw()
     path = tmp_path / "deep.mfmt"
@@ -863,7 +863,7 @@ def test_C1_nesting_under_msgpack_limit_but_over_tree_depth(tmp_path: Path) -> N
 @builder
 def case_C2() -> list[Case]:
     return [
-        _raw_header_case("C2", label, value, HeaderError, f"invalid msgpack: .*({limit}|incomplete input)")
+        _raw_header_case("MD2", label, value, HeaderError, f"invalid msgpack: .*({limit}|incomplete input)")
         for label, value, limit in (
             ("array32 of 2**32-1", b"\xdd\xff\xff\xff\xff", "max_array_len"),
             ("map32 of 2**32-1", b"\xdf\xff\xff\xff\xff", "max_map_len"),
@@ -873,7 +873,7 @@ def case_C2() -> list[Case]:
     ]
 
 
-def test_C2_huge_declared_container_lengths(tmp_path: Path) -> None:
+def test_MD2_huge_declared_container_lengths(tmp_path: Path) -> None:
     cases = case_C2()
     run(cases, tmp_path)
     path = tmp_path / "c2.mfmt"
@@ -894,13 +894,13 @@ def case_C3() -> list[Case]:
     top = craft.header_with_extra_pair(parts.header, craft.pack("checksum"), craft.pack("xxh3-64"))
     meta = craft.map_pairs([(craft.pack("epoch"), craft.pack(1)), (craft.pack("epoch"), craft.pack(2))])
     return [
-        Case("C3", "duplicate top-level key", craft.build(parts, header_bytes=top), HeaderError,
+        Case("MD3", "duplicate top-level key", craft.build(parts, header_bytes=top), HeaderError,
              "duplicate map key 'checksum'", "header"),
-        _raw_header_case("C3", "duplicate key in metadata", meta, HeaderError, "duplicate map key 'epoch'"),
+        _raw_header_case("MD3", "duplicate key in metadata", meta, HeaderError, "duplicate map key 'epoch'"),
     ]
 
 
-def test_C3_duplicate_keys(tmp_path: Path) -> None:
+def test_MD3_duplicate_keys(tmp_path: Path) -> None:
     run(case_C3(), tmp_path)
 
 
@@ -908,7 +908,7 @@ def test_C3_duplicate_keys(tmp_path: Path) -> None:
 def case_C4() -> list[Case]:
     parts = raw()
     return [
-        Case("C4", f"{label} key", craft.build(parts, header_bytes=craft.header_with_extra_pair(
+        Case("MD4", f"{label} key", craft.build(parts, header_bytes=craft.header_with_extra_pair(
             parts.header, key, craft.pack(1))), HeaderError, match, "header")
         for label, key, match in (
             ("int", craft.pack(1), "map key 1 is not a string|strict_map_key"),
@@ -919,38 +919,38 @@ def case_C4() -> list[Case]:
     ]
 
 
-def test_C4_non_string_keys(tmp_path: Path) -> None:
+def test_MD4_non_string_keys(tmp_path: Path) -> None:
     run(case_C4(), tmp_path)
 
 
 @builder
 def case_C5() -> list[Case]:
     return [
-        _raw_header_case("C5", "ext 5", b"\xd4\x05\x01", HeaderError, "msgpack ext type 5 is not allowed"),
-        _raw_header_case("C5", "timestamp", b"\xd6\xff\x00\x00\x00\x01", HeaderError,
+        _raw_header_case("MD5", "ext 5", b"\xd4\x05\x01", HeaderError, "msgpack ext type 5 is not allowed"),
+        _raw_header_case("MD5", "timestamp", b"\xd6\xff\x00\x00\x00\x01", HeaderError,
                          r"ext type -1 \(timestamp\) is not allowed"),
-        _raw_header_case("C5", "timestamp96", b"\xc7\x0c\xff" + b"\x00" * 12, HeaderError, "ext type -1"),
-        _raw_header_case("C5", "bad timestamp", b"\xd5\xff\x00\x00", HeaderError, "invalid msgpack"),
-        _raw_header_case("C5", "timestamp in a list", b"\x91\xd6\xff\x00\x00\x00\x01", HeaderError,
+        _raw_header_case("MD5", "timestamp96", b"\xc7\x0c\xff" + b"\x00" * 12, HeaderError, "ext type -1"),
+        _raw_header_case("MD5", "bad timestamp", b"\xd5\xff\x00\x00", HeaderError, "invalid msgpack"),
+        _raw_header_case("MD5", "timestamp in a list", b"\x91\xd6\xff\x00\x00\x00\x01", HeaderError,
                          "ext type -1"),
-        _raw_header_case("C5", "ext 127 (fixext16)", b"\xd8\x7f" + b"\x00" * 16, HeaderError, "ext type 127"),
+        _raw_header_case("MD5", "ext 127 (fixext16)", b"\xd8\x7f" + b"\x00" * 16, HeaderError, "ext type 127"),
     ]
 
 
-def test_C5_ext_types(tmp_path: Path) -> None:
+def test_MD5_ext_types(tmp_path: Path) -> None:
     run(case_C5(), tmp_path)
 
 
 @builder
 def case_C6() -> list[Case]:
     return [
-        _raw_header_case("C6", "invalid UTF-8 value", b"\xa2\xff\xfe", HeaderError, "invalid msgpack: .*utf"),
-        _raw_header_case("C6", "surrogate", b"\xa3\xed\xa0\x80", HeaderError, "invalid msgpack"),
-        _raw_header_case("C6", "invalid UTF-8 key", b"\x81\xa2\xc3\x28\x01", HeaderError, "invalid msgpack"),
+        _raw_header_case("MD6", "invalid UTF-8 value", b"\xa2\xff\xfe", HeaderError, "invalid msgpack: .*utf"),
+        _raw_header_case("MD6", "surrogate", b"\xa3\xed\xa0\x80", HeaderError, "invalid msgpack"),
+        _raw_header_case("MD6", "invalid UTF-8 key", b"\x81\xa2\xc3\x28\x01", HeaderError, "invalid msgpack"),
     ]
 
 
-def test_C6_invalid_utf8(tmp_path: Path) -> None:
+def test_MD6_invalid_utf8(tmp_path: Path) -> None:
     run(case_C6(), tmp_path)
 
 
@@ -959,14 +959,14 @@ def case_C7() -> list[Case]:
     parts = raw()
     hb = craft.pack(parts.header)
     return [
-        Case("C7", "one trailing byte", craft.build(parts, header_bytes=hb + b"\xc0"), HeaderError,
+        Case("MD7", "one trailing byte", craft.build(parts, header_bytes=hb + b"\xc0"), HeaderError,
              "1 trailing bytes after the msgpack value", "header"),
-        Case("C7", "a second header", craft.build(parts, header_bytes=hb + hb), HeaderError,
+        Case("MD7", "a second header", craft.build(parts, header_bytes=hb + hb), HeaderError,
              f"{len(hb)} trailing bytes", "header"),
     ]
 
 
-def test_C7_trailing_bytes(tmp_path: Path) -> None:
+def test_MD7_trailing_bytes(tmp_path: Path) -> None:
     run(case_C7(), tmp_path)
 
 
@@ -975,13 +975,13 @@ def case_C8() -> list[Case]:
     parts = raw()
     hb = craft.pack(parts.header)
     return [
-        Case("C8", f"header cut to {n}", craft.build(parts, header_bytes=hb[:n]), HeaderError,
+        Case("MD8", f"header cut to {n}", craft.build(parts, header_bytes=hb[:n]), HeaderError,
              "invalid msgpack: .*(incomplete input|exceeds max_)", "header")
         for n in (1, len(hb) // 2, len(hb) - 1)
     ]
 
 
-def test_C8_truncated_msgpack(tmp_path: Path) -> None:
+def test_MD8_truncated_msgpack(tmp_path: Path) -> None:
     run(case_C8(), tmp_path)
 
 
@@ -1002,44 +1002,44 @@ def case_C9() -> list[Case]:
     parts = raw()
     as_list = craft.pack([1, 2, 3])
     cases = [
-        Case("C9", "file_length str", edit(raw(), update(file_length="5000"), fix_file_length=False), HeaderError,
+        Case("MD9", "file_length str", edit(raw(), update(file_length="5000"), fix_file_length=False), HeaderError,
              "header.file_length: expected int, found str"),
-        Case("C9", "file_length float", edit(raw(), update(file_length=5000.0), fix_file_length=False),
+        Case("MD9", "file_length float", edit(raw(), update(file_length=5000.0), fix_file_length=False),
              HeaderError, "header.file_length: expected int, found float"),
-        Case("C9", "file_length bool", edit(raw(), update(file_length=True), fix_file_length=False), HeaderError,
+        Case("MD9", "file_length bool", edit(raw(), update(file_length=True), fix_file_length=False), HeaderError,
              "header.file_length: expected int, found bool"),
-        Case("C9", "file_length negative", edit(raw(), update(file_length=-1), fix_file_length=False),
+        Case("MD9", "file_length negative", edit(raw(), update(file_length=-1), fix_file_length=False),
              HeaderError, "header.file_length: -1 is not a non-negative"),
-        Case("C9", "sections a map", edit(raw(), update(sections={})), HeaderError,
+        Case("MD9", "sections a map", edit(raw(), update(sections={})), HeaderError,
              "header.sections: expected list, found dict"),
-        Case("C9", "section not a map", edit(raw(), update(sections=[5])), HeaderError,
+        Case("MD9", "section not a map", edit(raw(), update(sections=[5])), HeaderError,
              r"header.sections\[0\]: expected a map, found int"),
-        Case("C9", "checksum algorithm missing", edit(raw(), drop("checksum")), HeaderError,
+        Case("MD9", "checksum algorithm missing", edit(raw(), drop("checksum")), HeaderError,
              "header.checksum: required field missing"),
-        Case("C9", "checksum algorithm unknown", edit(raw(), update(checksum="md5")), HeaderError,
+        Case("MD9", "checksum algorithm unknown", edit(raw(), update(checksum="md5")), HeaderError,
              "unknown checksum algorithm 'md5'"),
-        Case("C9", "tensor checksum 7 bytes", edit(raw(), checksum_len), HeaderError,
+        Case("MD9", "tensor checksum 7 bytes", edit(raw(), checksum_len), HeaderError,
              r"tensors\[\d\]\.checksum: checksum must be 8 bytes, found 7"),
-        Case("C9", "codec missing", edit(raw(), lambda p: p.section().pop("codec")), HeaderError,
+        Case("MD9", "codec missing", edit(raw(), lambda p: p.section().pop("codec")), HeaderError,
              r"sections\[0\].codec: required field missing"),
-        Case("C9", "codec unknown", edit(raw(), lambda p: p.section()["codec"].update(name="lz4")),
+        Case("MD9", "codec unknown", edit(raw(), lambda p: p.section()["codec"].update(name="lz4")),
              UnknownCodecError, "unknown codec 'lz4'"),
-        Case("C9", "header is an array", craft.build(parts, header_bytes=as_list), HeaderError,
+        Case("MD9", "header is an array", craft.build(parts, header_bytes=as_list), HeaderError,
              "header: expected a map, found list"),
-        Case("C9", "trees not a map", edit(raw(), update(trees=[1])), HeaderError, "header.trees: expected dict"),
-        Case("C9", "trailer index schema", edit(raw(), index_schema, sync_index=False), HeaderError,
+        Case("MD9", "trees not a map", edit(raw(), update(trees=[1])), HeaderError, "header.trees: expected dict"),
+        Case("MD9", "trailer index schema", edit(raw(), index_schema, sync_index=False), HeaderError,
              r"^index.sections\[0\].tensors\[0\].shape: expected list"),
-        Case("C9", "trailer index not msgpack", craft.build(raw(), index_bytes=b"\xc1\xc1"), HeaderError,
+        Case("MD9", "trailer index not msgpack", craft.build(raw(), index_bytes=b"\xc1\xc1"), HeaderError,
              "invalid msgpack", "trailer index"),
     ]
     return cases
 
 
-def test_C9_schema_violations_name_the_field(tmp_path: Path) -> None:
+def test_MD9_schema_violations_name_the_field(tmp_path: Path) -> None:
     run(case_C9(), tmp_path)
 
 
-def test_C10_no_unpacker_reuse_and_pinned_msgpack() -> None:
+def test_MD10_no_unpacker_reuse_and_pinned_msgpack() -> None:
     assert msgpack.version >= (1, 2, 1)  # GHSA-6v7p-g79w-8964
     source = (REPO / "mettaformat" / "container" / "strict_msgpack.py").read_text()
     assert "Unpacker(" not in source and "unpackb(" in source
@@ -1085,18 +1085,18 @@ FR = r"section 'model' frame \d+"
 def case_D1() -> list[Case]:
     tera = 1 << 40
     return [
-        Case("D1", "17-byte frame declaring 1 TiB", splice("a", [(craft.huge_declared_frame(tera), 256, 0)]),
+        Case("ZS1", "17-byte frame declaring 1 TiB", splice("a", [(craft.huge_declared_frame(tera), 256, 0)]),
              CodecError, "no content checksum", FR),
-        Case("D1", "1 TiB frame with the checksum flag",
+        Case("ZS1", "1 TiB frame with the checksum flag",
              splice("a", [(craft.huge_declared_frame(tera, checksum=True), 256, 0)]), CodecError,
              f"zstd frame declares {tera} bytes, the index 256", FR),
-        Case("D1", "4 GiB - 1 in the frame table", splice("a", [(craft.huge_declared_frame(256, checksum=True),
+        Case("ZS1", "4 GiB - 1 in the frame table", splice("a", [(craft.huge_declared_frame(256, checksum=True),
                                                                (1 << 32) - 1, 0)]),
              LayoutError, "invalid lengths", "frame table"),
     ]
 
 
-def test_D1_huge_declared_content_size(tmp_path: Path) -> None:
+def test_ZS1_huge_declared_content_size(tmp_path: Path) -> None:
     run(case_D1(), tmp_path)
     path = tmp_path / "d1.mfmt"
     path.write_bytes(case_D1()[1].data)
@@ -1118,11 +1118,11 @@ def case_D1_tensor_claims() -> list[Case]:
     """A tensor of 20000 x 64 MiB (1.3 TB) described by 20000 tiny frames: refused before allocating."""
     rlen = 64 << 20
     tiny = craft.huge_declared_frame(rlen, checksum=True)
-    return [Case("D1", "20000 tiny frames claiming 1.3 TB", _claims_file(20_000, rlen, tiny), LayoutError,
+    return [Case("ZS1", "20000 tiny frames claiming 1.3 TB", _claims_file(20_000, rlen, tiny), LayoutError,
                  f"frame 1: 21 compressed bytes cannot hold {rlen} raw bytes", "frame table")]
 
 
-def test_D1_tensor_claiming_terabytes_from_tiny_frames(tmp_path: Path) -> None:
+def test_ZS1_tensor_claiming_terabytes_from_tiny_frames(tmp_path: Path) -> None:
     (case,) = case_D1_tensor_claims()
     run([case], tmp_path)
     path = tmp_path / "claims.mfmt"
@@ -1146,11 +1146,11 @@ def _claims_file(count: int, rlen: int, tiny: bytes) -> bytes:
 def case_D2() -> list[Case]:
     frame = craft.zstd_frame(a_bytes(), content_size=False)
     assert zstandard.frame_content_size(frame) == -1
-    return [Case("D2", "no content size", splice("a", [(frame, 256, 0)]), CodecError,
+    return [Case("ZS2", "no content size", splice("a", [(frame, 256, 0)]), CodecError,
                  "does not declare its content size", FR)]
 
 
-def test_D2_unknown_content_size(tmp_path: Path) -> None:
+def test_ZS2_unknown_content_size(tmp_path: Path) -> None:
     run(case_D2(), tmp_path)
 
 
@@ -1160,14 +1160,14 @@ def case_D3() -> list[Case]:
     assert len(b) < 4096 and zstandard.frame_content_size(b) == 16 << 20
     lied = craft.rewrite_header(b, content_size=256)  # declares what the index expects
     return [
-        Case("D3", "16 MiB bomb where 256 bytes are expected", splice("a", [(b, 256, 0)]), CodecError,
+        Case("ZS3", "16 MiB bomb where 256 bytes are expected", splice("a", [(b, 256, 0)]), CodecError,
              f"declares {16 << 20} bytes, the index 256", FR),
-        Case("D3", "16 MiB bomb declaring 256 bytes", splice("a", [(lied, 256, 0)]), CodecError,
+        Case("ZS3", "16 MiB bomb declaring 256 bytes", splice("a", [(lied, 256, 0)]), CodecError,
              "zstd: |frame decoded to 256\\+ bytes", FR),
     ]
 
 
-def test_D3_decompression_bomb(tmp_path: Path) -> None:
+def test_ZS3_decompression_bomb(tmp_path: Path) -> None:
     cases = case_D3()
     run(cases, tmp_path)
     for case in cases:
@@ -1186,10 +1186,10 @@ def _bomb_tensor_file() -> bytes:
 
 @builder
 def case_D3_accepted() -> list[Case]:
-    return [Case("D3", "legitimate 16 MiB bomb", _bomb_tensor_file(), None)]
+    return [Case("ZS3", "legitimate 16 MiB bomb", _bomb_tensor_file(), None)]
 
 
-def test_D3_a_bomb_that_matches_the_index_decodes_exactly(tmp_path: Path) -> None:
+def test_ZS3_a_bomb_that_matches_the_index_decodes_exactly(tmp_path: Path) -> None:
     (case,) = case_D3_accepted()
     loaded = expect(case, tmp_path)
     assert loaded is not None
@@ -1210,16 +1210,16 @@ def case_D4_streamed_frame() -> bytes:
 def case_D4() -> list[Case]:
     streamed = case_D4_streamed_frame()
     good = frame_of("a")[0]
-    cases = [Case("D4", "window_log 27, streamed", splice("a", [(streamed, 256, 0)]), CodecError,
+    cases = [Case("ZS4", "window_log 27, streamed", splice("a", [(streamed, 256, 0)]), CodecError,
                   f"zstd window above the {MAX_ZSTD_WINDOW}-byte limit", FR)]
     for log in (27, 31):
         frame = craft.rewrite_header(good, window_log=log)  # everything else valid
-        cases.append(Case("D4", f"window_log {log}", splice("a", [(frame, 256, 0)]), CodecError,
+        cases.append(Case("ZS4", f"window_log {log}", splice("a", [(frame, 256, 0)]), CodecError,
                           "zstd window above", FR))
     return cases
 
 
-def test_D4_window_above_the_limit(tmp_path: Path) -> None:
+def test_ZS4_window_above_the_limit(tmp_path: Path) -> None:
     run(case_D4(), tmp_path)
     # Defence in depth: the decoder itself refuses such a window when it streams. (A frame that
     # declares its size decodes single-pass straight into the output and ignores the window
@@ -1235,20 +1235,20 @@ def case_D5() -> list[Case]:
     f, rlen, _ = frame_of("a")
     half = craft.zstd_frame(a_bytes()[:128])
     return [
-        Case("D5", "two concatenated frames", splice("a", [(half + craft.zstd_frame(a_bytes()[128:]), 256, 0)]),
+        Case("ZS5", "two concatenated frames", splice("a", [(half + craft.zstd_frame(a_bytes()[128:]), 256, 0)]),
              CodecError, "declares 128 bytes|data after the end", FR),
-        Case("D5", "frame then a second frame", splice("a", [(f + half, rlen, 0)]), CodecError,
+        Case("ZS5", "frame then a second frame", splice("a", [(f + half, rlen, 0)]), CodecError,
              "data after the end of the zstd frame", FR),
-        Case("D5", "frame then a skippable frame", splice("a", [(f + craft.skippable_frame(), rlen, 0)]),
+        Case("ZS5", "frame then a skippable frame", splice("a", [(f + craft.skippable_frame(), rlen, 0)]),
              CodecError, "data after the end", FR),
-        Case("D5", "skippable frame first", splice("a", [(craft.skippable_frame(b"x" * 16) + f, rlen, 0)]),
+        Case("ZS5", "skippable frame first", splice("a", [(craft.skippable_frame(b"x" * 16) + f, rlen, 0)]),
              CodecError, "bad magic", FR),
-        Case("D5", "trailing garbage", splice("a", [(f + b"GARBAGE", rlen, 0)]), CodecError, "data after the end",
+        Case("ZS5", "trailing garbage", splice("a", [(f + b"GARBAGE", rlen, 0)]), CodecError, "data after the end",
              FR),
     ]
 
 
-def test_D5_concatenated_skippable_and_trailing(tmp_path: Path) -> None:
+def test_ZS5_concatenated_skippable_and_trailing(tmp_path: Path) -> None:
     run(case_D5(), tmp_path)
 
 
@@ -1258,16 +1258,16 @@ def case_D6() -> list[Case]:
     short = craft.rewrite_header(craft.zstd_frame(data[:252]), content_size=256)
     long = craft.rewrite_header(craft.zstd_frame(data + b"\x00" * 8), content_size=256)
     return [
-        Case("D6", "frame declares fewer bytes than the index", splice("a", [(craft.zstd_frame(data[:252]), 256, 0)]),
+        Case("ZS6", "frame declares fewer bytes than the index", splice("a", [(craft.zstd_frame(data[:252]), 256, 0)]),
              CodecError, "declares 252 bytes, the index 256", FR),
-        Case("D6", "declares 256, produces 252", splice("a", [(short, 256, 0)]), CodecError,
+        Case("ZS6", "declares 256, produces 252", splice("a", [(short, 256, 0)]), CodecError,
              "zstd: |decoded to", FR),
-        Case("D6", "declares 256, produces 264", splice("a", [(long, 256, 0)]), CodecError, "zstd: |decoded to",
+        Case("ZS6", "declares 256, produces 264", splice("a", [(long, 256, 0)]), CodecError, "zstd: |decoded to",
              FR),
     ]
 
 
-def test_D6_declared_size_differs_from_produced(tmp_path: Path) -> None:
+def test_ZS6_declared_size_differs_from_produced(tmp_path: Path) -> None:
     run(case_D6(), tmp_path)
 
 
@@ -1280,16 +1280,16 @@ def case_D7() -> list[Case]:
     check[-1] ^= 0x01
     no_checksum = craft.zstd_frame(a_bytes(), checksum=False)
     return [
-        Case("D7", "bit flip in the payload", splice("a", [(bytes(payload), rlen, flt)]), CodecError, "zstd: ",
+        Case("ZS7", "bit flip in the payload", splice("a", [(bytes(payload), rlen, flt)]), CodecError, "zstd: ",
              FR),
-        Case("D7", "bit flip in the checksum", splice("a", [(bytes(check), rlen, flt)]), CodecError, "zstd: ",
+        Case("ZS7", "bit flip in the checksum", splice("a", [(bytes(check), rlen, flt)]), CodecError, "zstd: ",
              FR),
-        Case("D7", "frame without a checksum", splice("a", [(no_checksum, rlen, flt)]), CodecError,
+        Case("ZS7", "frame without a checksum", splice("a", [(no_checksum, rlen, flt)]), CodecError,
              "zstd frame has no content checksum", FR),
     ]
 
 
-def test_D7_content_checksum(tmp_path: Path) -> None:
+def test_ZS7_content_checksum(tmp_path: Path) -> None:
     run(case_D7(), tmp_path)
 
 
@@ -1304,14 +1304,14 @@ def case_D8() -> list[Case]:
     assert zstandard.get_frame_parameters(trained).dict_id == dictionary.dict_id() != 0
     hand_set = craft.rewrite_header(frame_of("a")[0], dict_id=0x1234)
     return [
-        Case("D8", "trained dictionary", splice("a", [(trained, 256, 0)]), CodecError,
+        Case("ZS8", "trained dictionary", splice("a", [(trained, 256, 0)]), CodecError,
              "zstd frame requires a dictionary", FR),
-        Case("D8", "hand-set dictionary id", splice("a", [(hand_set, 256, 0)]), CodecError, "requires a dictionary",
+        Case("ZS8", "hand-set dictionary id", splice("a", [(hand_set, 256, 0)]), CodecError, "requires a dictionary",
              FR),
     ]
 
 
-def test_D8_dictionary_frames(tmp_path: Path) -> None:
+def test_ZS8_dictionary_frames(tmp_path: Path) -> None:
     run(case_D8(), tmp_path)
 
 
@@ -1325,19 +1325,19 @@ def case_D9() -> list[Case]:
         p.set_frames([(b"\x00" * len(h), r, fl), *frames[1:]])
 
     return [
-        Case("D9", "zeros", splice("a", [(b"\x00" * len(f), rlen, flt)]), CodecError, "not a zstd frame", FR),
-        Case("D9", "LZ4 frame magic", splice("a", [(b"\x04\x22\x4d\x18" + f[4:], rlen, flt)]), CodecError,
+        Case("ZS9", "zeros", splice("a", [(b"\x00" * len(f), rlen, flt)]), CodecError, "not a zstd frame", FR),
+        Case("ZS9", "LZ4 frame magic", splice("a", [(b"\x04\x22\x4d\x18" + f[4:], rlen, flt)]), CodecError,
              "bad magic", FR),
-        Case("D9", "gzip", splice("a", [(b"\x1f\x8b\x08\x00" + f[4:], rlen, flt)]), CodecError, "bad magic", FR),
-        Case("D9", "raw bytes in the stream header frame", edit(zst(), stream_header_frame), CodecError,
+        Case("ZS9", "gzip", splice("a", [(b"\x1f\x8b\x08\x00" + f[4:], rlen, flt)]), CodecError, "bad magic", FR),
+        Case("ZS9", "raw bytes in the stream header frame", edit(zst(), stream_header_frame), CodecError,
              "not a zstd frame", r"section 'model' frame 0"),
-        Case("D9", "frame shorter than any zstd frame", splice("a", [(f[:12], rlen, flt)]), LayoutError,
+        Case("ZS9", "frame shorter than any zstd frame", splice("a", [(f[:12], rlen, flt)]), LayoutError,
              "invalid lengths", "frame table"),
-        Case("D9", "unknown filter", splice("a", [(f, rlen, 7)]), LayoutError, r"invalid lengths or filter", "frame"),
+        Case("ZS9", "unknown filter", splice("a", [(f, rlen, 7)]), LayoutError, r"invalid lengths or filter", "frame"),
     ]
 
 
-def test_D9_not_a_zstd_frame(tmp_path: Path) -> None:
+def test_ZS9_not_a_zstd_frame(tmp_path: Path) -> None:
     run(case_D9(), tmp_path)
 
 
@@ -1357,42 +1357,42 @@ def case_E1() -> list[Case]:
         index_offset = len(good) - 32 - struct.unpack_from("<Q", good, len(good) - 32)[0]
         s = parts.section()
         cases += [
-            Case("E1", f"{compression}: header byte", _flip(good, 32 + hl // 2), IntegrityError,
+            Case("IN1", f"{compression}: header byte", _flip(good, 32 + hl // 2), IntegrityError,
                  "header checksum mismatch", "header"),
-            Case("E1", f"{compression}: header checksum", _flip(good, 24), IntegrityError,
+            Case("IN1", f"{compression}: header checksum", _flip(good, 24), IntegrityError,
                  "header checksum mismatch", "header"),
-            Case("E1", f"{compression}: index byte", _flip(good, index_offset + 5), IntegrityError,
+            Case("IN1", f"{compression}: index byte", _flip(good, index_offset + 5), IntegrityError,
                  "trailer index checksum mismatch", "trailer index"),
-            Case("E1", f"{compression}: index checksum", _flip(good, len(good) - 24), IntegrityError,
+            Case("IN1", f"{compression}: index checksum", _flip(good, len(good) - 24), IntegrityError,
                  "trailer index checksum mismatch", "trailer index"),
-            Case("E1", f"{compression}: tail file length", _flip(good, len(good) - 16), LayoutError,
+            Case("IN1", f"{compression}: tail file length", _flip(good, len(good) - 16), LayoutError,
                  "trailer says", "trailer"),
-            Case("E1", f"{compression}: end magic", _flip(good, len(good) - 1), LayoutError, "end magic",
+            Case("IN1", f"{compression}: end magic", _flip(good, len(good) - 1), LayoutError, "end magic",
                  "trailer"),
-            Case("E1", f"{compression}: padding", _flip(good, 32 + hl + 1), IntegrityError, "non-zero bytes",
+            Case("IN1", f"{compression}: padding", _flip(good, 32 + hl + 1), IntegrityError, "non-zero bytes",
                  "padding"),
         ]
         if compression == "none":
-            cases.append(Case("E1", "stream header", _flip(good, s["offset"] + 20), IntegrityError,
+            cases.append(Case("IN1", "stream header", _flip(good, s["offset"] + 20), IntegrityError,
                               "safetensors header checksum mismatch", "section 'model'"))
             for name in _tensors():
                 start, end = parts.tensor_span(name)
-                cases.append(Case("E1", f"tensor {name}", _flip(good, s["offset"] + (start + end) // 2),
+                cases.append(Case("IN1", f"tensor {name}", _flip(good, s["offset"] + (start + end) // 2),
                                   IntegrityError, f"checksum mismatch in tensor '{name}'", "section 'model'"))
         else:  # a flip inside a frame is caught by the frame's own checksum first
             pos = s["offset"]
             for i, (f, _, _) in enumerate(parts.frames()):
-                cases.append(Case("E1", f"zstd frame {i}", _flip(good, pos + len(f) // 2 + 2), CodecError,
+                cases.append(Case("IN1", f"zstd frame {i}", _flip(good, pos + len(f) // 2 + 2), CodecError,
                                   "zstd: |invalid zstd block|truncated|data after", f"section 'model' frame {i}"))
                 pos += len(f)
     return cases
 
 
-def test_E1_flipped_byte_in_each_region(tmp_path: Path) -> None:
+def test_IN1_flipped_byte_in_each_region(tmp_path: Path) -> None:
     run(case_E1(), tmp_path)
 
 
-def test_E1_every_preamble_byte(tmp_path: Path) -> None:
+def test_IN1_every_preamble_byte(tmp_path: Path) -> None:
     """The preamble has no checksum of its own: every field is checked for what it means instead.
 
     A flip in the minor version or in the optional (high 16) flag bits is accepted by design:
@@ -1432,34 +1432,34 @@ def case_E2() -> list[Case]:
         p.index["sections"][0]["tensors"][0]["checksum"] = b"\x01" * 8
 
     cases = [
-        Case("E2", f"{codec}: tensor checksum altered", edit(parts, tensor_checksum), IntegrityError,
+        Case("IN2", f"{codec}: tensor checksum altered", edit(parts, tensor_checksum), IntegrityError,
              "checksum mismatch in tensor 'a'", "section 'model'")
         for codec, parts in (("raw", raw()), ("zstd", zst()))
     ]
     return [
         *cases,
-        Case("E2", "tensor checksum missing", edit(raw(), lambda p: p.tensor("a").pop("checksum")), HeaderError,
+        Case("IN2", "tensor checksum missing", edit(raw(), lambda p: p.tensor("a").pop("checksum")), HeaderError,
              r"tensors\[\d\]\.checksum: required field missing"),
-        Case("E2", "tensor checksum not bytes", edit(raw(), lambda p: p.tensor("a").update(checksum=12345)),
+        Case("IN2", "tensor checksum not bytes", edit(raw(), lambda p: p.tensor("a").update(checksum=12345)),
              HeaderError, "checksum: expected bytes, found int"),
-        Case("E2", "algorithm empty", edit(raw(), lambda p: p.header.update(checksum="")), HeaderError,
+        Case("IN2", "algorithm empty", edit(raw(), lambda p: p.header.update(checksum="")), HeaderError,
              "unknown checksum algorithm ''"),
-        Case("E2", "algorithm none", edit(raw(), lambda p: p.header.update(checksum="none")), HeaderError,
+        Case("IN2", "algorithm none", edit(raw(), lambda p: p.header.update(checksum="none")), HeaderError,
              "unknown checksum algorithm 'none'"),
-        Case("E2", "stream header checksum zeroed", edit(raw(), stream_checksum), IntegrityError,
+        Case("IN2", "stream header checksum zeroed", edit(raw(), stream_checksum), IntegrityError,
              "safetensors header checksum mismatch"),
-        Case("E2", "zstd stream header checksum zeroed", edit(zst(), stream_checksum), IntegrityError,
+        Case("IN2", "zstd stream header checksum zeroed", edit(zst(), stream_checksum), IntegrityError,
              "safetensors header checksum mismatch"),
-        Case("E2", "index disagrees with the header", edit(raw(), index_disagrees, sync_index=False),
+        Case("IN2", "index disagrees with the header", edit(raw(), index_disagrees, sync_index=False),
              IntegrityError, "trailer index differs from the header's", "trailer index"),
-        Case("E2", "header checksum zero", craft.build(raw(), header_checksum=0), IntegrityError,
+        Case("IN2", "header checksum zero", craft.build(raw(), header_checksum=0), IntegrityError,
              "header checksum mismatch"),
-        Case("E2", "index checksum zero", craft.build(raw(), index_checksum=0), IntegrityError,
+        Case("IN2", "index checksum zero", craft.build(raw(), index_checksum=0), IntegrityError,
              "trailer index checksum mismatch"),
     ]
 
 
-def test_E2_checksum_fields_corrupted_missing_or_unknown(tmp_path: Path) -> None:
+def test_IN2_checksum_fields_corrupted_missing_or_unknown(tmp_path: Path) -> None:
     run(case_E2(), tmp_path)
 
 
@@ -1477,12 +1477,12 @@ def case_E3() -> list[Case]:
         p.set_frames(frames)
 
     return [
-        Case("E3", "raw bodies swapped", edit(raw(), swap_raw), IntegrityError, "checksum mismatch in tensor '[xy]'"),
-        Case("E3", "zstd frames swapped", edit(zst(), swap_frames), IntegrityError, "tensor '[xy]'"),
+        Case("IN3", "raw bodies swapped", edit(raw(), swap_raw), IntegrityError, "checksum mismatch in tensor '[xy]'"),
+        Case("IN3", "zstd frames swapped", edit(zst(), swap_frames), IntegrityError, "tensor '[xy]'"),
     ]
 
 
-def test_E3_swapped_tensor_bodies(tmp_path: Path) -> None:
+def test_IN3_swapped_tensor_bodies(tmp_path: Path) -> None:
     run(case_E3(), tmp_path)
 
 
@@ -1511,7 +1511,7 @@ def _open_with_watchdog(path: Path) -> tuple[BaseException | None, float]:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_H1_fifo_device_directory_and_symlinks_are_rejected_quickly(tmp_path: Path) -> None:
+def test_FS1_fifo_device_directory_and_symlinks_are_rejected_quickly(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.mfmt"
     os.mkfifo(fifo)
     link = tmp_path / "zero.mfmt"
@@ -1530,7 +1530,7 @@ def test_H1_fifo_device_directory_and_symlinks_are_rejected_quickly(tmp_path: Pa
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
-def test_H2_partially_written_temp_file_is_rejected(tmp_path: Path) -> None:
+def test_FS2_partially_written_temp_file_is_rejected(tmp_path: Path) -> None:
     good = base("zstd")
     path = tmp_path / ".model.mfmt.tmp"
     path.write_bytes(good[: len(good) // 2])
@@ -1539,7 +1539,7 @@ def test_H2_partially_written_temp_file_is_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_H4_file_rewritten_in_place_between_index_and_data_read(tmp_path: Path, compression: str) -> None:
+def test_FS4_file_rewritten_in_place_between_index_and_data_read(tmp_path: Path, compression: str) -> None:
     path = tmp_path / "h4.mfmt"
     path.write_bytes(base(compression))
     parts = craft.parse(base(compression))
@@ -1620,7 +1620,7 @@ def _all_cases() -> Iterator[Case]:
 def test_every_crafted_file_fails_fast_in_a_subprocess(tmp_path: Path) -> None:
     cases = list(_all_cases())
     rows = {c.row for c in cases}
-    assert rows >= {f"A{i}" for i in (1, 3, 4, 5, 6, 7, 8, 9, 11)} | {f"B{i}" for i in range(1, 13) if i not in (6,)}
+    assert rows >= {f"FR{i}" for i in (1, 3, 4, 5, 6, 7, 8, 9, 11)} | {f"TT{i}" for i in range(1, 13) if i not in (6,)}
     warm = tmp_path / "warm.mfmt"
     warm.write_bytes(base("zstd"))
     manifest: list[dict[str, Any]] = [{"path": str(warm), "label": "warm-up"}]

@@ -1,4 +1,4 @@
-"""HOSTILE.md catalogue F1-F20: hostile pickle streams. One test per row, named by its id.
+"""threat model PK1-PK20: hostile pickle streams. One test per row, named by its id.
 
 Every test that carries a payload runs inside :func:`canary`, which asserts afterwards that no
 marker file was written and that no module was imported.
@@ -37,7 +37,7 @@ def _payload(module: str, name: str, arg: str) -> bytes:
 @pytest.mark.parametrize(
     ("module", "name"), [("os", "system"), ("posix", "system"), ("nt", "system"), (CANARY_MODULE, "boom")]
 )
-def test_F1_os_system_not_called(tmp_path: Path, module: str, name: str) -> None:
+def test_PK1_os_system_not_called(tmp_path: Path, module: str, name: str) -> None:
     with canary(tmp_path) as c:
         obj = _load(_payload(module, name, c.shell))
         assert isinstance(obj, LegacyObject) and obj.kind == "reduce"
@@ -48,13 +48,13 @@ def test_F1_os_system_not_called(tmp_path: Path, module: str, name: str) -> None
 
 @pytest.mark.parametrize("module", ["builtins", "__builtin__"])
 @pytest.mark.parametrize("name", ["eval", "exec", "getattr", "__import__", "apply", "open", "breakpoint", "compile"])
-def test_F2_builtins_eval_exec_not_called(tmp_path: Path, module: str, name: str) -> None:
+def test_PK2_builtins_eval_exec_not_called(tmp_path: Path, module: str, name: str) -> None:
     with canary(tmp_path) as c:
         obj = _load(_payload(module, name, c.python))
         assert isinstance(obj, LegacyObject) and obj.class_path == f"{module}.{name}" and obj.kind == "reduce"
 
 
-def test_F3_stack_global_names_from_memo(tmp_path: Path) -> None:
+def test_PK3_stack_global_names_from_memo(tmp_path: Path) -> None:
     with canary(tmp_path) as c:
         pkl = (
             b"\x80\x04"
@@ -70,13 +70,13 @@ def test_F3_stack_global_names_from_memo(tmp_path: Path) -> None:
         assert (obj.module, obj.name, obj.kind) == (CANARY_MODULE, "boom", "reduce")
 
 
-def test_F4_dotted_name_is_opaque(tmp_path: Path) -> None:
+def test_PK4_dotted_name_is_opaque(tmp_path: Path) -> None:
     with canary(tmp_path):
         obj = _load(b"\x80\x04" + C.uni("pathlib") + C.uni("os.system") + b"\x93" + C.uni("id") + b"\x85R.")
         assert (obj.module, obj.name) == ("pathlib", "os.system")
 
 
-def test_F5_inst_obj_newobj_ex_are_stubs(tmp_path: Path) -> None:
+def test_PK5_inst_obj_newobj_ex_are_stubs(tmp_path: Path) -> None:
     with canary(tmp_path) as c:
         inst = b"(" + C.uni(c.shell) + b"i" + CANARY_MODULE.encode() + b"\nboom\n."
         obj = _load(inst)
@@ -90,7 +90,7 @@ def test_F5_inst_obj_newobj_ex_are_stubs(tmp_path: Path) -> None:
             _load(b"\x80\x04" + C.glob(CANARY_MODULE, "Evil") + b")}" + C.uni("k") + C.uni("v") + b"s\x92.")
 
 
-def test_F6_build_state_is_data(tmp_path: Path) -> None:
+def test_PK6_build_state_is_data(tmp_path: Path) -> None:
     with canary(tmp_path) as c:
         pkl = b"\x80\x02" + C.glob(CANARY_MODULE, "Evil") + b")\x81}" + C.uni("cmd") + C.uni(c.shell) + b"sb."
         obj = _load(pkl)
@@ -116,14 +116,14 @@ def test_F6_build_state_is_data(tmp_path: Path) -> None:
         C.tup(C.storage_pid(), C.int_(0), C.tup(C.TRUE), C.tup(C.int_(1)), C.FALSE, C.ordered_dict()),  # bool size
     ],
 )
-def test_F7_rebuild_wrong_arity_or_types(args: bytes) -> None:
+def test_PK7_rebuild_wrong_arity_or_types(args: bytes) -> None:
     pkl = C.state_dict_pickle(w=C.glob("torch._utils", "_rebuild_tensor_v2") + args + C.REDUCE)
     with pytest.raises(LegacyFormatError):
         _import_zip(pkl, {"0": bytes(16)})
 
 
 @pytest.mark.parametrize("ext", [b"\x82\x01", b"\x83\x01\x00", b"\x84\x01\x00\x00\x00"])
-def test_F8_ext_opcodes_rejected(ext: bytes) -> None:
+def test_PK8_ext_opcodes_rejected(ext: bytes) -> None:
     with pytest.raises(UnsafeContentError):
         _load(b"\x80\x02" + ext + b")R.")
 
@@ -139,17 +139,17 @@ def test_F8_ext_opcodes_rejected(ext: bytes) -> None:
         C.uni("storage"),
     ],
 )
-def test_F9_bad_persistent_ids(pid: bytes) -> None:
+def test_PK9_bad_persistent_ids(pid: bytes) -> None:
     with pytest.raises(LegacyFormatError):
         _import_zip(C.state_dict_pickle(w=C.tensor(pid + C.BINPERSID)), {"0": bytes(16)})
 
 
-def test_F9_text_persid_rejected() -> None:
+def test_PK9_text_persid_rejected() -> None:
     with pytest.raises(UnsafeContentError):
         _import_zip(b"\x80\x02P0\n.")
 
 
-def test_F10_sparse_memo_and_memo_cap() -> None:
+def test_PK10_sparse_memo_and_memo_cap() -> None:
     tracemalloc.start()
     assert _load(b"\x80\x02]r\xff\xff\xff\xff.") == []  # index 2**32-1 in a dict, no array growth
     peak = tracemalloc.get_traced_memory()[1]
@@ -160,7 +160,7 @@ def test_F10_sparse_memo_and_memo_cap() -> None:
         _load(many, limits=LegacyLimits(max_memo=10))
 
 
-def test_F11_memo_fanout_keeps_references() -> None:
+def test_PK11_memo_fanout_keeps_references() -> None:
     # Each level is a list of 64 references to the previous level: 64**30 leaves if copied.
     pkl = b"\x80\x02]q\x00" + b"".join(b"0(" + b"h\x00" * 64 + b"lq\x00" for _ in range(30)) + b"."
     tracemalloc.start()
@@ -183,7 +183,7 @@ def test_F11_memo_fanout_keeps_references() -> None:
         _load(big, limits=LegacyLimits(max_work=10_000))
 
 
-def test_F12_cycles() -> None:
+def test_PK12_cycles() -> None:
     lst = _load(b"\x80\x02]q\x00h\x00a.")
     assert lst[0] is lst
     d = _load(b"\x80\x02}q\x00X\x01\x00\x00\x00sh\x00s.")
@@ -196,13 +196,13 @@ def test_F12_cycles() -> None:
 @pytest.mark.parametrize(
     "pkl", [b"\x80\x020.", b"\x80\x02t.", b"\x80\x02N1.", b"\x80\x02.", b"\x80\x02NN.", b"\x80\x02(N.", b"\x80\x02(0N."]
 )
-def test_F13_stack_errors_are_format_errors(pkl: bytes) -> None:
+def test_PK13_stack_errors_are_format_errors(pkl: bytes) -> None:
     with pytest.raises(LegacyFormatError):
         _load(pkl)
 
 
 @pytest.mark.parametrize("pkl", [b"\x80\x02\xff.", b"\x80\x06N.", b"\x80\x02\x97N."])
-def test_F14_unknown_opcode_or_protocol(pkl: bytes) -> None:
+def test_PK14_unknown_opcode_or_protocol(pkl: bytes) -> None:
     with pytest.raises(MettaFormatError):
         _load(pkl)
 
@@ -215,7 +215,7 @@ def test_F14_unknown_opcode_or_protocol(pkl: bytes) -> None:
         b"\x80\x04\x95\x03\x00\x00\x00\x00\x00\x00\x00N.N",  # STOP before the frame end
     ],
 )
-def test_F15_frame_inconsistencies(pkl: bytes) -> None:
+def test_PK15_frame_inconsistencies(pkl: bytes) -> None:
     with pytest.raises(LegacyFormatError):
         _load(pkl)
 
@@ -230,7 +230,7 @@ def test_F15_frame_inconsistencies(pkl: bytes) -> None:
         b"\x80\x05\x96\x00\x00\x00\x40\x00\x00\x00\x00",  # BYTEARRAY8
     ],
 )
-def test_F16_huge_lengths_rejected_without_allocating(pkl: bytes) -> None:
+def test_PK16_huge_lengths_rejected_without_allocating(pkl: bytes) -> None:
     with pytest.raises(LegacyFormatError):  # warm-up: first-use allocations are not the input's
         _load(pkl)
     tracemalloc.start()
@@ -242,13 +242,13 @@ def test_F16_huge_lengths_rejected_without_allocating(pkl: bytes) -> None:
 
 
 @pytest.mark.parametrize("op", [b"I", b"L"])
-def test_F17_long_decimal_integers(op: bytes) -> None:
+def test_PK17_long_decimal_integers(op: bytes) -> None:
     with pytest.raises(LegacyFormatError):
         _load(op + b"9" * 4301 + b"\n.")
     assert _load(op + b"9" * 50 + b"\n.") == int("9" * 50)
 
 
-def test_F18_data_after_stop() -> None:
+def test_PK18_data_after_stop() -> None:
     good = C.state_dict_pickle(w=C.tensor(C.storage_pid()))
     assert "w" in _import_zip(good, {"0": bytes(16)}).tensors
     for tail in (b"N", good):
@@ -256,7 +256,7 @@ def test_F18_data_after_stop() -> None:
             _import_zip(good + tail, {"0": bytes(16)})
 
 
-def test_F19_malicious_prefix_then_broken_stream(tmp_path: Path) -> None:
+def test_PK19_malicious_prefix_then_broken_stream(tmp_path: Path) -> None:
     with canary(tmp_path) as c:
         broken = (
             b"\x80\x02}(" + C.uni("x") + C.call(C.glob("os", "system"), C.uni(c.shell)) + C.uni("y") + b"X\x10\x00\x00"
@@ -265,7 +265,7 @@ def test_F19_malicious_prefix_then_broken_stream(tmp_path: Path) -> None:
             _import_zip(broken)
 
 
-def test_F20_nested_pickles_not_interpreted(tmp_path: Path) -> None:
+def test_PK20_nested_pickles_not_interpreted(tmp_path: Path) -> None:
     with canary(tmp_path) as c:
         inner = _payload(CANARY_MODULE, "boom", c.shell)
         pkl = (

@@ -1,4 +1,4 @@
-"""HOSTILE.md catalogue F21-F31: storages, views, tensor kinds, legacy streams, module state."""
+"""threat model PK21-PK31: storages, views, tensor kinds, legacy streams, module state."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _saved(obj: object, **kw: object) -> bytes:
     return buf.getvalue()
 
 
-def test_F21_storage_numel_must_match_record() -> None:
+def test_PK21_storage_numel_must_match_record() -> None:
     pkl = C.state_dict_pickle(w=C.tensor(C.storage_pid(numel=8), size=(8,)))
     with pytest.raises(LegacyFormatError, match="not the record"):
         import_legacy_bytes(C.torch_zip(pkl, {"0": FLOATS}))
@@ -36,13 +36,13 @@ def test_F21_storage_numel_must_match_record() -> None:
     ("offset", "size", "stride"),
     [(1, (4,), (1,)), (0, (2, 2), (3, 1)), (0, (5,), (1,)), (4, (1,), (1,)), (-1, (1,), (1,)), (0, (2,), (-1,))],
 )
-def test_F22_views_out_of_bounds(offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
+def test_PK22_views_out_of_bounds(offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
     pkl = C.state_dict_pickle(w=C.tensor(C.storage_pid(), offset=offset, size=size, stride=stride))
     with pytest.raises(LegacyFormatError):
         import_legacy_bytes(C.torch_zip(pkl, {"0": FLOATS}))
 
 
-def test_F23_zero_strides_fortran_overlap_and_sharing() -> None:
+def test_PK23_zero_strides_fortran_overlap_and_sharing() -> None:
     base = torch.arange(12, dtype=torch.float32)
     sd = {
         "expanded": torch.tensor([7.0]).expand(3, 4),
@@ -63,7 +63,7 @@ def test_F23_zero_strides_fortran_overlap_and_sharing() -> None:
         import_legacy_bytes(C.torch_zip(pkl, {"0": FLOATS}))
 
 
-def test_F24_unknown_storage_class() -> None:
+def test_PK24_unknown_storage_class() -> None:
     pkl = C.state_dict_pickle(w=C.tensor(C.storage_pid(cls="FakeStorage")))
     with pytest.raises(LegacyUnsupportedError, match="unknown storage class"):
         import_legacy_bytes(C.torch_zip(pkl, {"0": FLOATS}))
@@ -80,13 +80,13 @@ def test_F24_unknown_storage_class() -> None:
     ],
     ids=["sparse_coo", "sparse_csr", "quantized", "meta", "nested"],
 )
-def test_F25_unsupported_tensor_kinds(make: object) -> None:
+def test_PK25_unsupported_tensor_kinds(make: object) -> None:
     data = _saved({"w": make()})  # type: ignore[operator]
     with pytest.raises(LegacyUnsupportedError, match="unsupported tensor kind"):
         import_legacy_bytes(data)
 
 
-def test_F26_big_endian_and_missing_byteorder() -> None:
+def test_PK26_big_endian_and_missing_byteorder() -> None:
     pkl = C.state_dict_pickle(w=C.tensor(C.storage_pid()))
     big = import_legacy_bytes(C.torch_zip(pkl, {"0": struct.pack(">4f", 1, 2, 3, 4)}, byteorder=b"big"))
     assert big.tensors["w"].tolist() == [1, 2, 3, 4]
@@ -98,13 +98,13 @@ def test_F26_big_endian_and_missing_byteorder() -> None:
 
 
 @pytest.mark.parametrize("location", ["cuda:99", "xla:0", "mps", "anything at all"])
-def test_F27_odd_locations_load_to_cpu(location: str) -> None:
+def test_PK27_odd_locations_load_to_cpu(location: str) -> None:
     pkl = C.state_dict_pickle(w=C.tensor(C.storage_pid(location=location)))
     t = import_legacy_bytes(C.torch_zip(pkl, {"0": FLOATS})).tensors["w"]
     assert t.device.type == "cpu" and t.tolist() == [1, 2, 3, 4]
 
 
-def test_F28_torchscript_rejected(tmp_path: Path) -> None:
+def test_PK28_torchscript_rejected(tmp_path: Path) -> None:
     scripted = torch.jit.script(torch.nn.Linear(2, 2))
     path = tmp_path / "ts.pt"
     scripted.save(str(path))
@@ -116,7 +116,7 @@ def _stream(main_value: bytes, keys: list[str], storages: list[tuple[int, bytes]
     return C.legacy_stream(C.PROTO2 + main_value + C.STOP, keys, storages, **kw)
 
 
-def test_F29_legacy_stream_checks() -> None:
+def test_PK29_legacy_stream_checks() -> None:
     main = C.EMPTY_DICT + C.uni("w") + C.tensor(C.legacy_pid("7", 4)) + b"s"
     good = _stream(main, ["7"], [(4, FLOATS)])
     assert import_legacy_bytes(good).tensors["w"].tolist() == [1, 2, 3, 4]
@@ -139,7 +139,7 @@ def test_F29_legacy_stream_checks() -> None:
         import_legacy_bytes(_stream(huge, ["7"], [(4, FLOATS)]))
 
 
-def test_F30_module_source_kept_as_text() -> None:
+def test_PK30_module_source_kept_as_text() -> None:
     data = _saved(torch.nn.Linear(2, 3), _use_new_zipfile_serialization=False)
     ckpt = import_legacy_bytes(data)
     assert ckpt.provenance["shape"] == "module"
@@ -149,12 +149,12 @@ def test_F30_module_source_kept_as_text() -> None:
     assert set(ckpt.tensors) == {"weight", "bias"}
 
 
-def test_F31_old_module_state_missing_attributes() -> None:
+def test_PK31_old_module_state_missing_attributes() -> None:
     w = torch.ones(2)
     child = LegacyObject("old.torch", "Mod", state={"_parameters": {"w": w, "none": None}, "extra": 1})
     buf = torch.zeros(1)
     root = LegacyObject("old.torch", "Root", state={"_buffers": {"b": buf}, "_modules": {"c": child, "gone": None}})
-    child.state["_modules"] = {"back": root}  # and a cycle (F12)
+    child.state["_modules"] = {"back": root}  # and a cycle (PK12)
     state = recover_module(root)
     assert list(state.state_dict) == ["b", "c.w"]
     assert any("cycle" in n for n in state.notes)

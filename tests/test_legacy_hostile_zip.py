@@ -1,4 +1,4 @@
-"""HOSTILE.md catalogue G1-G13: hostile zip (and tar/gzip) containers around legacy pickles."""
+"""threat model AR1-AR13: hostile zip (and tar/gzip) containers around legacy pickles."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_baseline_crafted_zip_imports() -> None:
     assert import_legacy_bytes(_zip(_entries())).tensors["w"].tolist() == [1, 2, 3, 4]
 
 
-def test_G1_two_prefixes_and_decoy_data_pkl(tmp_path: Path) -> None:
+def test_AR1_two_prefixes_and_decoy_data_pkl(tmp_path: Path) -> None:
     with canary(tmp_path) as c:
         decoy = C.PROTO2 + C.call(C.glob("os", "system"), C.uni(c.shell)) + C.STOP
         with pytest.raises(LegacyFormatError, match="two prefixes"):
@@ -59,17 +59,17 @@ def test_G1_two_prefixes_and_decoy_data_pkl(tmp_path: Path) -> None:
     "name",
     ["archive/../data.pkl", "/archive/x", "archive\\x", "C:/archive/x", "archive/a\x00b", "archive//x", "archive/./x"],
 )
-def test_G2_unsafe_names(name: str) -> None:
+def test_AR2_unsafe_names(name: str) -> None:
     with pytest.raises(LegacyFormatError):
         import_legacy_bytes(_zip([*_entries(), C.Entry(name, b"")]))
 
 
-def test_G3_duplicate_names() -> None:
+def test_AR3_duplicate_names() -> None:
     with pytest.raises(LegacyFormatError, match="duplicate"):
         import_legacy_bytes(_zip([*_entries(), C.Entry("archive/data/0", FLOATS[::-1])]))
 
 
-def test_G4_local_name_mismatch_and_odd_flags() -> None:
+def test_AR4_local_name_mismatch_and_odd_flags() -> None:
     entries = _entries()
     entries[1].local_name = "archive/data/1"
     with pytest.raises(LegacyFormatError, match="disagrees"):
@@ -80,7 +80,7 @@ def test_G4_local_name_mismatch_and_odd_flags() -> None:
         import_legacy_bytes(_zip(entries))
 
 
-def test_G5_overlapping_entries() -> None:
+def test_AR5_overlapping_entries() -> None:
     # The second entry's local header lies inside the first entry's data ("quoted overlap").
     inner = C.build_zip(C.ZipSpec([C.Entry("archive/data/1", FLOATS)]))
     inner_local = inner[: 30 + len("archive/data/1") + len(FLOATS)]
@@ -94,7 +94,7 @@ def test_G5_overlapping_entries() -> None:
         import_legacy_bytes(bytes(raw))
 
 
-def test_G6_compressed_members_rejected() -> None:
+def test_AR6_compressed_members_rejected() -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("archive/data.pkl", PKL)
@@ -103,14 +103,14 @@ def test_G6_compressed_members_rejected() -> None:
         import_legacy_bytes(buf.getvalue())
 
 
-def test_G7_entry_count_cap() -> None:
+def test_AR7_entry_count_cap() -> None:
     entries = _entries() + [C.Entry(f"archive/.data/x{i}", b"") for i in range(20)]
     assert import_legacy_bytes(_zip(entries)).tensors
     with pytest.raises(LegacyLimitError):
         import_legacy_bytes(_zip(entries), limits=LegacyLimits(max_zip_entries=10))
 
 
-def test_G8_symlink_entries() -> None:
+def test_AR8_symlink_entries() -> None:
     entries = _entries()
     entries[1].external_attr = 0o120777 << 16
     with pytest.raises(LegacyFormatError, match="symbolic link"):
@@ -118,13 +118,13 @@ def test_G8_symlink_entries() -> None:
 
 
 @pytest.mark.parametrize("cut", [22, 40, 200])
-def test_G9_truncated_or_missing_central_directory(cut: int) -> None:
+def test_AR9_truncated_or_missing_central_directory(cut: int) -> None:
     raw = _zip(_entries())
     with pytest.raises(LegacyFormatError):
         import_legacy_bytes(raw[:-cut])
 
 
-def test_G10_crc_policy() -> None:
+def test_AR10_crc_policy() -> None:
     entries = _entries()
     entries[1].crc = 0x12345678
     with pytest.raises(LegacyFormatError, match="CRC"):
@@ -133,7 +133,7 @@ def test_G10_crc_policy() -> None:
     assert import_legacy_bytes(_zip(entries)).tensors["w"].tolist() == [1, 2, 3, 4]
 
 
-def test_G11_encrypted_and_inconsistent_sizes() -> None:
+def test_AR11_encrypted_and_inconsistent_sizes() -> None:
     entries = _entries()
     entries[1].flags = 0x1
     with pytest.raises(LegacyFormatError, match="encrypted"):
@@ -144,7 +144,7 @@ def test_G11_encrypted_and_inconsistent_sizes() -> None:
         import_legacy_bytes(_zip(entries))
 
 
-def test_G12_wrapped_archives_not_unwrapped(tmp_path: Path) -> None:
+def test_AR12_wrapped_archives_not_unwrapped(tmp_path: Path) -> None:
     raw = _zip(_entries())
     for wrapped in (gzip.compress(raw), b"7z\xbc\xaf\x27\x1c" + raw, b"\x28\xb5\x2f\xfd" + raw):
         assert sniff(wrapped[:64]) is None
@@ -158,7 +158,7 @@ def test_G12_wrapped_archives_not_unwrapped(tmp_path: Path) -> None:
         import_legacy(path)
 
 
-def test_G13_tar_rejected(tmp_path: Path) -> None:
+def test_AR13_tar_rejected(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         link = tarfile.TarInfo("storages")

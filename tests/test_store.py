@@ -23,7 +23,7 @@ from mettaformat.store.index import read_index
 from tests.workers.store_helpers import MODEL_TYPE, TinyNet, requires_legacy, write_legacy, write_mfmt
 
 
-# -- Metta's own tests (LEGACY.md section 8, item 1) ----------------------------------------------
+# -- Metta's own tests (docs/legacy-formats.md section 8, item 1) ----------------------------------------------
 class MockPolicy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -211,7 +211,7 @@ def test_unknown_scheme_names_registered_ones_and_handlers_plug_in(tmp_path: Pat
     assert isinstance(PolicyStore().policy("memtest://anything").model, TinyNet)
 
 
-# -- what is never listed (HOSTILE H1, H2, I5) ----------------------------------------------------
+# -- what is never listed (threat model FS1, FS2, WR5) ----------------------------------------------------
 def test_listing_skips_temp_files_index_symlinks_and_special_files(tmp_path: Path) -> None:
     real = write_mfmt(tmp_path, "model_0001.mfmt", {"epoch": 1})
     (tmp_path / f".model_0002.mfmt.0123{TEMP_SUFFIX}").write_bytes(b"in progress")

@@ -1,4 +1,4 @@
-"""PolicyCache: Metta's own cache tests (LEGACY.md section 8, item 2)."""
+"""PolicyCache: Metta's own cache tests (docs/legacy-formats.md section 8, item 2)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A pickle names callables by ``(module, name)``. A handful of them (tensor rebuil
 classes, dtypes, builtin containers, ``OrderedDict``, numpy reconstruction...) are
 interpreted here by pure-Python code that validates its arguments; that code never calls the
 named function. Every other name becomes an inert ``LegacyObject(kind="global")``, and calling
-it records a ``LegacyObject(kind="reduce"|"newobj")`` holding the arguments (HOSTILE F1-F7).
+it records a ``LegacyObject(kind="reduce"|"newobj")`` holding the arguments (threat model PK1-PK7).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ _DCP_RECORD_MODULES: Final = frozenset(
 
 def _is_tensor_kind_we_refuse(module: str, name: str) -> bool:
     # Sparse, quantized, meta, nested, wrapper-subclass, device-numpy and DTensor rebuilds
-    # (HOSTILE F25). Allowlisted rebuilds never reach this check.
+    # (threat model PK25). Allowlisted rebuilds never reach this check.
     if module == "torch" or module.startswith("torch."):
         if name.startswith("_rebuild"):
             return True
@@ -205,7 +205,7 @@ def _size(vm: PickleVM, args: tuple[Any, ...]) -> torch.Size:
 
 
 def _device(vm: PickleVM, args: tuple[Any, ...]) -> Any:
-    # Any location string is accepted and recorded; tensors always load to CPU (F27).
+    # Any location string is accepted and recorded; tensors always load to CPU (PK27).
     check_arity(vm, args, "torch.device", 1, 2)
     if type(args[0]) is not str or len(args[0]) > 64 or (len(args) == 2 and type(args[1]) is not int):
         vm.fail("torch.device needs a short str and an optional int index")
@@ -279,7 +279,7 @@ def resolve_global(module: str, name: str) -> Any:
     """Map a class path from a pickle to the inert value it stands for.
 
     Args:
-        module: module path as spelled (opaque: dotted names are never walked, F4).
+        module: module path as spelled (opaque: dotted names are never walked, PK4).
         name: attribute name as spelled.
 
     Returns:
@@ -304,8 +304,8 @@ def call(vm: PickleVM, func: Any, args: Any, how: str) -> Any:
 
     Raises:
         LegacyFormatError: arguments that are not a tuple, or wrong arity/types for an
-            allowlisted function (F7), or a call on something that is not a class.
-        LegacyUnsupportedError: sparse/quantized/meta/nested/DTensor rebuilds (F25).
+            allowlisted function (PK7), or a call on something that is not a class.
+        LegacyUnsupportedError: sparse/quantized/meta/nested/DTensor rebuilds (PK25).
     """
     if type(args) is not tuple:
         vm.fail(f"{how} arguments must be a tuple, got {type(args).__name__}")
@@ -326,7 +326,7 @@ def stub_call(vm: PickleVM, cls: Any, args: tuple[Any, ...], how: str) -> Legacy
 
 
 def build(vm: PickleVM, obj: Any, state: Any) -> None:
-    """Interpret ``BUILD``: the state is stored as data and never applied by code (F6)."""
+    """Interpret ``BUILD``: the state is stored as data and never applied by code (PK6)."""
     if isinstance(obj, LegacyObject):
         if obj.state is None:
             obj.state = state

@@ -5,7 +5,7 @@ is dropped silently. With ``strict=True`` anything not carried raises :class:`Wr
 before a byte is written. Files are written atomically (a temp file beside the target, then a
 rename), so a crash leaves the previous file or the complete new one.
 
-Targets (LEGACY.md sections 1 and 2):
+Targets (docs/legacy-formats.md sections 1 and 2):
 
 * ``v1``: a pickled ``PolicyRecord``, rebuilt from the preserved object graph by
   :class:`~mettaformat.legacy.pickler.LegacyPickler` without importing any class it names;

@@ -31,7 +31,7 @@ LEGACY_STREAM_SIGNATURES: Final = (
     b"\x80\x04\x95\r\x00\x00\x00\x00\x00\x00\x00\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.",
     b"\x80\x05\x95\r\x00\x00\x00\x00\x00\x00\x00\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.",
 )
-#: Wrappers recognised only to say why a file is refused: we never unwrap (HOSTILE G12).
+#: Wrappers recognised only to say why a file is refused: we never unwrap (threat model AR12).
 _WRAPPERS: Final = {
     b"\x1f\x8b": "gzip",
     b"\x28\xb5\x2f\xfd": "zstd",

@@ -1,6 +1,6 @@
 """torch's pre-1.6 serialization stream (``_use_new_zipfile_serialization=False``).
 
-Layout (``torch/serialization.py::_legacy_save``; HOSTILE.md 1.7 item 2): five pickles in a
+Layout (``torch/serialization.py::_legacy_save``; threat model PK29): five pickles in a
 row -- the magic number ``0x1950a86a20f9469cfc6c``, the protocol version ``1001``, a
 ``sys_info`` dict, the main object, the list of storage keys -- then, for each key in that
 order, an int64 little-endian element count followed by the storage's raw little-endian bytes.
@@ -39,7 +39,7 @@ class LegacyStream:
     Attributes:
         sys_info: the writer's ``sys_info`` dict (endianness, type sizes).
         container_sources: ``("module", type, file, source)`` ids: class path -> (file, source
-            text). Kept as inert text, never compiled (F30).
+            text). Kept as inert text, never compiled (PK30).
     """
 
     sys_info: Any = None
@@ -67,7 +67,7 @@ def load_legacy_stream(
     Raises:
         LegacyFormatError: wrong magic or protocol, bad storage ids, key lists naming unknown
             storages, size prefixes that disagree with the pickle, out-of-range views, trailing
-            bytes (F29).
+            bytes (PK29).
         LegacyUnsupportedError, LegacyLimitError, UnsafeContentError: see :class:`PickleVM`.
     """
     pos = 0

@@ -1,4 +1,4 @@
-"""Recognisers for Metta's legacy checkpoint shapes (LEGACY.md), producing a :class:`Checkpoint`.
+"""Recognisers for Metta's legacy checkpoint shapes (docs/legacy-formats.md), producing a :class:`Checkpoint`.
 
 Shapes, tried in order:
 
@@ -7,8 +7,8 @@ Shapes, tried in order:
   ``PolicyMetadata`` dict subclass), the policy under ``_policy``/``_cached_policy``/
   ``policy_cache``;
 * ``v2-state-dict`` / ``v2-full-model`` -- PR #973's dicts with ``checkpoint_format_version``
-  and ``model_state_dict`` or ``model`` (LEGACY.md 2.1);
-* ``trainer-state`` -- ``trainer_state.pt`` dicts of every era (LEGACY.md 3);
+  and ``model_state_dict`` or ``model`` (docs/legacy-formats.md 2.1);
+* ``trainer-state`` -- ``trainer_state.pt`` dicts of every era (docs/legacy-formats.md 3);
 * ``legacy-dict`` -- dicts with ``model_state_dict``/``state_dict`` but no version;
 * ``state-dict`` -- a bare mapping of names to tensors;
 * ``module`` -- a bare pickled ``nn.Module`` (era E).

@@ -2,10 +2,10 @@
 
 A pickled module is a ``LegacyObject`` whose BUILD state is the instance ``__dict__``, holding
 ``_parameters``, ``_buffers`` and ``_modules``. :func:`recover_module` mirrors
-``Module.state_dict()`` (``Module._save_to_state_dict``, HOSTILE.md 1.7 item 5): parameters and
+``Module.state_dict()`` (``Module._save_to_state_dict``, threat model PK31): parameters and
 buffers that are not None, persistent buffers only, keys ``prefix + name``, children under
 ``prefix + child + "."``, shared submodules listed under every path (as torch does), and
-tensors shared by identity. Traversal is iterative, so deep or cyclic graphs (F12) cannot
+tensors shared by identity. Traversal is iterative, so deep or cyclic graphs (PK12) cannot
 exhaust the Python stack, and bounded by ``max_traversal`` nodes.
 
 Tensors the graph holds outside the state dict (``initial_weights`` copies on Metta
@@ -69,7 +69,7 @@ def module_attrs(obj: Any) -> dict[str, Any] | None:
 def is_module(obj: Any) -> bool:
     """True for a pickled ``nn.Module`` (a record whose state has module internals).
 
-    Old torch versions lack some of the three dicts (F31); one is enough.
+    Old torch versions lack some of the three dicts (PK31); one is enough.
     """
     attrs = module_attrs(obj)
     return attrs is not None and any(isinstance(attrs.get(k), dict) for k in _MODULE_KEYS)

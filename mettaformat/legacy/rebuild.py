@@ -206,7 +206,7 @@ def patch_record(
 
 
 def synthesize_record(ckpt: Checkpoint, policy: Any, name: str, uri: str) -> LegacyObject:
-    """An era-D ``metta.agent.policy_record.PolicyRecord`` around ``policy`` (LEGACY.md 1.2).
+    """An era-D ``metta.agent.policy_record.PolicyRecord`` around ``policy`` (docs/legacy-formats.md 1.2).
 
     Args:
         ckpt: supplies the metadata.

@@ -2,7 +2,7 @@
 
 torch's rebuild functions call ``Tensor.set_`` on whatever the pickle names; here a view is
 created only after its extent has been proven to lie inside a storage whose byte length was
-itself checked against the archive record (HOSTILE.md F21-F23). Tensors that share a storage
+itself checked against the archive record (threat model PK21-PK23). Tensors that share a storage
 come back as views of one storage tensor, exactly like ``torch.load``.
 """
 
@@ -105,7 +105,7 @@ def check_storage_type(value: object, *, region: str, offset: int | None) -> Sto
     """Return ``value`` if it is an allowlisted storage class, else raise.
 
     Raises:
-        LegacyUnsupportedError: quantized storages (F25) or any other class (F24).
+        LegacyUnsupportedError: quantized storages (PK25) or any other class (PK24).
     """
     if isinstance(value, StorageType):
         return value
@@ -131,7 +131,7 @@ def tensor_from_buffer(
         offset: start of the storage's bytes in ``buf``.
         numel: element count; the caller has checked ``numel * itemsize`` bytes exist.
         dtype: element dtype.
-        swap: byteswap each element (files written on big-endian hosts, HOSTILE.md F26).
+        swap: byteswap each element (files written on big-endian hosts, threat model PK26).
         region: region named in errors.
 
     Returns:
@@ -169,7 +169,7 @@ def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, *, region: str) -> 
 
 
 def _int_tuple(value: object, what: str, region: str) -> tuple[int, ...]:
-    # bool is an int subclass; a pickle that writes True as a size is malformed (HOSTILE F7).
+    # bool is an int subclass; a pickle that writes True as a size is malformed (threat model PK7).
     if not isinstance(value, tuple):
         raise LegacyFormatError(f"tensor {what} must be a tuple of ints, got {type(value).__name__}", region=region)
     for x in value:
@@ -206,7 +206,7 @@ def rebuild_view(
         A view of ``storage.tensor`` (shared with every other view of that storage).
 
     Raises:
-        LegacyFormatError: malformed arguments or a view outside the storage (F7, F22).
+        LegacyFormatError: malformed arguments or a view outside the storage (PK7, PK22).
         LegacyLimitError: an expanded view whose logical size exceeds the cap.
         LegacyUnsupportedError: a dtype that does not match the storage.
     """

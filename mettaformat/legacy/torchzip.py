@@ -1,7 +1,7 @@
 """torch's zip checkpoint format (torch >= 1.6), read with strict checks of our own.
 
 :mod:`zipfile` is used only to parse the central directory. Everything a reader could be
-fooled by is checked here first (HOSTILE.md G1-G11, F21, F26, F28): one top-level prefix, one
+fooled by is checked here first (threat model AR1-AR11, PK21, PK26, PK28): one top-level prefix, one
 ``data.pkl``, safe names, no duplicates, local headers that agree with the central directory,
 no encryption or odd flag bits, stored (uncompressed) members only, no overlaps, no symlinks,
 CRCs, a bounded entry count. Storage records become tensors that share memory with the input
@@ -99,7 +99,7 @@ class _BufferFile(io.RawIOBase):
 
 
 def _check_name(name: str) -> None:
-    # G2: never trust a member name as a path, even though nothing is extracted.
+    # AR2: never trust a member name as a path, even though nothing is extracted.
     parts = name.split("/")
     if (
         not name
@@ -170,9 +170,9 @@ def open_torch_zip(buf: bytearray, *, limits: LegacyLimits = DEFAULT_LIMITS) -> 
         The validated archive.
 
     Raises:
-        LegacyFormatError: a malformed or ambiguous archive (G1-G5, G8-G11).
-        LegacyLimitError: too many entries (G7).
-        LegacyUnsupportedError: compressed members (G6), TorchScript archives (F28),
+        LegacyFormatError: a malformed or ambiguous archive (AR1-AR5, AR8-AR11).
+        LegacyLimitError: too many entries (AR7).
+        LegacyUnsupportedError: compressed members (AR6), TorchScript archives (PK28),
             torch.package archives, unknown format versions.
     """
     if bytes(buf[:4]) != ZIP_MAGIC:
@@ -254,7 +254,7 @@ def _check_local_header(buf: bytearray, info: zipfile.ZipInfo, region: str) -> i
     raw_name = bytes(buf[h + _LOCAL.size : h + _LOCAL.size + nlen])
     expected = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
     if raw_name != expected or flags != info.flag_bits or method != info.compress_type:
-        # G4: a reader that trusts the local header would see a different file.
+        # AR4: a reader that trusts the local header would see a different file.
         raise LegacyFormatError("local header disagrees with the central directory", region=region, offset=h)
     if not flags & 0x8 and (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size):
         if 0xFFFFFFFF not in (csize, usize):
@@ -288,7 +288,7 @@ def _check_crcs(buf: bytearray, crcs: Iterable[tuple[str, int, int, int]]) -> No
 
 def _byteorder_is_big(buf: bytearray, records: Mapping[str, tuple[int, int]]) -> bool:
     if "byteorder" not in records:
-        return False  # torch < 2.1 wrote no byteorder record and only little-endian data (F26)
+        return False  # torch < 2.1 wrote no byteorder record and only little-endian data (PK26)
     start, size = records["byteorder"]
     text = bytes(buf[start : start + size])
     if text not in (b"little", b"big"):
@@ -307,9 +307,9 @@ def load_torch_zip(zip_: TorchZip, *, limits: LegacyLimits = DEFAULT_LIMITS) -> 
         ``(value, globals_seen)``.
 
     Raises:
-        LegacyFormatError: malformed pickle, bad storage ids (F9), storage sizes that do not
-            match their records (F21), out-of-bounds views (F22).
-        LegacyUnsupportedError: unknown storage classes (F24), unsupported tensor kinds (F25).
+        LegacyFormatError: malformed pickle, bad storage ids (PK9), storage sizes that do not
+            match their records (PK21), out-of-bounds views (PK22).
+        LegacyUnsupportedError: unknown storage classes (PK24), unsupported tensor kinds (PK25).
         LegacyLimitError, UnsafeContentError: see :class:`PickleVM`.
     """
     start, size = zip_.records["data.pkl"]

@@ -54,7 +54,7 @@ def read_record(path: Path, signature: FileSignature) -> PolicyRecord:
     Args:
         path: the file.
         signature: its signature when it was listed; the read is rejected if the file no longer
-            has it afterwards (it was replaced while being read, HOSTILE H4).
+            has it afterwards (it was replaced while being read, threat model FS4).
 
     Raises:
         StoreError: the file changed while it was read.

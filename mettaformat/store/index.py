@@ -10,7 +10,7 @@
 It is only a cache, never a source of truth:
 
 - an entry is used only while the file's mtime, size and inode still match (an atomic replace
-  changes the inode and the mtime, HOSTILE H4), otherwise the file is read again;
+  changes the inode and the mtime, threat model FS4), otherwise the file is read again;
 - it is written atomically (temp file + rename), so readers see the old or the new index,
   never a torn one; concurrent writers may lose each other's updates, which only costs a
   re-read of those files later;
@@ -149,7 +149,7 @@ def read_index(directory: Path) -> dict[str, IndexEntry]:
     """
     path = directory / INDEX_FILE_NAME
     try:
-        # O_NOFOLLOW + S_ISREG: a symlinked or special index (HOSTILE H1) is ignored, not read.
+        # O_NOFOLLOW + S_ISREG: a symlinked or special index (threat model FS1) is ignored, not read.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return {}

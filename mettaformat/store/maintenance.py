@@ -7,7 +7,7 @@ Two rules keep deletion safe:
   the meantime is kept;
 - files being written are temp files (``*.mfmt-tmp``), which are never listed; a temp file is
   removed only once it is older than a grace period, as a leftover of a crashed writer
-  (HOSTILE I5).
+  (threat model WR5).
 """
 
 from __future__ import annotations

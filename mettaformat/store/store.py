@@ -191,7 +191,7 @@ class PolicyStore:
         """Load the policy of ``record`` (cached).
 
         Raises:
-            StoreError: the file was replaced or deleted since ``record`` was read (HOSTILE H4:
+            StoreError: the file was replaced or deleted since ``record`` was read (threat model FS4:
                 its metadata no longer describes the file).
             ModelReconstructionError, FormatError, LegacyImportError, IntegrityError: as for
                 :meth:`policy`.
@@ -275,7 +275,7 @@ class PolicyStore:
         ckpt.name = base.name or target.name
         ckpt.uri = target.resolve().as_uri()
         write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable)
-        # Crash leftovers are cleaned by the next save (HOSTILE I5); young ones may be live writes.
+        # Crash leftovers are cleaned by the next save (threat model WR5); young ones may be live writes.
         clean_temp_files(target.parent, grace_s=DEFAULT_TEMP_GRACE_S)
         # Read back from the header (and indexed): the record then equals what a later listing
         # returns. Going through the catalog also copes with a concurrent saver replacing the file.

@@ -5,9 +5,9 @@ schemes plug in through :func:`register_scheme`; a handler turns a URI into loca
 remote handler downloads or mounts them first). Listing follows the hostile-input rules:
 
 - only regular files are listed; symlinks met while scanning a directory or a glob are skipped
-  (HOSTILE H1: a link may point at ``/dev/zero`` or a FIFO, and a link to a checkpoint would
+  (threat model FS1: a link may point at ``/dev/zero`` or a FIFO, and a link to a checkpoint would
   list it twice or let ``prune`` act on a file outside the directory);
-- in-progress writes (``*.mfmt-tmp``, HOSTILE H2/I5) and the store's index are never listed.
+- in-progress writes (``*.mfmt-tmp``, threat model FS2/WR5) and the store's index are never listed.
 
 Framework-neutral (no torch).
 """

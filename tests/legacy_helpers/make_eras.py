@@ -224,7 +224,7 @@ def build_files(out: Path) -> None:
     # Raw state dict and a pre-1.6 legacy stream of an era-D record.
     save("raw_state_dict", agent.state_dict(), agent, {})
     save("legacy_stream_d", pr, agent, md, _use_new_zipfile_serialization=False)
-    # trainer_state.pt shapes (LEGACY.md 3).
+    # trainer_state.pt shapes (docs/legacy-formats.md 3).
     opt = torch.optim.Adam(bp.parameters(), lr=1e-3)
     for p in bp.parameters():
         p.grad = torch.ones_like(p)

@@ -4,7 +4,7 @@ Float weights have highly redundant exponent bytes; grouping byte ``i`` of every
 together lets zstd see that redundancy. The copies are numpy strided copies, one per byte
 plane: they run at 2 GB/s or more on one core and release the GIL, where torch's equivalent
 copy ran at a third of that here and oversubscribed the cores with its own thread pool when
-called from decode workers (BENCH.md, benchmarks/bench_components.py).
+called from decode workers (docs/benchmarks.md, benchmarks/bench_components.py).
 """
 
 from __future__ import annotations
