@@ -18,9 +18,9 @@ the header parser never pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mettaformat._lazy import lazy_attributes
 from mettaformat.constants import MFMT_MAGIC, MFMT_VERSION_MAJOR, MFMT_VERSION_MINOR
 from mettaformat.errors import MettaFormatError, ModelReconstructionError
 
@@ -62,13 +62,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mettaformat' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -15,9 +15,9 @@ Module map: ``store`` (the class), ``catalog`` (reading records), ``index`` (the
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mettaformat._lazy import lazy_attributes
 from mettaformat.store.cache import PolicyCache
 from mettaformat.store.maintenance import PruneReport, SkippedFile
 from mettaformat.store.metadata import PolicyMetadata
@@ -39,13 +39,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mettaformat.store' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 __all__ = [
