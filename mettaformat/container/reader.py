@@ -19,6 +19,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, wait
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -323,7 +324,7 @@ class LazyCheckpoint:
             raise IntegrityError(
                 f"checksum mismatch in tensor {entry.name!r}",
                 region=f"section {s.name!r}",
-                offset=s.offset + s.stream_header_length + entry.begin if s.codec == "raw" else None,
+                offset=s.offset + s.stream_header_length + entry.begin if self._readers[s.name].zero_copy else None,
             )
         if entry.dtype == "BOOL" and entry.nbytes and data is not None and _max_byte(data) > 1:
             raise IntegrityError(f"BOOL tensor {entry.name!r} holds a byte other than 0 or 1",
@@ -466,10 +467,9 @@ class LazyCheckpoint:
                 out[entry.name] = (
                     buffer.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
                 )
-        finally:
-            for *_, futures in jobs:  # on error, do not decode the rest
-                for future in futures:
-                    future.cancel()
+        except BaseException:
+            _cancel_and_wait([f for *_, futures in jobs for f in futures])
+            raise
         return out
 
     # -- whole-file checks -------------------------------------------------------------------
@@ -512,8 +512,22 @@ def _run(tasks: list[Callable[[], None]]) -> None:
         for task in tasks:
             task()
         return
-    for future in [shared_pool().submit(task) for task in tasks]:
-        future.result()
+    futures = [shared_pool().submit(task) for task in tasks]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        _cancel_and_wait(futures)
+        raise
+
+
+def _cancel_and_wait(futures: list[Future[None]]) -> None:
+    """After a failed decode: drop the jobs not started and wait for the running ones, which read
+    the file's mapping. Raising earlier would let them touch it after the caller has moved on (a
+    file truncated then kills the process with SIGBUS)."""
+    for future in futures:
+        future.cancel()
+    wait(futures)
 
 
 class TensorSlice:
