@@ -135,7 +135,7 @@ class MettaAgent(nn.Module):
         self,
         path: str | os.PathLike[str],
         *,
-        compression: Compression = "none",
+        compression: Compression = "raw",
         level: int = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         all_ranks: bool = False,
@@ -162,7 +162,7 @@ class MettaAgent(nn.Module):
         scheduler: Any = None,
         trainer_state: dict[str, Any] | None = None,
         *,
-        compression: Compression = "none",
+        compression: Compression = "raw",
         level: int = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         all_ranks: bool = False,
@@ -192,7 +192,7 @@ class MettaAgent(nn.Module):
         )
         return Path(path)
 
-    def export_for_inference(self, path: str | os.PathLike[str], *, compression: Compression = "none") -> Path:
+    def export_for_inference(self, path: str | os.PathLike[str], *, compression: Compression = "raw") -> Path:
         """A minimal checkpoint: weights, model type, config, agent attributes and action names."""
         minimal = self.to_checkpoint()
         minimal.metadata = {k: self.metadata[k] for k in ("action_names",) if k in self.metadata}

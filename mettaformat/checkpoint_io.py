@@ -37,7 +37,7 @@ def write_checkpoint(
     ckpt: Checkpoint,
     path: str | os.PathLike[str],
     *,
-    compression: Compression = "none",
+    compression: Compression = "raw",
     level: int = ZSTD_DEFAULT_LEVEL,
     durable: bool = False,
     config: dict[str, Any] | None = None,

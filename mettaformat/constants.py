@@ -17,7 +17,7 @@ MFMT_END_MAGIC: Final = b"MFTEND\r\n"
 #: ``checkpoint_format_version`` continues Metta's legacy numbering: 1 (PolicyRecord pickle),
 #: 2 (the ``checkpoint_format_version: 2`` dict), 3 (this container).
 MFMT_VERSION_MAJOR: Final = 3
-MFMT_VERSION_MINOR: Final = 1
+MFMT_VERSION_MINOR: Final = 2
 #: Major versions this reader opens. A newer minor of a supported major opens with a warning.
 READER_SUPPORTED_MAJORS: Final = (3,)
 
@@ -42,12 +42,16 @@ CHECKSUM_NAMES: Final = ("xxh3-64",)
 CHECKSUM_SIZE: Final = 8
 
 # -- codecs -------------------------------------------------------------------------------------
+#: The built-in codecs: the same word in ``compression=`` and in the file's ``codec.name``.
 CodecName = Literal["raw", "zstd"]
 CODEC_NAMES: Final = ("raw", "zstd")
-Compression = Literal["none", "zstd"]
+#: What ``compression=`` accepts by name (a codec object is accepted too; ``"none"`` is a deprecated
+#: spelling of ``"raw"``).
+Compression = CodecName
 #: Raw bytes per zstd frame written by default; large tensors are cut into frames this size.
 ZSTD_DEFAULT_FRAME_SIZE: Final = 4 << 20
-ZSTD_DEFAULT_LEVEL: Final = 3
+#: Level 1 is ``"fast"``: byte planes entropy-coded or stored (see ``container/codecs/planes.py``).
+ZSTD_DEFAULT_LEVEL: Final = 1
 #: What ``convert`` writes (here, not in the converter, so the CLI's parser needs no torch).
 CONVERT_TARGETS: Final = ("mfmt", "v1", "v2", "v2-full", "pt", "safetensors", "dcp")
 

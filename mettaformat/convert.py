@@ -78,7 +78,7 @@ def write_target(
     dst: str | os.PathLike[str],
     to: ConvertTarget,
     *,
-    compression: Compression = "none",
+    compression: Compression = "raw",
     model: torch.nn.Module | None = None,
     strict: bool = False,
     allow_objects: bool = False,
@@ -103,7 +103,7 @@ def write_target(
     """
     if to not in CONVERT_TARGETS:
         raise WriteError(f"unknown target {to!r}; use one of {', '.join(CONVERT_TARGETS)}")
-    if compression != "none" and to not in ("mfmt", "dcp"):
+    if compression not in ("raw", "none") and to not in ("mfmt", "dcp"):
         raise WriteError(f"compression applies to mfmt containers only, not {to}")
     if model is not None and to not in ("v1", "v2-full"):
         raise WriteError(f"model= applies to v1 and v2-full only, not {to}")
@@ -134,7 +134,7 @@ def convert(
     dst: str | os.PathLike[str],
     *,
     to: ConvertTarget | None = None,
-    compression: Compression = "none",
+    compression: Compression = "raw",
     model: torch.nn.Module | None = None,
     strict: bool = False,
     allow_objects: bool = False,

@@ -176,7 +176,7 @@ def migrate(
     backup: bool = True,
     recursive: bool = False,
     dry_run: bool = False,
-    compression: Compression = "none",
+    compression: Compression = "raw",
     progress: Progress | None = None,
 ) -> MigrationSummary:
     """Migrate legacy checkpoints to ``.mfmt`` containers.

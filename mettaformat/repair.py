@@ -154,6 +154,6 @@ def repair(source: str | os.PathLike[str], output: str | os.PathLike[str], *, ze
         tree_sections,
         metadata=metadata if isinstance(metadata, dict) else {},
         trees=trees,
-        compression="zstd" if codec == {"zstd"} else "none",
+        compression="zstd" if codec == {"zstd"} else "raw",
     )
     return report

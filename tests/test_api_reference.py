@@ -289,13 +289,14 @@ def test_signature_matches_code(entry: Entry) -> None:
 
 
 GOOD_SAVE_FILE = ("(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, Any] "
-                  "| None = None, compression: Compression = 'none', level: int = 3, durable: bool = False)")
+                  "| None = None, compression: Compression | Codec = 'raw', level: int | str | None = None, "
+                  "durable: bool = False)")
 
 
 @pytest.mark.parametrize(
     ("name", "is_class", "signature", "returns"),
     [
-        ("mettaformat.save_file", False, GOOD_SAVE_FILE.replace("level: int = 3", "level: int = 4"), "None"),
+        ("mettaformat.save_file", False, GOOD_SAVE_FILE.replace("Codec = 'raw'", "Codec = 'none'"), "None"),
         ("mettaformat.save_file", False, GOOD_SAVE_FILE.replace("path: str | os.PathLike[str]", "path: str"), "None"),
         ("mettaformat.save_file", False, GOOD_SAVE_FILE.replace("*, ", ""), "None"),
         ("mettaformat.save_file", False, GOOD_SAVE_FILE.replace(", durable: bool = False", ""), "None"),

@@ -287,7 +287,7 @@ def test_inspect_zstd_shows_codec(files: Path, capsys: pytest.CaptureFixture[str
     code, data = run_json(capsys, "inspect", str(files / "z.mfmt"))
     assert code == 0
     assert [s["codec"] for s in data["sections"]] == ["zstd"]
-    assert data["sections"][0]["configuration"]["level"] == 3
+    assert data["sections"][0]["configuration"]["level"] == 1
 
 
 def test_inspect_container_json(files: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from mettaformat import constants as C
 from mettaformat._atomic import TEMP_SUFFIX
 from mettaformat.container import reader, tree
 from mettaformat.container.codecs import zstd as zstd_codec
+from mettaformat.container.codecs import zstd_frames
 from mettaformat.container.layout import Preamble, TrailerTail
 from mettaformat.dtypes import DTYPE_TAGS, dtype_from_tag, itemsize
 
@@ -119,18 +120,20 @@ def test_zstd_frame_record_table() -> None:
     fields = [(int(r["Offset"]), int(r["Size"]), r["Type"], unquote(r["Field"])) for r in rows]
     assert fields == [(0, 8, "u64", "compressed_length"), (8, 4, "u32", "raw_length"), (12, 4, "u32", "filter")]
     assert struct.calcsize("<QII") == 16 == sum(f[1] for f in fields)
-    assert f">= {zstd_codec._MIN_FRAME}" in rows[0]["Constraint"]
+    assert f">= {zstd_frames.MIN_FRAME}" in rows[0]["Constraint"]
     assert str(C.MAX_FRAME_RAW_SIZE) in rows[1]["Constraint"]
     filters = {int(r["Id"]): unquote(r["Name"]) for r in table_with(ZSTD, "Id", "Name", "Meaning")}
-    assert filters == {zstd_codec.FILTER_NONE: "none", zstd_codec.FILTER_SHUFFLE: "shuffle"}
+    assert filters == {zstd_codec.FILTER_NONE: "none", zstd_codec.FILTER_SHUFFLE: "shuffle",
+                       zstd_codec.FILTER_ROTATED_PLANES: "rotated-planes", zstd_codec.FILTER_PLANES: "planes"}
+    assert zstd_codec.ZstdCodec.filters == tuple(filters[i] for i in sorted(filters))
     limits = {r["Limit"].strip(): integer(r["Value"]) for r in table_with(ZSTD, "Limit", "Value", "Error")}
     assert limits == {"`MAX_FRAME_RAW_SIZE`": C.MAX_FRAME_RAW_SIZE, "`MAX_ZSTD_WINDOW`": C.MAX_ZSTD_WINDOW,
-                      "smallest `compressed_length`": zstd_codec._MIN_FRAME,
-                      "largest `Block_Size`": zstd_codec._BLOCK_MAX, "bytes per block in the ratio bound": 4}
+                      "smallest `compressed_length`": zstd_frames.MIN_FRAME,
+                      "largest `Block_Size`": zstd_frames._BLOCK_MAX, "bytes per block in the ratio bound": 4}
     # the ratio bound as the spec writes it: 10 + 4 * ceil(raw_length / 131072)
     assert "`>= 10 + 4 \u00d7 ceil(raw_length / 131072)`" in rows[0]["Constraint"]
     for raw_length in (1, 131072, 131073, C.MAX_FRAME_RAW_SIZE):
-        assert zstd_codec._min_frame_length(raw_length) == 10 + 4 * -(-raw_length // 131072)
+        assert zstd_frames.min_frame_length(raw_length) == 10 + 4 * -(-raw_length // 131072)
     assert f"default {C.ZSTD_DEFAULT_LEVEL}" in ZSTD and f"default {C.ZSTD_DEFAULT_FRAME_SIZE}" in ZSTD
 
 

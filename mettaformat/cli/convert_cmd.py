@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
         help="target format (default: from DST's suffix, .mfmt or .safetensors; required for .pt and dcp, "
         "a distributed checkpoint directory)",
     )
-    p.add_argument("--compression", choices=("none", "zstd"), default="none", help="mfmt and dcp only")
+    p.add_argument("--compression", choices=("raw", "zstd", "none"), default="raw", help="mfmt and dcp only")
     p.add_argument("--strict", action="store_true", help="fail if the target cannot carry everything")
     p.add_argument(
         "--allow-objects",

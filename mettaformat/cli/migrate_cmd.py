@@ -26,7 +26,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-directories")
     p.add_argument("-n", "--dry-run", action="store_true", help="import and check every input, write nothing")
     p.add_argument(
-        "--compression", choices=("none", "zstd"), default="none", help="codec of the new containers (default: none)"
+        "--compression", choices=("raw", "zstd", "none"), default="raw",
+        help="codec of the new containers (default: raw; 'none' is a deprecated spelling of raw)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(run=run)

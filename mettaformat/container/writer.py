@@ -27,15 +27,12 @@ from mettaformat._torch import storage_key
 from mettaformat.constants import (
     CHECKSUM_NAMES,
     FLAG_HAS_TRAILER,
-    MAX_FRAME_RAW_SIZE,
     MFMT_DEFAULT_ALIGNMENT,
     MFMT_VERSION_MINOR,
     PREAMBLE_SIZE,
-    ZSTD_DEFAULT_FRAME_SIZE,
-    ZSTD_DEFAULT_LEVEL,
     Compression,
 )
-from mettaformat.container.codecs import Codec, RawCodec, ZstdCodec
+from mettaformat.container.codecs import Codec, resolve_codec
 from mettaformat.container.codecs.base import pwrite_all
 from mettaformat.container.header import Header, SectionEntry, encode_msgpack
 from mettaformat.container.layout import Preamble, TrailerTail, align_offset, checksum
@@ -53,8 +50,8 @@ def save_file(
     path: str | os.PathLike[str],
     *,
     metadata: Mapping[str, Any] | None = None,
-    compression: Compression = "none",
-    level: int = ZSTD_DEFAULT_LEVEL,
+    compression: Compression | Codec = "raw",
+    level: int | str | None = None,
     durable: bool = False,
 ) -> None:
     """Save a state dict to ``path`` atomically.
@@ -65,8 +62,12 @@ def save_file(
             come back tied.
         path: target file; replaced atomically if it exists.
         metadata: a tree of plain values (see ``spec/FORMAT.md``, "Object trees").
-        compression: ``"none"`` (raw, zero-copy loading) or ``"zstd"`` (smaller, decoded on load).
-        level: zstd level (1 is nearly as small and much faster; 19 is slow).
+        compression: a codec name, ``"raw"`` (zero-copy loading) or ``"zstd"`` (smaller, decoded on
+            load), or a codec object such as ``ZstdCodec(level="max")`` or a registered third-party
+            codec. ``"none"`` is a deprecated spelling of ``"raw"``.
+        level: for codecs with levels (``None``: the codec's default). zstd: ``"fast"`` (= 1, the
+            default: byte planes entropy-coded or stored), 2..22 (adds zstd's level on planes
+            with repeats), ``"max"`` (archival: several times slower to write, 0.3-1.5% smaller).
         durable: also fsync the file before the rename and the directory after it, so the new
             version survives power loss (the rename is atomic either way).
 
@@ -84,12 +85,12 @@ def save(
     tensors: Mapping[str, torch.Tensor],
     *,
     metadata: Mapping[str, Any] | None = None,
-    compression: Compression = "none",
-    level: int = ZSTD_DEFAULT_LEVEL,
+    compression: Compression | Codec = "raw",
+    level: int | str | None = None,
 ) -> bytes:
     """Like :func:`save_file`, but return the file's bytes."""
     with tempfile.TemporaryFile() as f:
-        _write(f.fileno(), {"model": tensors}, metadata, None, _codec(compression, level))
+        _write(f.fileno(), {"model": tensors}, metadata, None, resolve_codec(compression, level))
         f.seek(0)
         return f.read()
 
@@ -100,8 +101,8 @@ def write_container(
     *,
     metadata: Mapping[str, Any] | None = None,
     trees: Mapping[str, Any] | None = None,
-    compression: Compression = "none",
-    level: int = ZSTD_DEFAULT_LEVEL,
+    compression: Compression | Codec = "raw",
+    level: int | str | None = None,
     durable: bool = False,
 ) -> None:
     """Write a container with several sections and object trees, atomically.
@@ -115,35 +116,9 @@ def write_container(
     Raises:
         WriteError: as for :func:`save_file`, or a tree whose name clashes with a section.
     """
+    codec = resolve_codec(compression, level)
     with atomic_fd(path, durable=durable) as fd:
-        _write(fd, sections, metadata, trees, _codec(compression, level))
-
-
-def _codec(compression: str, level: int) -> Codec:
-    if compression == "none":
-        return RawCodec()
-    if compression == "zstd":
-        if not isinstance(level, int) or not -7 <= level <= 22:
-            raise WriteError(f"zstd level {level!r} is outside -7..22")
-        return ZstdCodec(level=level, frame_size=ZSTD_DEFAULT_FRAME_SIZE)
-    raise WriteError(f"unknown compression {compression!r}; use 'none' or 'zstd'")
-
-
-def _frames_size(codec: Codec, plan: StreamPlan) -> int:
-    if not isinstance(codec, ZstdCodec):
-        return 0
-    if len(plan.header) > MAX_FRAME_RAW_SIZE:
-        # frame 0 holds the whole safetensors header; readers cap every frame at this size
-        raise WriteError(
-            f"{len(plan.tensors)} tensors make a {len(plan.header)}-byte safetensors header, more than "
-            f"a zstd frame may hold ({MAX_FRAME_RAW_SIZE}); save this section uncompressed"
-        )
-    count = 1  # the safetensors header frame
-    for p in plan.tensors:
-        width = p.tensor.element_size()
-        step = max(width, codec.frame_size // width * width)
-        count += -(-(p.end - p.begin) // step)
-    return 16 * count
+        _write(fd, sections, metadata, trees, codec)
 
 
 def _split_trees(
@@ -201,7 +176,8 @@ def _write(
     except ValueError as e:
         raise WriteError(f"metadata: {e}") from e
     plans = {name: plan_stream(tensors) for name, tensors in all_sections.items()}
-    configuration = {"level": codec.level, "frame_size": codec.frame_size} if isinstance(codec, ZstdCodec) else {}
+    configuration = codec.configuration()
+
     def section(name: str, plan: StreamPlan, offset: int, length: int, frames: bytes,
                 checksums: Mapping[str, int]) -> SectionEntry:
         return SectionEntry.from_entries(
@@ -221,7 +197,7 @@ def _write(
 
     # Every field of the index is fixed-width, so placeholders of maximal width size the header.
     entries = [
-        section(name, plan, _PLACEHOLDER, _PLACEHOLDER, bytes(_frames_size(codec, plan)), {})
+        section(name, plan, _PLACEHOLDER, _PLACEHOLDER, bytes(codec.frame_table_size(plan)), {})
         for name, plan in plans.items()
     ]
     header = Header(
@@ -238,6 +214,11 @@ def _write(
     for entry in entries:
         plan = plans[entry.name]
         result = codec.write(fd, position, plan, pool)
+        if len(result.frames) != len(entry.frames):
+            raise WriteError(
+                f"codec {codec.name!r} wrote a {len(result.frames)}-byte frame table for section {entry.name!r} "
+                f"after declaring {len(entry.frames)} bytes (frame_table_size)"
+            )
         written.append(section(entry.name, plan, position, result.length, result.frames, result.checksums))
         position = align_offset(position + result.length, MFMT_DEFAULT_ALIGNMENT)
     data_end = written[-1].end if written else align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)

@@ -226,7 +226,7 @@ class PolicyStore:
         metadata: Mapping[str, Any] | None = None,
         *,
         model_type: str = "pytorch",
-        compression: Compression = "none",
+        compression: Compression = "raw",
         level: int = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         overwrite: bool = False,
@@ -243,7 +243,7 @@ class PolicyStore:
             agent: a :class:`MettaAgent`, or a bare ``nn.Module`` (saved with ``model_type``).
             metadata: merged over the agent's metadata (``PolicyMetadata`` or a dict).
             model_type: the registry name for a bare module.
-            compression: ``"none"`` or ``"zstd"``.
+            compression: ``"raw"`` or ``"zstd"`` (see :func:`mettaformat.save_file`).
             level: zstd level.
             durable: fsync before the rename.
             overwrite: replace an existing checkpoint of the same name.

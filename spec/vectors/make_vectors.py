@@ -321,6 +321,15 @@ def v_zstd_multiframe() -> bytes:
     return write_with(ZstdCodec(level=3, frame_size=4096), {"model": tensors}, {"frame_size": 4096})
 
 
+def v_zstd_planes() -> bytes:
+    """3.2 plane filters: rotated float planes, integer planes, stored (raw-block) frames, several chunks."""
+    noisy = torch.frombuffer(bytearray(pattern(4 * 3000, 21)), dtype=torch.int32) & 0x3C0FFFFF  # low bytes random
+    tensors = {"f32": smooth(3000), "bf16": smooth(2048).to(torch.bfloat16), "f16": smooth(2100).half(),
+               "f64": smooth(600).double(), "i32": torch.arange(3000, dtype=torch.int32) * 7,
+               "noisy": noisy.view(torch.float32), "small": smooth(5), "mask": from_bytes("BOOL", (4100,), 4)}
+    return write_with(ZstdCodec(level="max", frame_size=8192), {"model": tensors}, {"vector": "zstd_planes"})
+
+
 def v_metadata_tree() -> bytes:
     shared = LegacyObject("metta.agent.policy_record", "PolicyRecord", args=(1,), state={"uri": "file://x"})
     graph = LegacyObject("collections", "OrderedDict", kind="reduce", items=[("a", 1), (2, shared)],
@@ -450,6 +459,16 @@ def i_codec_frame_checksum() -> bytes:
     out = bytearray(data)
     out[s["offset"] + f[0][0] + f[1][0] - 1] ^= 0x01  # last byte of frame 1: its zstd content checksum
     return bytes(out)
+
+
+def i_codec_plane_group() -> bytes:
+    """A plane group whose frames disagree on their raw length."""
+    header, index, sections = split(v_zstd_planes())
+    table = [list(f) for f in frames(header["sections"][0])]
+    table[2][1] += 1  # the second plane of the first tensor's first group
+    for h in (header, index):
+        h["sections"][0]["frames"] = b"".join(struct.pack("<QII", *f) for f in table)
+    return assemble(header, sections, index=index, minor=2)
 
 
 def i_integrity_tensor() -> bytes:
@@ -766,6 +785,7 @@ VALID: dict[str, Callable[[], bytes]] = {
     "valid_tied": v_tied,
     "valid_zstd": v_zstd,
     "valid_zstd_multiframe": v_zstd_multiframe,
+    "valid_zstd_planes": v_zstd_planes,
     "valid_metadata_tree": v_metadata_tree,
     "valid_object_tree": v_object_tree,
     "valid_newer_minor": v_newer_minor,
@@ -790,6 +810,7 @@ INVALID: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "invalid_unknown_codec": (i_unknown_codec, "UnknownCodecError", "section 'model'"),
     "invalid_codec_bad_frame": (i_codec_bad_frame, "CodecError", "section 'model' frame 1"),
     "invalid_codec_frame_checksum": (i_codec_frame_checksum, "CodecError", "section 'model' frame 1"),
+    "invalid_codec_plane_group": (i_codec_plane_group, "LayoutError", "section 'model' frame table"),
     "invalid_integrity_tensor": (i_integrity_tensor, "IntegrityError", "section 'model'"),
     "invalid_integrity_header": (i_integrity_header, "IntegrityError", "header"),
     "invalid_integrity_trailer_index": (i_integrity_trailer_index, "IntegrityError", "trailer index"),

@@ -50,7 +50,34 @@ class SectionReader(Protocol):
 
 
 class Codec(Protocol):
+    """What a codec implements; ``spec/codecs/README.md`` is the contract in words.
+
+    A codec is a (frozen) object holding its write-side parameters. Readers build one with no
+    arguments: everything needed to decode must be in the file (the section's ``configuration``,
+    ``frames`` and stream fields), never in the reader's parameters.
+    """
+
+    #: The name written to ``codec.name`` in the file and accepted by ``compression=``.
     name: ClassVar[str]
+    #: Names of the filters the codec may apply, for documentation and ``inspect``.
+    filters: ClassVar[tuple[str, ...]]
+
+    def configuration(self) -> dict[str, Any]:
+        """The parameters written to ``codec.configuration`` (plain msgpack values)."""
+
+    @classmethod
+    def from_configuration(cls, configuration: dict[str, Any]) -> Codec:
+        """A writer-side instance from parameters (``{"level": ...}`` from ``save_file(level=...)``).
+
+        Raises:
+            ValueError, TypeError: parameters the codec does not accept.
+        """
+
+    def frame_table_size(self, plan: StreamPlan) -> int:
+        """Exact byte length of the ``frames`` table :meth:`write` will return for ``plan`` (0 for none).
+
+        The header reserves this space before any data is written.
+        """
 
     def write(self, fd: int, offset: int, plan: StreamPlan, pool: Executor) -> WrittenStream:
         """Write ``plan`` at ``offset`` of ``fd``; return what the index records."""

@@ -31,6 +31,21 @@ _MAX_IN_FLIGHT: Final = 256 << 20
 @dataclass(frozen=True)
 class RawCodec:
     name: ClassVar[str] = "raw"
+    filters: ClassVar[tuple[str, ...]] = ()
+
+    def configuration(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_configuration(cls, configuration: dict[str, Any]) -> RawCodec:
+        """``raw`` has no parameters; a ``level`` asked of every codec by the writer is ignored."""
+        unknown = set(configuration) - {"level"}
+        if unknown:
+            raise ValueError(f"raw takes no parameters, got {sorted(unknown)}")
+        return cls()
+
+    def frame_table_size(self, plan: StreamPlan) -> int:
+        return 0
 
     def write(self, fd: int, offset: int, plan: StreamPlan, pool: Executor) -> WrittenStream:
         """Hash on this thread while a worker writes: tensors are gathered into large pwritev

@@ -1,200 +1,148 @@
-"""The ``zstd`` codec: the stream cut into independent zstd frames, optionally byte-shuffled.
+"""The ``zstd`` codec: the stream cut into independent zstd frames, each tensor split into byte planes.
 
-Frame 0 holds the safetensors header; each tensor then has one or more frames of at most
-``frame_size`` raw bytes. The frame table (``frames``, 16 bytes per frame: u64 compressed
-length, u32 raw length, u32 filter) lets one tensor decode without touching the others and
-lets a full load decode every frame in parallel straight into its destination.
-
-Nothing in a frame is trusted over the checksummed index: before decompressing, the frame
-header and block headers are walked to check the magic, the declared content size, the
-window size, the absence of a dictionary, a content checksum, and the exact frame length.
+Frame 0 holds the safetensors header; each tensor then has frames for chunks of at most
+``frame_size`` raw bytes. A chunk of a multi-byte dtype is split into byte planes (floats rotated
+first, see ``planes.py``), one frame per plane, each coded as measured best; tiny tensors and
+one-byte dtypes take one frame per chunk. The frame table (``frames``, 16 bytes per frame: u64
+compressed length, u32 raw length, u32 filter) lets one tensor decode without touching the
+others and lets a full load decode every chunk in parallel straight into its destination.
 Normative description: ``spec/codecs/zstd.md``.
 """
 
 from __future__ import annotations
 
 import struct
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
+import numpy as np
 import torch
 import zstandard
 
 from mettaformat._pool import usable_cores
 from mettaformat._torch import contiguous_cpu, tensor_bytes, writable_bytes
-from mettaformat.constants import MAX_FRAME_RAW_SIZE, MAX_ZSTD_WINDOW, ZSTD_DEFAULT_FRAME_SIZE, ZSTD_DEFAULT_LEVEL
+from mettaformat.constants import MAX_FRAME_RAW_SIZE, ZSTD_DEFAULT_FRAME_SIZE, ZSTD_DEFAULT_LEVEL
 from mettaformat.container.codecs.base import WrittenStream, pwrite_all
-from mettaformat.container.codecs.shuffle import shuffle, unshuffle
+from mettaformat.container.codecs.planes import ROTATED_TAGS, coders_for, encode_plane, join_planes, split_planes
+from mettaformat.container.codecs.shuffle import unshuffle
+from mettaformat.container.codecs.zstd_frames import MIN_FRAME, decompressor, frame_length, min_frame_length
 from mettaformat.container.header import SectionEntry, TensorEntry
 from mettaformat.container.layout import checksum
 from mettaformat.container.stream import StreamPlan
 from mettaformat.dtypes import itemsize
-from mettaformat.errors import CodecError, LayoutError
+from mettaformat.errors import CodecError, LayoutError, WriteError
 
-__all__ = ["FILTER_NONE", "FILTER_SHUFFLE", "ZstdCodec", "frame_length"]
+__all__ = ["FILTER_NONE", "FILTER_PLANES", "FILTER_ROTATED_PLANES", "FILTER_SHUFFLE", "ZstdCodec"]
 
 FILTER_NONE: Final = 0
 FILTER_SHUFFLE: Final = 1
+FILTER_ROTATED_PLANES: Final = 2
+FILTER_PLANES: Final = 3
+_PLANE_FILTERS: Final = (FILTER_ROTATED_PLANES, FILTER_PLANES)
 _FRAME: Final = struct.Struct("<QII")
-_ZSTD_MAGIC: Final = 0xFD2FB528
-#: Smallest possible frame: magic, descriptor, 1-byte content size, one block header, checksum.
-_MIN_FRAME: Final = 4 + 1 + 1 + 3 + 4
-_BLOCK_MAX: Final = 128 << 10
-#: Bytes sampled to decide whether the shuffle filter helps an integer tensor.
-_SAMPLE: Final = 1 << 20
-_FLOAT_TAGS: Final = frozenset({"F16", "BF16", "F32", "F64", "C64"})
-_local = threading.local()
+#: Tensors smaller than this are one unfiltered frame per chunk (planes would cost more in frame overhead).
+_PLANES_MIN_BYTES: Final = 4096
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d = getattr(_local, "dctx", None)
-    if d is None:
-        d = _local.dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
-    return d
-
-
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    cache: dict[int, zstandard.ZstdCompressor] = getattr(_local, "cctx", None) or {}
-    _local.cctx = cache
-    if level not in cache:
-        cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    return cache[level]
-
-
-def _min_frame_length(raw_length: int) -> int:
-    """The shortest frame that can decode to ``raw_length`` (> 0) bytes with a content checksum.
-
-    Magic, descriptor, a 1-byte content size and the checksum take 10 bytes; a block yields at
-    most 128 KiB and takes at least 4 bytes (3-byte header, 1 byte of RLE payload). This bounds
-    the compression ratio of an accepted frame by about 32768.
-    """
-    return 4 + 1 + 1 + 4 + 4 * -(-raw_length // _BLOCK_MAX)
-
-
-def frame_length(data: memoryview, expected_size: int, region: str) -> int:
-    """Walk a zstd frame's header and blocks; return its total length.
-
-    Raises:
-        CodecError: not a zstd frame, a dictionary or an oversized window is required, no
-            content checksum, a content size that differs from ``expected_size``, or a frame
-            that runs past ``data``.
-    """
-    n = len(data)
-    if n < _MIN_FRAME or int.from_bytes(data[:4], "little") != _ZSTD_MAGIC:
-        raise CodecError("not a zstd frame (bad magic)", region=region)
-    fhd = data[4]
-    fcs_flag, single_segment, reserved, has_checksum, dict_flag = (
-        fhd >> 6,
-        (fhd >> 5) & 1,
-        (fhd >> 3) & 1,
-        (fhd >> 2) & 1,
-        fhd & 3,
-    )
-    if reserved:
-        raise CodecError("zstd frame header has the reserved bit set", region=region)
-    if dict_flag:
-        raise CodecError("zstd frame requires a dictionary", region=region)
-    if not has_checksum:
-        raise CodecError("zstd frame has no content checksum", region=region)
-    pos = 5
-    if not single_segment:
-        wd = data[pos]
-        exponent, mantissa = wd >> 3, wd & 7
-        base = 1 << (10 + exponent)
-        if base + (base >> 3) * mantissa > MAX_ZSTD_WINDOW:
-            raise CodecError(f"zstd window above the {MAX_ZSTD_WINDOW}-byte limit", region=region)
-        pos += 1
-    fcs_size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
-    if fcs_size == 0:
-        raise CodecError("zstd frame does not declare its content size", region=region)
-    content = int.from_bytes(data[pos : pos + fcs_size], "little") + (256 if fcs_size == 2 else 0)
-    if content != expected_size:
-        raise CodecError(f"zstd frame declares {content} bytes, the index {expected_size}", region=region)
-    pos += fcs_size
-    while True:
-        if pos + 3 > n:
-            raise CodecError("zstd frame truncated in a block header", region=region)
-        block = int.from_bytes(data[pos : pos + 3], "little")
-        last, kind, size = block & 1, (block >> 1) & 3, block >> 3
-        if kind == 3 or size > _BLOCK_MAX:
-            raise CodecError("invalid zstd block header", region=region)
-        pos += 3 + (1 if kind == 1 else size)
-        if last:
-            break
-    pos += 4  # content checksum
-    if pos > n:
-        raise CodecError("zstd frame truncated", region=region)
-    return pos
+def _tensor_filter(dtype: str, nbytes: int) -> int:
+    width = itemsize(dtype)
+    if width == 1 or nbytes < _PLANES_MIN_BYTES:
+        return FILTER_NONE
+    return FILTER_ROTATED_PLANES if dtype in ROTATED_TAGS else FILTER_PLANES
 
 
 @dataclass(frozen=True)
 class ZstdCodec:
+    """zstd frames per byte plane. ``level``: ``"fast"`` (default), ``"max"``, or a zstd level -7..22
+    (see ``coders_for`` in ``planes.py`` and ``docs/guide.md``); ``frame_size``: raw bytes per chunk."""
+
     name: ClassVar[str] = "zstd"
-    level: int = ZSTD_DEFAULT_LEVEL
+    filters: ClassVar[tuple[str, ...]] = ("none", "shuffle", "rotated-planes", "planes")
+    level: int | str = ZSTD_DEFAULT_LEVEL
     frame_size: int = ZSTD_DEFAULT_FRAME_SIZE
+
+    def __post_init__(self) -> None:
+        coders_for(self.level)  # raises WriteError for a level that means nothing
+        if isinstance(self.frame_size, bool) or not isinstance(self.frame_size, int) or not (
+            8 <= self.frame_size <= MAX_FRAME_RAW_SIZE
+        ):
+            raise WriteError(f"zstd frame_size {self.frame_size!r} is outside 8..{MAX_FRAME_RAW_SIZE}")
+
+    def configuration(self) -> dict[str, Any]:
+        return {"level": self.level, "frame_size": self.frame_size}
+
+    @classmethod
+    def from_configuration(cls, configuration: dict[str, Any]) -> ZstdCodec:
+        return cls(**{k: configuration[k] for k in ("level", "frame_size") if k in configuration})
+
+    def _step(self, width: int) -> int:
+        return max(width, self.frame_size // width * width)
+
+    def frame_table_size(self, plan: StreamPlan) -> int:
+        if len(plan.header) > MAX_FRAME_RAW_SIZE:
+            # frame 0 holds the whole safetensors header; readers cap every frame at this size
+            raise WriteError(
+                f"{len(plan.tensors)} tensors make a {len(plan.header)}-byte safetensors header, more than "
+                f"a zstd frame may hold ({MAX_FRAME_RAW_SIZE}); save this section uncompressed"
+            )
+        count = 1  # the safetensors header frame
+        for p in plan.tensors:
+            width, nbytes = itemsize(p.dtype), p.end - p.begin
+            chunks = -(-nbytes // self._step(width))
+            count += chunks * (width if _tensor_filter(p.dtype, nbytes) in _PLANE_FILTERS else 1)
+        return _FRAME.size * count
 
     def write(self, fd: int, offset: int, plan: StreamPlan, pool: Executor) -> WrittenStream:
         frames: list[tuple[int, int, int]] = []
-        pending: deque[tuple[Future[bytes], int, int, Any]] = deque()
+        pending: deque[tuple[Future[list[bytes]], int, int, Any]] = deque()
         position = offset
-        limit = 4 * usable_cores()  # compressed chunks in flight
+        limit = 4 * usable_cores()  # chunks in flight
+        coders = coders_for(self.level)
 
         def drain(keep: int) -> None:
             nonlocal position
             while len(pending) > keep:
                 future, raw_length, flt, _alive = pending.popleft()
-                blob = future.result()
-                pwrite_all(fd, blob, position)
-                position += len(blob)
-                frames.append((len(blob), raw_length, flt))
+                for blob in future.result():
+                    pwrite_all(fd, blob, position)
+                    position += len(blob)
+                    frames.append((len(blob), raw_length, flt))
 
-        header = torch.frombuffer(bytearray(plan.header), dtype=torch.uint8)
-        pending.append((pool.submit(self._compress, header, FILTER_NONE, 1), len(plan.header), FILTER_NONE, header))
+        header = np.frombuffer(plan.header, dtype=np.uint8)
+        pending.append((pool.submit(lambda: [encode_plane(header, coders)]), len(plan.header), FILTER_NONE, header))
         checksums: dict[str, int] = {}
         for p in plan.tensors:
             t = contiguous_cpu(p.tensor, p.name)
             raw = t.reshape(-1).view(torch.uint8) if p.end > p.begin else torch.empty(0, dtype=torch.uint8)
             checksums[p.name] = checksum(tensor_bytes(raw))
             width = itemsize(p.dtype)
-            flt = self._choose_filter(raw, width, p.dtype)
-            step = max(width, self.frame_size // width * width)
+            flt = _tensor_filter(p.dtype, raw.numel())
+            step = self._step(width)
             for start in range(0, raw.numel(), step):
                 chunk = raw[start : start + step]
-                pending.append((pool.submit(self._compress, chunk, flt, width), chunk.numel(), flt, chunk))
+                raw_length = chunk.numel() // width if flt in _PLANE_FILTERS else chunk.numel()
+                pending.append((pool.submit(_encode_chunk, chunk, flt, width, coders), raw_length, flt, chunk))
                 drain(limit)
         drain(0)
-        table = b"".join(_FRAME.pack(*f) for f in frames)
         return WrittenStream(
             length=position - offset,
             checksums=checksums,
-            frames=table,
-            configuration={"level": self.level, "frame_size": self.frame_size},
+            frames=b"".join(_FRAME.pack(*f) for f in frames),
+            configuration=self.configuration(),
         )
-
-    def _compress(self, chunk: torch.Tensor, flt: int, width: int) -> bytes:
-        source = shuffle(chunk, width) if flt == FILTER_SHUFFLE else chunk
-        return _compressor(self.level).compress(tensor_bytes(source))
-
-    def _choose_filter(self, raw: torch.Tensor, width: int, dtype: str) -> int:
-        """Shuffle floats always (their exponent bytes are what compresses); integers when a sample
-        says it helps. A sample must span several zstd blocks per plane to show the gain: 64 KiB of
-        fp32 showed none where the whole tensor gained 10%."""
-        if width == 1 or raw.numel() < 4096:
-            return FILTER_NONE
-        if dtype in _FLOAT_TAGS:
-            return FILTER_SHUFFLE
-        sample = raw[: min(raw.numel(), _SAMPLE) // width * width]
-        cctx = _compressor(1)
-        plain = len(cctx.compress(tensor_bytes(sample)))
-        shuffled = len(cctx.compress(tensor_bytes(shuffle(sample, width))))
-        return FILTER_SHUFFLE if shuffled < 0.98 * plain else FILTER_NONE
 
     def open_section(self, section: SectionEntry) -> _ZstdSection:
         return _ZstdSection(section)
+
+
+def _encode_chunk(chunk: torch.Tensor, flt: int, width: int, coders: tuple[tuple[int, ...], ...]) -> list[bytes]:
+    if flt == FILTER_NONE:
+        return [encode_plane(chunk.numpy(), coders)]
+    planes = split_planes(chunk, width, flt == FILTER_ROTATED_PLANES)
+    return [encode_plane(planes[i], coders) for i in range(width)]
 
 
 class _ZstdSection:
@@ -204,7 +152,7 @@ class _ZstdSection:
         self.section = section
         region = f"section {section.name!r} frame table"
         table = section.frames
-        if len(table) % _FRAME.size or len(table) // _FRAME.size * _MIN_FRAME > section.length:
+        if len(table) % _FRAME.size or len(table) // _FRAME.size * MIN_FRAME > section.length:
             raise LayoutError(
                 f"frame table of {len(table)} bytes does not fit a {section.length}-byte section", region=region
             )
@@ -212,16 +160,15 @@ class _ZstdSection:
         # (absolute offset, compressed length, raw length, filter) for every frame
         self.frames: list[tuple[int, int, int, int]] = []
         position = section.offset
+        known = (FILTER_NONE, FILTER_SHUFFLE, *_PLANE_FILTERS)
         for i, (clen, rlen, flt) in enumerate(frames):
-            if clen < _MIN_FRAME or not 0 < rlen <= MAX_FRAME_RAW_SIZE or flt not in (FILTER_NONE, FILTER_SHUFFLE):
+            if clen < MIN_FRAME or not 0 < rlen <= MAX_FRAME_RAW_SIZE or flt not in known:
                 raise LayoutError(f"frame {i}: invalid lengths or filter ({clen}, {rlen}, {flt})", region=region)
-            if clen < _min_frame_length(rlen):
+            if clen < min_frame_length(rlen):
                 # Tensors are allocated from the raw lengths before any frame is decoded, so a
                 # raw length no real frame of this size can produce would let a few bytes of
                 # table claim terabytes (and make the allocation itself fail).
-                raise LayoutError(
-                    f"frame {i}: {clen} compressed bytes cannot hold {rlen} raw bytes", region=region
-                )
+                raise LayoutError(f"frame {i}: {clen} compressed bytes cannot hold {rlen} raw bytes", region=region)
             self.frames.append((position, clen, rlen, flt))
             position += clen
         if position != section.end:
@@ -230,37 +177,41 @@ class _ZstdSection:
             )
         if not frames or frames[0][1] != section.stream_header_length or frames[0][2] != FILTER_NONE:
             raise LayoutError("frame 0 must hold exactly the safetensors header, unfiltered", region=region)
+        #: per tensor: (first frame, frames per chunk) of each chunk, in order
+        self.tensor_chunks: dict[str, list[tuple[int, int]]] = {}
+        #: per tensor: (first frame, one past its last frame), for tools that locate a tensor's bytes
         self.tensor_frames: dict[str, tuple[int, int]] = {}
         index = 1
         for t in section.tensors:  # data order
-            first, covered = index, 0
+            chunks: list[tuple[int, int]] = []
+            covered = 0
             width = itemsize(t.dtype)
             while covered < t.nbytes:
                 if index >= len(frames):
                     raise LayoutError(f"frames end inside tensor {t.name!r}", region=region)
                 _, rlen, flt = frames[index]
-                if flt == FILTER_SHUFFLE and (width == 1 or rlen % width):
-                    raise LayoutError(
-                        f"frame {index}: shuffle filter on a frame that is not whole elements", region=region
-                    )
-                covered += rlen
-                index += 1
+                count = _check_chunk(frames, index, width, t.dtype, region)
+                chunks.append((index, count))
+                covered += rlen * count if flt in _PLANE_FILTERS else rlen
+                index += count
             if covered != t.nbytes:
                 raise LayoutError(f"frames of tensor {t.name!r} cross its end", region=region)
-            self.tensor_frames[t.name] = (first, index)
+            self.tensor_chunks[t.name] = chunks
+            self.tensor_frames[t.name] = (chunks[0][0] if chunks else index, index)
         if index != len(frames):
             raise LayoutError(f"{len(frames) - index} frames belong to no tensor", region=region)
 
-    def _decode(self, source: memoryview, i: int, out: torch.Tensor, width: int) -> None:
-        offset, clen, rlen, flt = self.frames[i]
+    def _decode(self, source: memoryview, i: int, out: torch.Tensor | np.ndarray) -> None:
+        """Decompress frame ``i`` into ``out`` (exactly its raw length)."""
+        offset, clen, rlen, _ = self.frames[i]
         region = f"section {self.section.name!r} frame {i}"
         frame = source[offset : offset + clen]
         if frame_length(frame, rlen, region) != clen:
             raise CodecError("data after the end of the zstd frame", region=region, offset=offset)
-        target = out if flt == FILTER_NONE else torch.empty(rlen, dtype=torch.uint8)
+        target = writable_bytes(out) if isinstance(out, torch.Tensor) else out.data.cast("B")
         try:
-            reader = _decompressor().stream_reader(frame, read_across_frames=False)
-            got = reader.readinto(writable_bytes(target))
+            reader = decompressor().stream_reader(frame, read_across_frames=False)
+            got = reader.readinto(target)
             extra = reader.read(1)
         except zstandard.ZstdError as e:
             raise CodecError(f"zstd: {e}", region=region, offset=offset) from None
@@ -268,12 +219,25 @@ class _ZstdSection:
             raise CodecError(
                 f"frame decoded to {got}{'+' if extra else ''} bytes, expected {rlen}", region=region, offset=offset
             )
+
+    def _decode_chunk(self, source: memoryview, first: int, count: int, out: torch.Tensor, width: int) -> None:
+        flt, rlen = self.frames[first][3], self.frames[first][2]
+        if flt == FILTER_NONE:
+            self._decode(source, first, out)
+            return
         if flt == FILTER_SHUFFLE:
-            unshuffle(target, out, width)
+            planes = torch.empty(rlen, dtype=torch.uint8)
+            self._decode(source, first, planes)
+            unshuffle(planes, out, width)
+            return
+        buffer = np.empty((count, rlen), dtype=np.uint8)
+        for k in range(count):
+            self._decode(source, first + k, buffer[k])
+        join_planes(buffer, out, width, flt == FILTER_ROTATED_PLANES)
 
     def stream_header(self, source: memoryview) -> bytes:
         out = torch.empty(self.section.stream_header_length, dtype=torch.uint8)
-        self._decode(source, 0, out, 1)
+        self._decode(source, 0, out)
         return bytes(tensor_bytes(out))
 
     def view(self, source: memoryview, entry: TensorEntry) -> memoryview:
@@ -290,15 +254,32 @@ class _ZstdSection:
         return offset + clen
 
     def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
-        first, end = self.tensor_frames[entry.name]
         width = itemsize(entry.dtype)
         tasks: list[Callable[[], None]] = []
         position = 0
-        for i in range(first, end):
-            rlen = self.frames[i][2]
-            tasks.append(_bind(self._decode, source, i, out[position : position + rlen], width))
-            position += rlen
+        for first, count in self.tensor_chunks[entry.name]:
+            rlen, flt = self.frames[first][2], self.frames[first][3]
+            size = rlen * count if flt in _PLANE_FILTERS else rlen
+            tasks.append(_bind(self._decode_chunk, source, first, count, out[position : position + size], width))
+            position += size
         return tasks
+
+
+def _check_chunk(frames: list[tuple[int, int, int]], index: int, width: int, dtype: str, region: str) -> int:
+    """How many frames the chunk starting at ``index`` takes; raises LayoutError if its filter does not fit."""
+    _, rlen, flt = frames[index]
+    if flt == FILTER_SHUFFLE and (width == 1 or rlen % width):
+        raise LayoutError(f"frame {index}: shuffle filter on a frame that is not whole elements", region=region)
+    if flt not in _PLANE_FILTERS:
+        return 1
+    if width == 1 or (flt == FILTER_ROTATED_PLANES and dtype not in ROTATED_TAGS):
+        raise LayoutError(f"frame {index}: plane filter {flt} on a {dtype} tensor", region=region)
+    group = frames[index : index + width]
+    if len(group) != width or any(f[1] != rlen or f[2] != flt for f in group):
+        raise LayoutError(
+            f"frames {index}..{index + width - 1}: a plane group needs {width} frames of equal length", region=region
+        )
+    return width
 
 
 def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:

@@ -1,0 +1,117 @@
+"""Byte planes and how each one is coded.
+
+A float's bytes carry very different information: the top byte of fp32/bf16 (sign and most of
+the exponent) takes a few distinct values, the low mantissa bytes of trained weights are nearly
+random. Rotating each element left by one bit moves the sign next to the mantissa, so the top byte
+is exactly the exponent (fp32, bf16, f64's top byte holds 7 of its 11 bits); splitting elements into
+byte planes then puts each kind of byte in its own zstd frame, coded as it deserves:
+
+* a plane whose byte histogram says it cannot shrink by 0.5% is stored (a frame of raw blocks: a
+  copy and a hash, no compression attempt);
+* otherwise the level's coders are tried cheapest first and the smallest output kept (a slower
+  coder must win by 0.5%). The ``entropy`` coder is zstd tuned to find almost no matches (fast
+  strategy, minimum match 7, a 1 KiB hash table), which leaves Huffman coding of the literals:
+  the exponent plane reaches within 2% of its order-0 entropy at several hundred MB/s.
+
+``benchmarks/bench_codecs.py`` measured the choices (ratio and speed per plane and level).
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+import numpy as np
+import torch
+import zstandard
+
+from mettaformat.container.codecs.zstd_frames import compressor, stored_frame
+from mettaformat.errors import WriteError
+
+__all__ = ["ROTATED_TAGS", "Level", "coders_for", "encode_plane", "join_planes", "split_planes"]
+
+Level = Literal["fast", "max"]
+#: Float dtypes whose elements are rotated before the split (the sign moves to bit 0).
+ROTATED_TAGS: Final = frozenset({"F16", "BF16", "F32", "F64"})
+_UINT: Final = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+#: Compressor keys (see ``zstd_frames.compressor``): Huffman-coded literals, almost no matches.
+ENTROPY: Final = (zstandard.STRATEGY_FAST, 17, 10, 10, 1, 7, 0)
+#: Optimal parsing tuned for byte planes: matches of 7+ bytes and literal costs modelled exactly.
+OPTIMAL: Final = (zstandard.STRATEGY_BTULTRA2, 17, 14, 14, 3, 7, 16)
+#: Planes below this many bytes skip the histogram estimate (it would cost more than it saves).
+_ESTIMATE_MIN: Final = 4096
+_STORE_BELOW_GAIN: Final = 1.005
+
+
+def coders_for(level: int | str) -> tuple[tuple[int, ...], ...]:
+    """The coders a level tries on each plane that may compress, cheapest first.
+
+    ``"fast"`` (the default): entropy coding only. An integer ``L`` from 2 to 22: entropy coding
+    and zstd level ``L`` (which finds repeats the entropy coder does not). ``"max"``: entropy
+    coding and optimal parsing (archival; an order of magnitude slower to write). ``1`` is
+    ``"fast"``; negative levels (-7..-1) try only zstd's fast negative level.
+    """
+    if isinstance(level, bool):
+        pass
+    elif level == "fast" or level == 1:
+        return (ENTROPY,)
+    elif level == "max":
+        return (ENTROPY, OPTIMAL)
+    elif isinstance(level, int):
+        if -7 <= level <= -1:
+            return ((level,),)
+        if 2 <= level <= 22:
+            return (ENTROPY, (level,))
+    raise WriteError(f"zstd level {level!r} is not 'fast', 'max' or an integer in -7..22 other than 0")
+
+
+def split_planes(chunk: torch.Tensor, width: int, rotate: bool) -> np.ndarray:
+    """``(width, n)`` byte planes of ``chunk`` (uint8, ``n * width`` bytes), rotated first if ``rotate``."""
+    data = chunk.numpy()
+    if rotate:
+        u = data.view(_UINT[width])
+        data = ((u << 1) | (u >> (8 * width - 1))).view(np.uint8)
+    elements = data.reshape(-1, width)
+    planes = np.empty((width, elements.shape[0]), dtype=np.uint8)
+    for i in range(width):
+        planes[i] = elements[:, i]
+    return planes
+
+
+def join_planes(planes: np.ndarray, out: torch.Tensor, width: int, rotate: bool) -> None:
+    """Inverse of :func:`split_planes`: interleave ``planes`` (``width * n`` bytes) into ``out`` (uint8)."""
+    target = out.numpy()
+    elements = target.reshape(-1, width)
+    source = planes.reshape(width, -1)
+    for i in range(width):
+        elements[:, i] = source[i]
+    if rotate:
+        u = target.view(_UINT[width])
+        high = u << (8 * width - 1)
+        u >>= 1
+        u |= high
+
+
+def _may_compress(plane: np.ndarray) -> bool:
+    """Whether the order-0 entropy of a sample (every 8th byte) promises a 0.5% gain."""
+    if len(plane) < _ESTIMATE_MIN:
+        return True
+    counts = np.bincount(plane[::8], minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    bits = float(-(p * np.log2(p)).sum())
+    return bits < 8 / _STORE_BELOW_GAIN
+
+
+def encode_plane(plane: np.ndarray, coders: tuple[tuple[int, ...], ...]) -> bytes:
+    """One zstd frame holding ``plane`` (contiguous uint8, non-empty), coded as ``coders`` measure best."""
+    if not _may_compress(plane):
+        return stored_frame(plane.data)
+    best: bytes | None = None
+    for key in coders:
+        blob = compressor(key).compress(plane.data)
+        if best is None or len(blob) < len(best) / _STORE_BELOW_GAIN:
+            best = blob
+    assert best is not None
+    if len(best) * _STORE_BELOW_GAIN > len(plane):
+        return stored_frame(plane.data)  # decodes as a plain copy
+    return best

@@ -1,0 +1,249 @@
+"""Codecs as plug-ins: the registry, a third-party codec from outside the package, entry points,
+and the zstd byte-plane filters (every dtype and level round-trips; the frame table is checked)."""
+
+from __future__ import annotations
+
+import struct
+import sys
+import textwrap
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+import mettaformat
+from mettaformat.codecs import RawCodec, ZstdCodec, available_codecs, register_codec, unregister_codec
+from mettaformat.container.codecs.base import WrittenStream, pwrite_all
+from mettaformat.container.codecs.zstd import FILTER_NONE, FILTER_PLANES, FILTER_ROTATED_PLANES
+from mettaformat.container.header import SectionEntry, TensorEntry
+from mettaformat.container.layout import checksum
+from mettaformat.container.stream import StreamPlan
+from mettaformat.errors import LayoutError, UnknownCodecError, WriteError
+from tests import craft
+
+
+# -- a codec written the way a third-party package would: only public interfaces ------------------
+@dataclass(frozen=True)
+class XorCodec:
+    """Stores the stream with every data byte XORed with ``key`` (kept in the configuration)."""
+
+    name: ClassVar[str] = "test.xor"
+    filters: ClassVar[tuple[str, ...]] = ("xor",)
+    key: int = 0x5A
+
+    def configuration(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    @classmethod
+    def from_configuration(cls, configuration: dict[str, Any]) -> XorCodec:
+        return cls(**{k: v for k, v in configuration.items() if k == "key"})
+
+    def frame_table_size(self, plan: StreamPlan) -> int:
+        return 0
+
+    def write(self, fd: int, offset: int, plan: StreamPlan, pool: Executor) -> WrittenStream:
+        pwrite_all(fd, plan.header, offset)
+        checksums = {}
+        for p in plan.tensors:
+            data = p.tensor.contiguous().reshape(-1).view(torch.uint8)
+            checksums[p.name] = checksum(memoryview(data.numpy()))
+            pwrite_all(fd, memoryview((data ^ self.key).numpy()), offset + len(plan.header) + p.begin)
+        return WrittenStream(length=plan.length, checksums=checksums)
+
+    def open_section(self, section: SectionEntry) -> _XorSection:
+        key = section.configuration.get("key")
+        if not isinstance(key, int) or not 0 <= key < 256:
+            raise LayoutError(f"xor key {key!r}", region=f"section {section.name!r}")
+        return _XorSection(section, key)
+
+
+class _XorSection:
+    zero_copy = False
+
+    def __init__(self, section: SectionEntry, key: int) -> None:
+        self.section, self.key = section, key
+
+    def stream_header(self, source: memoryview) -> bytes:
+        return bytes(source[self.section.offset : self.section.offset + self.section.stream_header_length])
+
+    def view(self, source: memoryview, entry: TensorEntry) -> memoryview:
+        raise TypeError("no views")
+
+    def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
+        start = self.section.offset + self.section.stream_header_length + entry.begin
+
+        def run() -> None:
+            stored = torch.frombuffer(source[start : start + entry.nbytes], dtype=torch.uint8)
+            out.copy_(stored ^ self.key)
+
+        return [run] if entry.nbytes else []
+
+
+@pytest.fixture
+def xor_codec() -> Any:
+    register_codec(XorCodec)
+    yield XorCodec
+    unregister_codec(XorCodec.name)
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(64, 33, generator=g), "b": torch.arange(7, dtype=torch.int16), "e": torch.empty(0)}
+
+
+def test_third_party_codec_round_trips_and_unknown_codec_names_it(tmp_path: Path, xor_codec: Any) -> None:
+    weights = _weights()
+    path = tmp_path / "x.mfmt"
+    mettaformat.save_file(weights, path, compression=XorCodec(key=7), metadata={"epoch": 1})
+    assert "test.xor" in available_codecs()
+    raw = path.read_bytes()
+    assert weights["w"].numpy().tobytes() not in raw  # really transformed
+    with mettaformat.open(path) as ckpt:
+        assert ckpt.header.sections[0].codec == "test.xor"
+        assert ckpt.header.sections[0].configuration == {"key": 7}
+        assert torch.equal(ckpt.get_tensor("w"), weights["w"])
+    loaded = mettaformat.load_file(path)
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    # by name, with the codec's default configuration
+    mettaformat.save_file(weights, tmp_path / "n.mfmt", compression="test.xor")
+    assert torch.equal(mettaformat.load_file(tmp_path / "n.mfmt")["b"], weights["b"])
+    unregister_codec("test.xor")
+    with pytest.raises(UnknownCodecError, match=r"unknown codec 'test\.xor'") as info:
+        mettaformat.open(path)
+    assert info.value.region == "section 'model'"
+    register_codec(XorCodec)  # for the fixture's teardown
+
+
+def test_registry_guards_names(xor_codec: Any) -> None:
+    register_codec(XorCodec)  # the same class again is fine
+    other = type("OtherXor", (XorCodec,), {})
+    with pytest.raises(ValueError, match="already registered"):
+        register_codec(other)
+    register_codec(other, replace=True)
+    with pytest.raises(ValueError, match="built in"):
+        register_codec(type("FakeRaw", (RawCodec,), {}), replace=True)
+    with pytest.raises(TypeError, match="lacks"):
+        register_codec(type("Broken", (), {"name": "test.broken", "filters": ()}))
+    with pytest.raises(ValueError, match="printable ASCII"):
+        register_codec(type("Bad", (XorCodec,), {"name": "bad\nname"}))
+    assert {"raw", "zstd", "test.xor"} <= set(available_codecs())
+
+
+def test_entry_point_makes_an_installed_codec_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "toy_codec_pkg.py").write_text(textwrap.dedent("""
+        from dataclasses import dataclass
+        from mettaformat.codecs import RawCodec
+
+        @dataclass(frozen=True)
+        class ToyCodec(RawCodec):
+            name = "toy.raw"
+    """))
+    dist = tmp_path / "toy_codec_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-codec-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mettaformat.codecs]\ntoy.raw = toy_codec_pkg:ToyCodec\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert "toy.raw" in available_codecs()
+        mettaformat.save_file(_weights(), tmp_path / "t.mfmt", compression="toy.raw")
+        assert torch.equal(mettaformat.load_file(tmp_path / "t.mfmt")["b"], _weights()["b"])
+    finally:
+        unregister_codec("toy.raw")
+        sys.modules.pop("toy_codec_pkg", None)
+
+
+def test_broken_entry_point_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "broken_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mettaformat.codecs]\ntoy.missing = no_such_module_xyz:Codec\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(WriteError, match=r"toy\.missing"):
+        mettaformat.save(_weights(), compression="toy.missing")  # type: ignore[arg-type]
+
+
+def test_none_is_a_deprecated_alias_of_raw() -> None:
+    with pytest.warns(DeprecationWarning, match='"raw"'):
+        data = mettaformat.save(_weights(), compression="none")  # type: ignore[arg-type]
+    parts = craft.parse(data)
+    assert parts.section()["codec"]["name"] == "raw"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert craft.parse(mettaformat.save(_weights(), compression="raw")).section()["codec"]["name"] == "raw"
+
+
+@pytest.mark.parametrize("level", [0, 23, -8, "slow", True, 2.5])
+def test_levels_that_mean_nothing_are_refused(level: Any) -> None:
+    with pytest.raises(WriteError, match="level"):
+        mettaformat.save(_weights(), compression="zstd", level=level)
+
+
+def _all_dtypes(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(n, generator=g) * 0.02
+    return {
+        "f32": base, "bf16": base.to(torch.bfloat16), "f16": base.half(), "f64": base.double(),
+        "i64": torch.randint(-5, 5, (n,), generator=g), "i32": torch.arange(n, dtype=torch.int32),
+        "i16": torch.randint(0, 3, (n,), generator=g, dtype=torch.int16),
+        "u8": torch.randint(0, 9, (n,), dtype=torch.uint8),
+        "bool": base > 0, "c64": torch.complex(base, -base), "f8": base.to(torch.float8_e4m3fn),
+        "small": base[:5].clone(), "scalar": torch.tensor(3.5), "empty": torch.empty(0, 3),
+        "odd": base[: n - 3].reshape(-1).clone(),
+    }
+
+
+@pytest.mark.parametrize("level", ["fast", 3, -1, "max"])
+def test_planes_round_trip_every_dtype_and_level(level: Any) -> None:
+    tensors = _all_dtypes(6000)
+    codec = ZstdCodec(level=level, frame_size=8192)  # several chunks per tensor
+    data = mettaformat.save(tensors, compression=codec)
+    out = mettaformat.load(data)
+    for name, t in tensors.items():
+        got, want = out[name].reshape(-1), t.reshape(-1)
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+    filters = {f[2] for f in struct.iter_unpack("<QII", craft.parse(data).section()["frames"])}
+    assert {FILTER_NONE, FILTER_ROTATED_PLANES, FILTER_PLANES} <= filters
+
+
+def test_random_planes_are_stored_and_exponents_compress() -> None:
+    w = torch.randn(256, 1024) * 0.05
+    data = mettaformat.save({"w": w}, compression="zstd")
+    parts = craft.parse(data)
+    frames = parts.frames()
+    planes = frames[1:5]  # the first chunk's four planes, low byte first
+    assert [f[2] for f in planes] == [FILTER_ROTATED_PLANES] * 4
+    blobs = [f[0] for f in planes]
+    assert all(b[4] == 0xE4 for b in blobs[:2])  # stored frames: low mantissa bytes cost no compression
+    assert len(blobs[3]) < len(blobs[0]) / 2  # the exponent plane
+    assert len(data) < w.numel() * 4 / 1.15
+
+
+def _corrupt_group(data: bytes, edit: Callable[[list[tuple[int, int, int]]], None]) -> bytes:
+    parts = craft.parse(data)
+    table = list(struct.iter_unpack("<QII", parts.section()["frames"]))
+    edit(table)
+    parts.section()["frames"] = b"".join(struct.pack("<QII", *f) for f in table)
+    return craft.build(parts)
+
+
+def test_plane_group_rules_are_checked(tmp_path: Path) -> None:
+    data = mettaformat.save({"w": torch.randn(4096), "i": torch.arange(2048, dtype=torch.int32)}, compression="zstd")
+
+    def short_group(t: list[tuple[int, int, int]]) -> None:
+        t[2] = (t[2][0], t[2][1] + 1, t[2][2])
+
+    def rotated_int(t: list[tuple[int, int, int]]) -> None:
+        for k in range(len(t)):
+            if t[k][2] == FILTER_PLANES:
+                t[k] = (t[k][0], t[k][1], FILTER_ROTATED_PLANES)
+
+    for edit, message in ((short_group, "plane group"), (rotated_int, "plane filter 2 on a I32")):
+        path = tmp_path / "bad.mfmt"
+        path.write_bytes(_corrupt_group(data, edit))
+        with pytest.raises(LayoutError, match=message):
+            mettaformat.open(path)
