@@ -136,7 +136,7 @@ class MettaAgent(nn.Module):
         path: str | os.PathLike[str],
         *,
         compression: Compression = "raw",
-        level: int = ZSTD_DEFAULT_LEVEL,
+        level: int | str = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         all_ranks: bool = False,
     ) -> Path | None:
@@ -163,7 +163,7 @@ class MettaAgent(nn.Module):
         trainer_state: dict[str, Any] | None = None,
         *,
         compression: Compression = "raw",
-        level: int = ZSTD_DEFAULT_LEVEL,
+        level: int | str = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         all_ranks: bool = False,
         distributed: bool = False,

@@ -38,7 +38,7 @@ def write_checkpoint(
     path: str | os.PathLike[str],
     *,
     compression: Compression = "raw",
-    level: int = ZSTD_DEFAULT_LEVEL,
+    level: int | str = ZSTD_DEFAULT_LEVEL,
     durable: bool = False,
     config: dict[str, Any] | None = None,
 ) -> None:

@@ -227,7 +227,7 @@ class PolicyStore:
         *,
         model_type: str = "pytorch",
         compression: Compression = "raw",
-        level: int = ZSTD_DEFAULT_LEVEL,
+        level: int | str = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         overwrite: bool = False,
     ) -> PolicyRecord:
