@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks [--quick] [--only container,training,store,legacy,dcp,hotpaths,gpu] [--dir DIR]
+    python -m benchmarks [--quick] [--only container,codecs,training,store,legacy,dcp,hotpaths,gpu] [--dir DIR]
                          [--json OUT.json] [--plot OUT.png] [--report docs/benchmarks.md]
     python -m benchmarks --from-json bench-out/full.json --plot docs/benchmarks.png --report docs/benchmarks.md
 
@@ -12,6 +12,8 @@ Areas (each also runs alone as ``python -m benchmarks.bench_<area>``):
   MiniLM (fp32, bf16), a Metta fixture, a trained RL policy with Adam state and synthetic
   10 MiB / 100 MiB / 1 GiB; size, save, load, load + touch, lazy open, peak RSS, bandwidth
   references, cost growth; the container targets (docs/benchmarks.md).
+- ``codecs``: the zstd codec's levels against ZipNN and plain zstd: ratio, encode and decode GB/s on
+  MiniLM fp32/bf16, the RL policy with Adam, a Metta fixture and synthetic normal data.
 - ``training``: ``save_for_training`` / ``load_for_training`` against ``torch.save`` of a module.
 - ``store``: PolicyStore selection over 1,000 checkpoints against the old load-everything way.
 - ``legacy``: the safe legacy importer against ``torch.load(weights_only=False)``.
@@ -44,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-AREAS = ("container", "training", "store", "legacy", "dcp", "hotpaths", "gpu")
+AREAS = ("container", "codecs", "training", "store", "legacy", "dcp", "hotpaths", "gpu")
 
 
 def log(msg: str) -> None:
@@ -89,6 +91,10 @@ def run_area(area: str, quick: bool, workdir: Path) -> tuple[str, dict[str, Any]
         from benchmarks._harness import json_default
 
         return "\n".join(parts), json.loads(json.dumps(doc, default=json_default))
+    if area == "codecs":
+        from benchmarks import bench_codecs
+
+        return _call_main(bench_codecs.main, ["--dir", str(workdir)] + (["--quick", "--repeat", "2"] if quick else []))
     if area == "training":
         from benchmarks import bench_training
 
