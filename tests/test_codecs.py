@@ -247,3 +247,19 @@ def test_plane_group_rules_are_checked(tmp_path: Path) -> None:
         path.write_bytes(_corrupt_group(data, edit))
         with pytest.raises(LayoutError, match=message):
             mettaformat.open(path)
+
+
+def test_decode_pieces_cover_each_tensor(tmp_path: Path) -> None:
+    tensors = _all_dtypes(5000)
+    path = tmp_path / "p.mfmt"
+    mettaformat.save_file(tensors, path, compression=ZstdCodec(frame_size=4096))
+    with mettaformat.open(path) as ckpt:
+        section = ckpt.header.section("model")
+        assert section is not None
+        reader = ckpt.section_reader("model")
+        for entry in section.tensors:
+            pieces = reader.piece_lengths(entry)  # type: ignore[attr-defined]
+            assert sum(pieces) == entry.nbytes, entry.name
+            out = torch.empty(entry.nbytes, dtype=torch.uint8)
+            tasks = reader.decode_tasks(ckpt._mapped(), entry, out)
+            assert len(tasks) == len(pieces)

@@ -18,6 +18,7 @@ byte planes then puts each kind of byte in its own zstd frame, coded as it deser
 
 from __future__ import annotations
 
+import threading
 from typing import Final, Literal
 
 import numpy as np
@@ -27,7 +28,7 @@ import zstandard
 from mettaformat.container.codecs.zstd_frames import compressor, stored_frame
 from mettaformat.errors import WriteError
 
-__all__ = ["ROTATED_TAGS", "Level", "coders_for", "encode_plane", "join_planes", "split_planes"]
+__all__ = ["ROTATED_TAGS", "Level", "coders_for", "encode_plane", "join_planes", "scratch", "split_planes"]
 
 Level = Literal["fast", "max"]
 #: Float dtypes whose elements are rotated before the split (the sign moves to bit 0).
@@ -65,14 +66,37 @@ def coders_for(level: int | str) -> tuple[tuple[int, ...], ...]:
     raise WriteError(f"zstd level {level!r} is not 'fast', 'max' or an integer in -7..22 other than 0")
 
 
+_local = threading.local()
+
+
+def scratch(nbytes: int, slot: int = 0) -> np.ndarray:
+    """This thread's reusable buffer ``slot`` of at least ``nbytes``: fresh multi-MiB arrays per chunk
+    cost page faults that showed up as a third of the plane split and join time."""
+    buffers: dict[int, np.ndarray] | None = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(slot)
+    if buf is None or len(buf) < nbytes:
+        buf = buffers[slot] = np.empty(max(nbytes, 1 << 16), dtype=np.uint8)
+    return buf[:nbytes]
+
+
 def split_planes(chunk: torch.Tensor, width: int, rotate: bool) -> np.ndarray:
-    """``(width, n)`` byte planes of ``chunk`` (uint8, ``n * width`` bytes), rotated first if ``rotate``."""
+    """``(width, n)`` byte planes of ``chunk`` (uint8, ``n * width`` bytes), rotated first if ``rotate``.
+
+    The result is this thread's scratch buffer: use it before splitting the next chunk.
+    """
     data = chunk.numpy()
     if rotate:
         u = data.view(_UINT[width])
-        data = ((u << 1) | (u >> (8 * width - 1))).view(np.uint8)
+        rotated = scratch(len(data), 1).view(_UINT[width])
+        carry = scratch(len(data), 2).view(_UINT[width])
+        np.left_shift(u, 1, out=rotated)
+        np.right_shift(u, 8 * width - 1, out=carry)
+        np.bitwise_or(rotated, carry, out=rotated)
+        data = rotated.view(np.uint8)
     elements = data.reshape(-1, width)
-    planes = np.empty((width, elements.shape[0]), dtype=np.uint8)
+    planes = scratch(len(data)).reshape(width, -1)
     for i in range(width):
         planes[i] = elements[:, i]
     return planes
@@ -87,9 +111,10 @@ def join_planes(planes: np.ndarray, out: torch.Tensor, width: int, rotate: bool)
         elements[:, i] = source[i]
     if rotate:
         u = target.view(_UINT[width])
-        high = u << (8 * width - 1)
-        u >>= 1
-        u |= high
+        high = scratch(len(target), 2).view(_UINT[width])
+        np.left_shift(u, 8 * width - 1, out=high)
+        np.right_shift(u, 1, out=u)
+        np.bitwise_or(u, high, out=u)
 
 
 def _may_compress(plane: np.ndarray) -> bool:

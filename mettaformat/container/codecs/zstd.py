@@ -26,7 +26,14 @@ from mettaformat._pool import usable_cores
 from mettaformat._torch import contiguous_cpu, tensor_bytes, writable_bytes
 from mettaformat.constants import MAX_FRAME_RAW_SIZE, ZSTD_DEFAULT_FRAME_SIZE, ZSTD_DEFAULT_LEVEL
 from mettaformat.container.codecs.base import WrittenStream, pwrite_all
-from mettaformat.container.codecs.planes import ROTATED_TAGS, coders_for, encode_plane, join_planes, split_planes
+from mettaformat.container.codecs.planes import (
+    ROTATED_TAGS,
+    coders_for,
+    encode_plane,
+    join_planes,
+    scratch,
+    split_planes,
+)
 from mettaformat.container.codecs.shuffle import unshuffle
 from mettaformat.container.codecs.zstd_frames import MIN_FRAME, decompressor, frame_length, min_frame_length
 from mettaformat.container.header import SectionEntry, TensorEntry
@@ -230,7 +237,7 @@ class _ZstdSection:
             self._decode(source, first, planes)
             unshuffle(planes, out, width)
             return
-        buffer = np.empty((count, rlen), dtype=np.uint8)
+        buffer = scratch(count * rlen).reshape(count, rlen)
         for k in range(count):
             self._decode(source, first + k, buffer[k])
         join_planes(buffer, out, width, flt == FILTER_ROTATED_PLANES)
@@ -244,9 +251,11 @@ class _ZstdSection:
         raise TypeError("zstd sections have no zero-copy views")
 
     def piece_lengths(self, entry: TensorEntry) -> list[int]:
-        """Raw length of each of ``decode_tasks``' jobs, in order (lets the reader hash as they finish)."""
-        first, end = self.tensor_frames[entry.name]
-        return [self.frames[i][2] for i in range(first, end)]
+        """Raw length of each of ``decode_tasks``' jobs, in order (lets a reader hash as they finish)."""
+        return [
+            self.frames[first][2] * (count if self.frames[first][3] in _PLANE_FILTERS else 1)
+            for first, count in self.tensor_chunks[entry.name]
+        ]
 
     def stored_end(self, entry: TensorEntry) -> int:
         first, end = self.tensor_frames[entry.name]
@@ -257,9 +266,7 @@ class _ZstdSection:
         width = itemsize(entry.dtype)
         tasks: list[Callable[[], None]] = []
         position = 0
-        for first, count in self.tensor_chunks[entry.name]:
-            rlen, flt = self.frames[first][2], self.frames[first][3]
-            size = rlen * count if flt in _PLANE_FILTERS else rlen
+        for (first, count), size in zip(self.tensor_chunks[entry.name], self.piece_lengths(entry), strict=True):
             tasks.append(_bind(self._decode_chunk, source, first, count, out[position : position + size], width))
             position += size
         return tasks
