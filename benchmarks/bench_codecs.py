@@ -79,6 +79,9 @@ def measure_level(ds: Dataset, level: Any, blob_len: int, workdir: Path, repeat:
     slow = level == "max" or (isinstance(level, int) and level >= 10)
     encode = timeit(lambda: mettaformat.save_file(ds.tensors, path, compression="zstd", level=level),
                     1 if slow else repeat, 0 if slow else 1)
+    cpu0 = time.process_time()
+    mettaformat.save_file(ds.tensors, path, compression="zstd", level=level)
+    encode_cpu = time.process_time() - cpu0
     with mettaformat.open(path) as ckpt:
         section = ckpt.header.section("model")
         assert section is not None
@@ -88,6 +91,9 @@ def measure_level(ds: Dataset, level: Any, blob_len: int, workdir: Path, repeat:
                 for k, v in ds.tensors.items() if v.numel())
     del loaded
     decode = timeit(lambda: mettaformat.load_file(path, verify=False), repeat, 1)
+    cpu0 = time.process_time()
+    mettaformat.load_file(path, verify=False)
+    decode_cpu = time.process_time() - cpu0
     verified = timeit(lambda: mettaformat.load_file(path), repeat, 1)
     file_bytes = path.stat().st_size
     path.unlink()
@@ -95,7 +101,10 @@ def measure_level(ds: Dataset, level: Any, blob_len: int, workdir: Path, repeat:
             "section_bytes": section_bytes, "file_bytes": file_bytes, "bit_exact": exact,
             "encode": encode, "decode": decode, "decode_verified": verified,
             "encode_gbps": blob_len / encode.median / 1e9, "decode_gbps": blob_len / decode.median / 1e9,
-            "decode_verified_gbps": blob_len / verified.median / 1e9}
+            "decode_verified_gbps": blob_len / verified.median / 1e9,
+            # CPU seconds of one save / load: what the cores would sustain if this process had them alone
+            "encode_cpu_s": encode_cpu, "decode_cpu_s": decode_cpu,
+            "encode_gbps_per_core": blob_len / encode_cpu / 1e9, "decode_gbps_per_core": blob_len / decode_cpu / 1e9}
 
 
 def measure_plain_zstd(blob: bytes, repeat: int) -> dict[str, Any]:
@@ -179,15 +188,23 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for level, lv in by_level.items():
                 out.append({"area": "codecs", "target": f"ratio >= ZipNN (level {level})", "goal": "ratio / ZipNN >= 1",
                             "dataset": r["dataset"], "value": lv["ratio"] / z["ratio"],
-                            "met": lv["ratio"] >= z["ratio"], "noisy": False})
+                            "met": lv["ratio"] >= z["ratio"], "noisy": False,
+                            "detail": f"{lv['ratio']:.4f} vs ZipNN {z['ratio']:.4f}"})
         if r.get("paired_decode"):
             p = r["paired_decode"]
             out.append({"area": "codecs", "target": "decode >= ZipNN (2 threads, alternated)", "goal": ">= 1x",
-                        "dataset": r["dataset"], "value": p["speedup"], "met": p["speedup"] >= 1, "noisy": True})
+                        "dataset": r["dataset"], "value": p["speedup"], "met": p["speedup"] >= 1, "noisy": True,
+                        "detail": f"level {p['level']}: {p['ours_median_s'] * 1e3:.1f} ms vs ZipNN {p['zipnn_median_s'] * 1e3:.1f} ms"})
         if r["dataset"].startswith("synthetic") and DEFAULT_LEVEL in by_level:
-            gbps = by_level[DEFAULT_LEVEL]["encode_gbps"]
-            out.append({"area": "codecs", "target": "default-level encode >= 0.4 GB/s", "goal": ">= 0.4 GB/s",
-                        "dataset": r["dataset"], "value": gbps, "met": gbps >= 0.4, "noisy": True})
+            lv = by_level[DEFAULT_LEVEL]
+            out.append({"area": "codecs", "target": "default-level encode >= 0.4 GB/s (wall)", "goal": ">= 0.4 GB/s",
+                        "dataset": r["dataset"], "value": lv["encode_gbps"], "met": lv["encode_gbps"] >= 0.4,
+                        "noisy": True, "detail": "wall time; moves with machine load"})
+            cores = usable_cores()
+            estimate = lv["encode_gbps_per_core"] * cores
+            out.append({"area": "codecs", "target": f"default-level encode >= 0.4 GB/s (CPU-time x {cores} cores)",
+                        "goal": ">= 0.4 GB/s", "dataset": r["dataset"], "value": estimate, "met": estimate >= 0.4,
+                        "noisy": True, "detail": f"{lv['encode_cpu_s']:.2f} CPU-s for one save"})
     return out
 
 
@@ -202,15 +219,16 @@ def report(doc: dict[str, Any]) -> str:
         z = r.get("zipnn") or {}
         if z:
             rows.append([r["dataset"], "ZipNN", f"{z['ratio']:.4f}", "—", f"{z['encode_gbps']:.2f}",
-                         f"{z['decode_2t_gbps']:.2f}", "—"])
+                         f"{z['decode_2t_gbps']:.2f}", "—", "—"])
         p = r["zstd3"]
         rows.append([r["dataset"], "zstd -3 (whole blob)", f"{p['ratio']:.4f}", "—", f"{p['encode_gbps']:.2f}",
-                     f"{p['decode_gbps']:.2f}", "—"])
+                     f"{p['decode_gbps']:.2f}", "—", "—"])
         for lv in r["levels"]:
             rows.append([r["dataset"], f"mettaformat zstd {lv['level']}", f"{lv['ratio']:.4f}", f"{lv['file_ratio']:.4f}",
-                         f"{lv['encode_gbps']:.2f}", f"{lv['decode_gbps']:.2f}", f"{lv['decode_verified_gbps']:.2f}"])
+                         f"{lv['encode_gbps']:.2f}", f"{lv['decode_gbps']:.2f}", f"{lv['decode_verified_gbps']:.2f}",
+                         f"{lv['encode_gbps_per_core']:.2f} / {lv['decode_gbps_per_core']:.2f}"])
     lines.append(markdown_table(["data set", "codec", "ratio", "file ratio", "encode GB/s", "decode GB/s",
-                                 "decode+verify GB/s"], rows))
+                                 "decode+verify GB/s", "GB per CPU-s enc / dec"], rows))
     paired = [[r["dataset"], r["paired_decode"]["level"], f"{r['paired_decode']['ours_median_s'] * 1e3:.1f}",
                f"{r['paired_decode']['zipnn_median_s'] * 1e3:.1f}", f"{r['paired_decode']['speedup']:.2f}"]
               for r in doc["results"] if r.get("paired_decode")]
