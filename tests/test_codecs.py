@@ -19,7 +19,7 @@ import torch
 import mettaformat
 from mettaformat.codecs import RawCodec, ZstdCodec, available_codecs, register_codec, unregister_codec
 from mettaformat.container.codecs.base import WrittenStream, pwrite_all
-from mettaformat.container.codecs.zstd import FILTER_NONE, FILTER_PLANES, FILTER_ROTATED_PLANES
+from mettaformat.container.codecs.zstd import FILTER_FLOAT_PLANES, FILTER_NONE, FILTER_PLANES
 from mettaformat.container.header import SectionEntry, TensorEntry
 from mettaformat.container.layout import checksum
 from mettaformat.container.stream import StreamPlan
@@ -207,7 +207,7 @@ def test_planes_round_trip_every_dtype_and_level(level: Any) -> None:
         got, want = out[name].reshape(-1), t.reshape(-1)
         assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
     filters = {f[2] for f in struct.iter_unpack("<QII", craft.parse(data).section()["frames"])}
-    assert {FILTER_NONE, FILTER_ROTATED_PLANES, FILTER_PLANES} <= filters
+    assert {FILTER_NONE, FILTER_FLOAT_PLANES, FILTER_PLANES} <= filters
 
 
 def test_random_planes_are_stored_and_exponents_compress() -> None:
@@ -216,7 +216,7 @@ def test_random_planes_are_stored_and_exponents_compress() -> None:
     parts = craft.parse(data)
     frames = parts.frames()
     planes = frames[1:5]  # the first chunk's four planes, low byte first
-    assert [f[2] for f in planes] == [FILTER_ROTATED_PLANES] * 4
+    assert [f[2] for f in planes] == [FILTER_FLOAT_PLANES] * 4
     blobs = [f[0] for f in planes]
     assert all(b[4] == 0xE4 for b in blobs[:2])  # stored frames: low mantissa bytes cost no compression
     assert len(blobs[3]) < len(blobs[0]) / 2  # the exponent plane
@@ -237,12 +237,12 @@ def test_plane_group_rules_are_checked(tmp_path: Path) -> None:
     def short_group(t: list[tuple[int, int, int]]) -> None:
         t[2] = (t[2][0], t[2][1] + 1, t[2][2])
 
-    def rotated_int(t: list[tuple[int, int, int]]) -> None:
+    def float_filter_on_int(t: list[tuple[int, int, int]]) -> None:
         for k in range(len(t)):
             if t[k][2] == FILTER_PLANES:
-                t[k] = (t[k][0], t[k][1], FILTER_ROTATED_PLANES)
+                t[k] = (t[k][0], t[k][1], FILTER_FLOAT_PLANES)
 
-    for edit, message in ((short_group, "plane group"), (rotated_int, "plane filter 2 on a I32")):
+    for edit, message in ((short_group, "plane group"), (float_filter_on_int, "plane filter 2 on a I32")):
         path = tmp_path / "bad.mfmt"
         path.write_bytes(_corrupt_group(data, edit))
         with pytest.raises(LayoutError, match=message):

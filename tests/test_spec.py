@@ -124,7 +124,7 @@ def test_zstd_frame_record_table() -> None:
     assert str(C.MAX_FRAME_RAW_SIZE) in rows[1]["Constraint"]
     filters = {int(r["Id"]): unquote(r["Name"]) for r in table_with(ZSTD, "Id", "Name", "Meaning")}
     assert filters == {zstd_codec.FILTER_NONE: "none", zstd_codec.FILTER_SHUFFLE: "shuffle",
-                       zstd_codec.FILTER_ROTATED_PLANES: "rotated-planes", zstd_codec.FILTER_PLANES: "planes"}
+                       zstd_codec.FILTER_FLOAT_PLANES: "float-planes", zstd_codec.FILTER_PLANES: "planes"}
     assert zstd_codec.ZstdCodec.filters == tuple(filters[i] for i in sorted(filters))
     limits = {r["Limit"].strip(): integer(r["Value"]) for r in table_with(ZSTD, "Limit", "Value", "Error")}
     assert limits == {"`MAX_FRAME_RAW_SIZE`": C.MAX_FRAME_RAW_SIZE, "`MAX_ZSTD_WINDOW`": C.MAX_ZSTD_WINDOW,

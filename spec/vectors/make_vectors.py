@@ -322,7 +322,7 @@ def v_zstd_multiframe() -> bytes:
 
 
 def v_zstd_planes() -> bytes:
-    """3.2 plane filters: rotated float planes, integer planes, stored (raw-block) frames, several chunks."""
+    """3.2 plane filters: float planes, integer planes, stored (raw-block) frames, several chunks."""
     noisy = torch.frombuffer(bytearray(pattern(4 * 3000, 21)), dtype=torch.int32) & 0x3C0FFFFF  # low bytes random
     tensors = {"f32": smooth(3000), "bf16": smooth(2048).to(torch.bfloat16), "f16": smooth(2100).half(),
                "f64": smooth(600).double(), "i32": torch.arange(3000, dtype=torch.int32) * 7,

@@ -2,9 +2,10 @@
 
 A float's bytes carry very different information: the top byte of fp32/bf16 (sign and most of
 the exponent) takes a few distinct values, the low mantissa bytes of trained weights are nearly
-random. Rotating each element left by one bit moves the sign next to the mantissa, so the top byte
-is exactly the exponent (fp32, bf16, f64's top byte holds 7 of its 11 bits); splitting elements into
-byte planes then puts each kind of byte in its own zstd frame, coded as it deserves:
+random. Elements are split into byte planes, and in the top two planes the sign bit trades places
+with the exponent's lowest bit, so the top plane is exactly the exponent (fp32, bf16; the top 8
+exponent bits of f64, f16's 5 with 3 mantissa bits). Each plane is its own zstd frame, coded as it
+deserves:
 
 * a plane whose byte histogram says it cannot shrink by 0.5% is stored (a frame of raw blocks: a
   copy and a hash, no compression attempt);
@@ -28,12 +29,11 @@ import zstandard
 from mettaformat.container.codecs.zstd_frames import compressor, stored_frame
 from mettaformat.errors import WriteError
 
-__all__ = ["ROTATED_TAGS", "Level", "coders_for", "encode_plane", "join_planes", "scratch", "split_planes"]
+__all__ = ["FLOAT_TAGS", "Level", "coders_for", "encode_plane", "join_planes", "scratch", "split_planes"]
 
 Level = Literal["fast", "max"]
-#: Float dtypes whose elements are rotated before the split (the sign moves to bit 0).
-ROTATED_TAGS: Final = frozenset({"F16", "BF16", "F32", "F64"})
-_UINT: Final = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+#: Float dtypes whose sign bit leaves the top plane (the ``float-planes`` filter).
+FLOAT_TAGS: Final = frozenset({"F16", "BF16", "F32", "F64"})
 
 #: Compressor keys (see ``zstd_frames.compressor``): Huffman-coded literals, almost no matches.
 ENTROPY: Final = (zstandard.STRATEGY_FAST, 17, 10, 10, 1, 7, 0)
@@ -81,40 +81,55 @@ def scratch(nbytes: int, slot: int = 0) -> np.ndarray:
     return buf[:nbytes]
 
 
-def split_planes(chunk: torch.Tensor, width: int, rotate: bool) -> np.ndarray:
-    """``(width, n)`` byte planes of ``chunk`` (uint8, ``n * width`` bytes), rotated first if ``rotate``.
+def split_planes(chunk: torch.Tensor, width: int, float_bits: bool) -> np.ndarray:
+    """``(width, n)`` byte planes of ``chunk`` (uint8, ``n * width`` bytes); with ``float_bits`` the sign
+    moves out of the top plane so that it holds exactly the exponent's top 8 bits.
 
     The result is this thread's scratch buffer: use it before splitting the next chunk.
     """
     data = chunk.numpy()
-    if rotate:
-        u = data.view(_UINT[width])
-        rotated = scratch(len(data), 1).view(_UINT[width])
-        carry = scratch(len(data), 2).view(_UINT[width])
-        np.left_shift(u, 1, out=rotated)
-        np.right_shift(u, 8 * width - 1, out=carry)
-        np.bitwise_or(rotated, carry, out=rotated)
-        data = rotated.view(np.uint8)
     elements = data.reshape(-1, width)
     planes = scratch(len(data)).reshape(width, -1)
     for i in range(width):
         planes[i] = elements[:, i]
+    if float_bits:
+        _swap_sign(planes[width - 1], planes[width - 2])
     return planes
 
 
-def join_planes(planes: np.ndarray, out: torch.Tensor, width: int, rotate: bool) -> None:
-    """Inverse of :func:`split_planes`: interleave ``planes`` (``width * n`` bytes) into ``out`` (uint8)."""
-    target = out.numpy()
-    elements = target.reshape(-1, width)
+def join_planes(planes: np.ndarray, out: torch.Tensor, width: int, float_bits: bool) -> None:
+    """Inverse of :func:`split_planes`: interleave ``planes`` (``width * n`` bytes, modified) into ``out``."""
     source = planes.reshape(width, -1)
+    if float_bits:
+        _unswap_sign(source[width - 1], source[width - 2])
+    elements = out.numpy().reshape(-1, width)
     for i in range(width):
         elements[:, i] = source[i]
-    if rotate:
-        u = target.view(_UINT[width])
-        high = scratch(len(target), 2).view(_UINT[width])
-        np.left_shift(u, 8 * width - 1, out=high)
-        np.right_shift(u, 1, out=u)
-        np.bitwise_or(u, high, out=u)
+
+
+def _swap_sign(hi: np.ndarray, lo: np.ndarray) -> None:
+    """In place: ``hi, lo = (hi << 1) | (lo >> 7), (lo & 0x7F) | (hi & 0x80)`` (two planes, not whole
+    elements: a third of the work of rotating every element by one bit)."""
+    sign = scratch(len(hi), 1)
+    carry = scratch(len(hi), 2)
+    np.bitwise_and(hi, 0x80, out=sign)
+    np.right_shift(lo, 7, out=carry)
+    np.left_shift(hi, 1, out=hi)
+    np.bitwise_or(hi, carry, out=hi)
+    np.bitwise_and(lo, 0x7F, out=lo)
+    np.bitwise_or(lo, sign, out=lo)
+
+
+def _unswap_sign(hi: np.ndarray, lo: np.ndarray) -> None:
+    """Inverse of :func:`_swap_sign`: ``hi, lo = (lo & 0x80) | (hi >> 1), (lo & 0x7F) | (hi << 7)``."""
+    sign = scratch(len(hi), 1)
+    carry = scratch(len(hi), 2)
+    np.bitwise_and(lo, 0x80, out=sign)
+    np.left_shift(hi, 7, out=carry)
+    np.right_shift(hi, 1, out=hi)
+    np.bitwise_or(hi, sign, out=hi)
+    np.bitwise_and(lo, 0x7F, out=lo)
+    np.bitwise_or(lo, carry, out=lo)
 
 
 def _may_compress(plane: np.ndarray) -> bool:

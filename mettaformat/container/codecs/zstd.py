@@ -1,9 +1,9 @@
 """The ``zstd`` codec: the stream cut into independent zstd frames, each tensor split into byte planes.
 
 Frame 0 holds the safetensors header; each tensor then has frames for chunks of at most
-``frame_size`` raw bytes. A chunk of a multi-byte dtype is split into byte planes (floats rotated
-first, see ``planes.py``), one frame per plane, each coded as measured best; tiny tensors and
-one-byte dtypes take one frame per chunk. The frame table (``frames``, 16 bytes per frame: u64
+``frame_size`` raw bytes. A chunk of a multi-byte dtype is split into byte planes (for floats the
+sign leaves the exponent plane, see ``planes.py``), one frame per plane, each coded as measured
+best; tiny tensors and one-byte dtypes take one frame per chunk. The frame table (``frames``, 16 bytes per frame: u64
 compressed length, u32 raw length, u32 filter) lets one tensor decode without touching the
 others and lets a full load decode every chunk in parallel straight into its destination.
 Normative description: ``spec/codecs/zstd.md``.
@@ -27,7 +27,7 @@ from mettaformat._torch import contiguous_cpu, tensor_bytes, writable_bytes
 from mettaformat.constants import MAX_FRAME_RAW_SIZE, ZSTD_DEFAULT_FRAME_SIZE, ZSTD_DEFAULT_LEVEL
 from mettaformat.container.codecs.base import WrittenStream, pwrite_all
 from mettaformat.container.codecs.planes import (
-    ROTATED_TAGS,
+    FLOAT_TAGS,
     coders_for,
     encode_plane,
     join_planes,
@@ -42,13 +42,13 @@ from mettaformat.container.stream import StreamPlan
 from mettaformat.dtypes import itemsize
 from mettaformat.errors import CodecError, LayoutError, WriteError
 
-__all__ = ["FILTER_NONE", "FILTER_PLANES", "FILTER_ROTATED_PLANES", "FILTER_SHUFFLE", "ZstdCodec"]
+__all__ = ["FILTER_NONE", "FILTER_PLANES", "FILTER_FLOAT_PLANES", "FILTER_SHUFFLE", "ZstdCodec"]
 
 FILTER_NONE: Final = 0
 FILTER_SHUFFLE: Final = 1
-FILTER_ROTATED_PLANES: Final = 2
+FILTER_FLOAT_PLANES: Final = 2
 FILTER_PLANES: Final = 3
-_PLANE_FILTERS: Final = (FILTER_ROTATED_PLANES, FILTER_PLANES)
+_PLANE_FILTERS: Final = (FILTER_FLOAT_PLANES, FILTER_PLANES)
 _FRAME: Final = struct.Struct("<QII")
 #: Tensors smaller than this are one unfiltered frame per chunk (planes would cost more in frame overhead).
 _PLANES_MIN_BYTES: Final = 4096
@@ -58,7 +58,7 @@ def _tensor_filter(dtype: str, nbytes: int) -> int:
     width = itemsize(dtype)
     if width == 1 or nbytes < _PLANES_MIN_BYTES:
         return FILTER_NONE
-    return FILTER_ROTATED_PLANES if dtype in ROTATED_TAGS else FILTER_PLANES
+    return FILTER_FLOAT_PLANES if dtype in FLOAT_TAGS else FILTER_PLANES
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class ZstdCodec:
     (see ``coders_for`` in ``planes.py`` and ``docs/guide.md``); ``frame_size``: raw bytes per chunk."""
 
     name: ClassVar[str] = "zstd"
-    filters: ClassVar[tuple[str, ...]] = ("none", "shuffle", "rotated-planes", "planes")
+    filters: ClassVar[tuple[str, ...]] = ("none", "shuffle", "float-planes", "planes")
     level: int | str = ZSTD_DEFAULT_LEVEL
     frame_size: int = ZSTD_DEFAULT_FRAME_SIZE
 
@@ -148,7 +148,7 @@ class ZstdCodec:
 def _encode_chunk(chunk: torch.Tensor, flt: int, width: int, coders: tuple[tuple[int, ...], ...]) -> list[bytes]:
     if flt == FILTER_NONE:
         return [encode_plane(chunk.numpy(), coders)]
-    planes = split_planes(chunk, width, flt == FILTER_ROTATED_PLANES)
+    planes = split_planes(chunk, width, flt == FILTER_FLOAT_PLANES)
     return [encode_plane(planes[i], coders) for i in range(width)]
 
 
@@ -240,7 +240,7 @@ class _ZstdSection:
         buffer = scratch(count * rlen).reshape(count, rlen)
         for k in range(count):
             self._decode(source, first + k, buffer[k])
-        join_planes(buffer, out, width, flt == FILTER_ROTATED_PLANES)
+        join_planes(buffer, out, width, flt == FILTER_FLOAT_PLANES)
 
     def stream_header(self, source: memoryview) -> bytes:
         out = torch.empty(self.section.stream_header_length, dtype=torch.uint8)
@@ -279,7 +279,7 @@ def _check_chunk(frames: list[tuple[int, int, int]], index: int, width: int, dty
         raise LayoutError(f"frame {index}: shuffle filter on a frame that is not whole elements", region=region)
     if flt not in _PLANE_FILTERS:
         return 1
-    if width == 1 or (flt == FILTER_ROTATED_PLANES and dtype not in ROTATED_TAGS):
+    if width == 1 or (flt == FILTER_FLOAT_PLANES and dtype not in FLOAT_TAGS):
         raise LayoutError(f"frame {index}: plane filter {flt} on a {dtype} tensor", region=region)
     group = frames[index : index + width]
     if len(group) != width or any(f[1] != rlen or f[2] != flt for f in group):
