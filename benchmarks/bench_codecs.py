@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results.append(row)
         del blob
         gc.collect()
-    return {"environment": environment(workdir), "cores": usable_cores(), "notes": notes, "results": results,
+    return {"environment": environment(workdir), "zipnn": zipnn_version(), "cores": usable_cores(), "notes": notes, "results": results,
             "targets": targets(results)}
 
 
@@ -211,7 +211,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def report(doc: dict[str, Any]) -> str:
     lines = [f"# Codecs: mettaformat zstd levels vs ZipNN and plain zstd ({doc['cores']} cores)", ""]
     env = doc["environment"]
-    lines.append(f"Load average at start: {env.get('loadavg_at_start')}; zipnn {env.get('zipnn') or 'absent'}. "
+    lines.append(f"Load average at start: {env.get('loadavg_at_start')}; zipnn {doc.get('zipnn') or 'absent'}. "
                  "Ratio = safetensors bytes ÷ compressed stream (file ratio: ÷ the whole .mfmt file).")
     lines.append("")
     rows = []
