@@ -263,3 +263,13 @@ def test_decode_pieces_cover_each_tensor(tmp_path: Path) -> None:
             out = torch.empty(entry.nbytes, dtype=torch.uint8)
             tasks = reader.decode_tasks(ckpt._mapped(), entry, out)
             assert len(tasks) == len(pieces)
+
+
+def test_large_frames_round_trip_without_keeping_their_scratch() -> None:
+    from mettaformat.container.codecs import planes
+
+    t = torch.randn(6 << 20) * 0.02  # 24 MiB in one chunk: its split and join buffers are not kept
+    data = mettaformat.save({"t": t}, compression=ZstdCodec(frame_size=32 << 20))
+    assert torch.equal(mettaformat.load(data)["t"], t)
+    assert len(planes.scratch(planes._SCRATCH_KEEP + 1)) == planes._SCRATCH_KEEP + 1
+    assert all(len(b) <= planes._SCRATCH_KEEP for b in getattr(planes._local, "buffers", {}).values())

@@ -41,6 +41,8 @@ ENTROPY: Final = (zstandard.STRATEGY_FAST, 17, 10, 10, 1, 7, 0)
 OPTIMAL: Final = (zstandard.STRATEGY_BTULTRA2, 17, 14, 14, 3, 7, 16)
 #: Planes below this many bytes skip the histogram estimate (it would cost more than it saves).
 _ESTIMATE_MIN: Final = 4096
+#: Larger scratch requests (frames bigger than the default) get a fresh array that is not kept.
+_SCRATCH_KEEP: Final = 16 << 20
 _STORE_BELOW_GAIN: Final = 1.005
 
 
@@ -72,6 +74,8 @@ _local = threading.local()
 def scratch(nbytes: int, slot: int = 0) -> np.ndarray:
     """This thread's reusable buffer ``slot`` of at least ``nbytes``: fresh multi-MiB arrays per chunk
     cost page faults that showed up as a third of the plane split and join time."""
+    if nbytes > _SCRATCH_KEEP:
+        return np.empty(nbytes, dtype=np.uint8)
     buffers: dict[int, np.ndarray] | None = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}
