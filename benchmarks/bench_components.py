@@ -6,9 +6,7 @@ Usage::
 
 Measures, on MiniLM fp32/bf16 (or a synthetic stand-in) and a 100 MiB synthetic state dict:
 
-- compression ratio as the library chooses filters, with every float tensor shuffled (the
-  library's own codec, its filter choice overridden in this process only), and a prototype
-  that also rotates the sign bit next to the mantissa before shuffling (ZipNN's trick);
+- compression ratio at levels 1 and 3 (``bench_codecs.py`` has every level against ZipNN);
 - decode pieces: walking frame headers, ``stream_reader().readinto`` per frame, the unshuffle,
   the per-frame temporary allocation, xxh3, on one thread and on a 2-thread pool;
 - encode pieces: shuffle, zstd levels 1 and 3 per 4 MiB frame, on 1 and 2 threads;
@@ -28,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import xxhash
 import zstandard
@@ -37,8 +34,8 @@ import mettaformat
 from benchmarks._harness import REPO_ROOT, MiB, environment, load_minilm, markdown_table, synthetic, timeit, write_json
 from mettaformat._torch import tensor_bytes, writable_bytes
 from mettaformat.container.codecs import zstd as zmod
+from mettaformat.container.codecs import zstd_frames
 from mettaformat.container.codecs.shuffle import shuffle, unshuffle
-from mettaformat.dtypes import tag_from_dtype
 
 FRAME = 4 << 20
 
@@ -48,72 +45,15 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 
 # -- compression ratio ---------------------------------------------------------------------------
-def _force_shuffle(self: Any, raw: torch.Tensor, width: int, dtype: str = "") -> int:
-    return zmod.FILTER_SHUFFLE if width > 1 and raw.numel() >= 4096 else zmod.FILTER_NONE
-
-
-def _rotate_shuffle_ratio(sd: dict[str, torch.Tensor], level: int) -> float:
-    """Prototype: rotate each float left by one bit (exponent whole in the top byte), shuffle, zstd per 4 MiB."""
-    cctx = zstandard.ZstdCompressor(level=level)
-    total = comp = 0
-    for t in sd.values():
-        b = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        w = t.element_size()
-        total += b.size
-        if t.is_floating_point() and w in (2, 4) and t.numel() >= 1024:
-            u = b.view(np.uint16 if w == 2 else np.uint32)
-            bits = 16 if w == 2 else 32
-            u = ((u << 1) | (u >> (bits - 1))).astype(u.dtype)
-            b = u.view(np.uint8)
-        step = FRAME // w * w
-        for s in range(0, b.size, step):
-            chunk = b[s:s + step]
-            if t.is_floating_point() and w > 1:
-                chunk = np.ascontiguousarray(chunk.reshape(-1, w).T)
-            comp += len(cctx.compress(chunk.tobytes()))
-    return total / comp
-
-
 def ratios(datasets: dict[str, dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    """The library's ratio per level (``benchmarks/bench_codecs.py`` compares them with ZipNN)."""
     out = []
-    original = zmod.ZstdCodec._choose_filter
     for name, sd in datasets.items():
         nbytes = sum(t.numel() * t.element_size() for t in sd.values())
         for level in (1, 3):
-            as_is = nbytes / len(mettaformat.save(sd, compression="zstd", level=level))
-            zmod.ZstdCodec._choose_filter = _force_shuffle  # type: ignore[method-assign]
-            try:
-                forced = nbytes / len(mettaformat.save(sd, compression="zstd", level=level))
-            finally:
-                zmod.ZstdCodec._choose_filter = original  # type: ignore[method-assign]
-            out.append({"dataset": name, "level": level, "library": as_is, "all_floats_shuffled": forced,
-                        "rotate_sign_then_shuffle_prototype": _rotate_shuffle_ratio(sd, level)})
-    # how the filter decision goes: the 64 KiB sample against whole tensors
+            out.append({"dataset": name, "level": level,
+                        "library": nbytes / len(mettaformat.save(sd, compression="zstd", level=level))})
     return out
-
-
-def filter_decisions(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
-    codec = zmod.ZstdCodec()
-    shuffled = plain = 0
-    wrong = []
-    for name, t in sd.items():
-        raw = t.contiguous().reshape(-1).view(torch.uint8)
-        w = t.element_size()
-        if w == 1 or raw.numel() < 4096:
-            continue
-        flt = codec._choose_filter(raw, w, tag_from_dtype(t.dtype))
-        if flt == zmod.FILTER_SHUFFLE:
-            shuffled += 1
-        else:
-            plain += 1
-            c = zmod._compressor(1)
-            n = min(raw.numel(), 1 << 20) // w * w
-            a = len(c.compress(tensor_bytes(raw[:n])))
-            b = len(c.compress(tensor_bytes(shuffle(raw[:n], w))))
-            if b < 0.98 * a:
-                wrong.append((name, round(n / a, 3), round(n / b, 3)))
-    return {"shuffled": shuffled, "not_shuffled": plain, "not_shuffled_but_1MiB_sample_gains": len(wrong),
-            "examples": wrong[:5]}
 
 
 # -- decode / encode pieces ----------------------------------------------------------------------
@@ -123,25 +63,25 @@ def decode_pieces(path: Path, repeat: int) -> dict[str, Any]:
     source = ck._mapped()
     frames = reader.frames[1:]
     raw_total = sum(f[2] for f in frames)
-    shuffled = [f for f in frames if f[3] == zmod.FILTER_SHUFFLE]
+    shuffled = [f for f in frames if f[3] in (zmod.FILTER_FLOAT_PLANES, zmod.FILTER_PLANES)]
     out = torch.empty(max(f[2] for f in frames), dtype=torch.uint8)
     out.fill_(0)
-    res: dict[str, Any] = {"frames": len(frames), "shuffled_frames": len(shuffled), "raw_bytes": raw_total,
+    res: dict[str, Any] = {"frames": len(frames), "plane_frames": len(shuffled), "raw_bytes": raw_total,
                            "compressed_bytes": sum(f[1] for f in frames)}
 
     def walk() -> None:
         for off, clen, rlen, _ in frames:
-            zmod.frame_length(source[off:off + clen], rlen, "x")
+            zstd_frames.frame_length(source[off:off + clen], rlen, "x")
 
     def dec_prealloc(fs: list[tuple[int, int, int, int]] = frames) -> None:
-        d = zmod._decompressor()
+        d = zstd_frames.decompressor()
         mv = writable_bytes(out)
         for off, clen, rlen, _ in fs:
             r = d.stream_reader(source[off:off + clen], read_across_frames=False)
             r.readinto(mv[:rlen])
 
     def dec_alloc() -> None:
-        d = zmod._decompressor()
+        d = zstd_frames.decompressor()
         for off, clen, _rlen, _ in frames:
             d.decompress(source[off:off + clen])
 
@@ -171,7 +111,7 @@ def decode_pieces(path: Path, repeat: int) -> dict[str, Any]:
         outs = [torch.empty(FRAME, dtype=torch.uint8).fill_(0) for _ in range(2)]
 
         def dec2(i: int) -> None:
-            d = zmod._decompressor()
+            d = zstd_frames.decompressor()
             mv = writable_bytes(outs[i])
             for off, clen, rlen, _ in half[i]:
                 d.stream_reader(source[off:off + clen], read_across_frames=False).readinto(mv[:rlen])
@@ -221,7 +161,7 @@ def encode_pieces(sd: dict[str, torch.Tensor], repeat: int) -> dict[str, Any]:
         cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         t1 = timeit(lambda: [cctx.compress(tensor_bytes(s)) for s in shuffled], max(2, repeat // 2), 1)
         with ThreadPoolExecutor(2) as pool:
-            t2 = timeit(lambda: list(pool.map(lambda s: zmod._compressor(level).compress(tensor_bytes(s)), shuffled)),
+            t2 = timeit(lambda: list(pool.map(lambda s: zstd_frames.compressor((level,)).compress(tensor_bytes(s)), shuffled)),
                         max(2, repeat // 2), 1)
         res[f"zstd{level}_compress_1thread_mbps"] = n / t1.median / 1e6
         res[f"zstd{level}_compress_2threads_mbps"] = n / t2.median / 1e6
@@ -309,27 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     print("# mettaformat components\n")
     print(f"{env['cpu_model']}, {env['cpu_count']} cores; files in {workdir} ({env['workdir_fs']})\n")
 
-    result["filter_decisions"] = {k: filter_decisions(v) for k, v in sets.items()}
-    print("## zstd filter choice (64 KiB sample)\n")
-    for k, v in result["filter_decisions"].items():
-        print(f"- {k}: {v}")
     result["ratios"] = ratios(sets)
-    print("\n## Compression ratio (original ÷ section bytes, 4 MiB frames)\n")
-    print(markdown_table(["data", "level", "library as is", "every float shuffled", "rotate sign + shuffle (prototype)"],
-                         [[r["dataset"], r["level"], f"{r['library']:.3f}", f"{r['all_floats_shuffled']:.3f}",
-                           f"{r['rotate_sign_then_shuffle_prototype']:.3f}"] for r in result["ratios"]]))
+    print("\n## Compression ratio (original ÷ file bytes, 4 MiB chunks)\n")
+    print(markdown_table(["data", "level", "library"],
+                         [[r["dataset"], r["level"], f"{r['library']:.3f}"] for r in result["ratios"]]))
 
     first = next(iter(sets))
     result["decode"] = {}
-    for label, level, force in (("library, level 3", 3, False), ("every float shuffled, level 1", 1, True)):
+    for label, level in (("library, level 1", 1), ("library, level 3", 3)):
         path = workdir / "dec.mfmt"
-        original = zmod.ZstdCodec._choose_filter
-        if force:
-            zmod.ZstdCodec._choose_filter = _force_shuffle  # type: ignore[method-assign]
-        try:
-            mettaformat.save_file(sets[first], path, compression="zstd", level=level)
-        finally:
-            zmod.ZstdCodec._choose_filter = original  # type: ignore[method-assign]
+        mettaformat.save_file(sets[first], path, compression="zstd", level=level)
         result["decode"][label] = decode_pieces(path, args.repeat)
         path.unlink()
     print(f"\n## Decode pieces ({first})\n")
@@ -339,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                           for k in keys]))
 
     result["encode"] = {k: encode_pieces(v, args.repeat) for k, v in sets.items()}
-    print("\n## Encode pieces (every float shuffled in the 'zstd*_compress' rows; save_file as the library does it)\n")
+    print("\n## Encode pieces (whole-chunk shuffle in the 'zstd*_compress' rows; save_file as the library does it)\n")
     ek = list(next(iter(result["encode"].values())))
     print(markdown_table(["measure", *result["encode"]],
                          [[k, *[(f"{v[k]:.3g}" if isinstance(v[k], float) else v[k]) for v in result["encode"].values()]]
