@@ -71,7 +71,8 @@ def main() -> None:
             data = vector.read_bytes()
             for reader in (ckpt.section_reader(s) for s in ckpt.sections):
                 for offset, clen, rlen, flt in getattr(reader, "frames", []):
-                    add("zstd_frame", bytes([flt]) + struct.pack("<I", rlen) + data[offset:offset + clen])
+                    declared = rlen * (4 if flt >= 2 else 1)  # the target builds plane groups of four
+                    add("zstd_frame", bytes([flt]) + struct.pack("<I", declared) + data[offset:offset + clen])
     torch.manual_seed(0)
     linear = nn.Linear(3, 2)
     shapes: list[object] = [

@@ -87,27 +87,34 @@ def stream_json(data: bytes) -> None:
 
 
 def zstd_frame(data: bytes) -> None:
-    """The zstd frame path. Byte 0 bit 0 selects the shuffle filter (on float32 elements), bytes 1-4
-    give the raw size the index would declare, the rest is the frame."""
+    """The zstd frame path. Byte 0's low two bits select the filter (1: shuffle on float32 elements;
+    2 and 3: a plane group of four copies of the frame, float32 or int32), bytes 1-4 give the raw
+    size the index would declare, the rest is the frame."""
     from mettaformat.container.codecs.zstd import _ZstdSection
     from mettaformat.container.header import SectionEntry, TensorEntry
+    from mettaformat.dtypes import itemsize
 
     if len(data) < 6:
         return
-    shuffled = data[0] & 1
-    width = 4 if shuffled else 1
+    flt = data[0] & 3
+    width = 1 if flt == 0 else 4
+    copies = 4 if flt >= 2 else 1  # a plane group: one frame per byte plane
     raw = max(width, (struct.unpack_from("<I", data, 1)[0] % (1 << 20)) // width * width)
+    if copies > 1:
+        raw //= 4
     frame = data[5:]
-    entry = TensorEntry(name="t", dtype="F32" if shuffled else "U8", shape=(raw // width,), begin=0, end=raw,
-                        checksum=0)
-    table = struct.pack("<QII", 64, 64, 0) + struct.pack("<QII", len(frame), raw, shuffled)
-    section = SectionEntry.from_entries(name="s", offset=0, length=64 + len(frame), codec="zstd", configuration={},
-                                        stream_length=64 + raw, stream_header_length=64, stream_header_checksum=0,
-                                        tensors=(entry,), aliases={}, order=("t",), frames=table)
+    nbytes = raw * copies
+    dtype = {0: "U8", 1: "F32", 2: "F32", 3: "I32"}[flt]
+    entry = TensorEntry(name="t", dtype=dtype, shape=(nbytes // itemsize(dtype),), begin=0, end=nbytes, checksum=0)
+    table = struct.pack("<QII", 64, 64, 0) + struct.pack("<QII", len(frame), raw, flt) * copies
+    section = SectionEntry.from_entries(name="s", offset=0, length=64 + len(frame) * copies, codec="zstd",
+                                        configuration={}, stream_length=64 + nbytes, stream_header_length=64,
+                                        stream_header_checksum=0, tensors=(entry,), aliases={}, order=("t",),
+                                        frames=table)
     try:
         reader = _ZstdSection(section)
-        source = memoryview(bytes(64) + frame)
-        out = torch.empty(raw, dtype=torch.uint8)
+        source = memoryview(bytes(64) + frame * copies)
+        out = torch.empty(nbytes, dtype=torch.uint8)
         for task in reader.decode_tasks(source, entry, out):
             task()
     except MettaFormatError:
