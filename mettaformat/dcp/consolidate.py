@@ -132,7 +132,7 @@ def _read_torch(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def write_dcp(
-    ckpt: Checkpoint, dst: str | os.PathLike[str], *, compression: Compression = "none", strict: bool = False
+    ckpt: Checkpoint, dst: str | os.PathLike[str], *, compression: Compression = "raw", strict: bool = False
 ) -> tuple[list[str], list[str]]:
     """Write ``ckpt`` as a distributed checkpoint directory (our layout) from this one process.
 

@@ -60,7 +60,7 @@ def save_sharded_training(
     scheduler: Any,
     trainer_state: dict[str, Any] | None,
     *,
-    compression: Compression = "none",
+    compression: Compression = "raw",
     durable: bool = False,
 ) -> None:
     """Collective: every rank writes its shards of ``path`` (a directory); see the module doc."""

@@ -60,7 +60,7 @@ class MettaStorageWriter(StorageWriter):
     Args:
         path: the checkpoint directory (created if missing); ``dcp.save(..., checkpoint_id=)``
             may replace it.
-        compression: ``"none"`` (raw, memory-mapped on load) or ``"zstd"``.
+        compression: ``"raw"`` (memory-mapped on load) or ``"zstd"``.
         level: zstd level.
         durable: fsync each file before it is renamed into place.
 
@@ -72,7 +72,7 @@ class MettaStorageWriter(StorageWriter):
         self,
         path: str | os.PathLike[str],
         *,
-        compression: Compression = "none",
+        compression: Compression = "raw",
         level: int = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
     ) -> None:
