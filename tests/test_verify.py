@@ -135,9 +135,10 @@ def test_zstd_verification_hashes_frames_as_they_decode(tmp_path: Path, monkeypa
     from mettaformat.container import reader
 
     path = tmp_path / "z.mfmt"
-    monkeypatch.setattr("mettaformat.container.writer.ZSTD_DEFAULT_FRAME_SIZE", 64 << 10)
+    from mettaformat.codecs import ZstdCodec
+
     big = torch.randn(1 << 20)
-    mettaformat.save_file({"big": big, "small": torch.ones(3)}, path, compression="zstd")
+    mettaformat.save_file({"big": big, "small": torch.ones(3)}, path, compression=ZstdCodec(frame_size=64 << 10))
     calls: list[int] = []
     real = reader.checksum
     monkeypatch.setattr(reader, "checksum", lambda data: calls.append(len(data)) or real(data))
