@@ -1,9 +1,11 @@
 """Lazy, memory-mapped container reader.
 
-Opening reads three small regions with ``pread``: the preamble, the header and the trailer
-tail. Nothing else is read until a tensor is asked for. Raw sections come back as zero-copy
-views of a private (copy-on-write) mapping that lives as long as any tensor views it; zstd
-sections decode only the frames of the requested tensor.
+Opening reads three small regions: the preamble, the header and the trailer tail (a remote
+object reads the tail later, when something needs it, so that opening costs one request).
+Nothing else is read until a tensor is asked for. All I/O goes through a byte source
+(:mod:`mettaformat.container.source`): a local file, or a remote object read by range. Raw
+sections come back as zero-copy views of a private (copy-on-write) mapping that lives as long
+as any tensor views it; zstd sections decode only the frames of the requested tensor.
 
 The file size is checked at open and again before every mapped access, so a file truncated
 under us raises :class:`LayoutError` instead of killing the process with SIGBUS (a hostile
@@ -14,7 +16,6 @@ process that shrinks the file *between* the check and the access can still do th
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import tempfile
 import warnings
@@ -27,7 +28,6 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from mettaformat._files import open_regular
 from mettaformat._pool import shared_pool
 from mettaformat._torch import buffer_tensor, tensor_bytes, writable_bytes
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
@@ -35,18 +35,17 @@ from mettaformat.container.codecs import SectionReader, get_codec
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
 from mettaformat.container.header import SectionEntry, TensorEntry, parse_header, parse_index
 from mettaformat.container.layout import Preamble, TrailerTail, checksum
+from mettaformat.container.source import ByteSource, open_source
 from mettaformat.container.stream import check_stream_header
 from mettaformat.container.tree import decode_tree
 from mettaformat.container.verify import (
     OrderedHasher,
-    file_identity,
     hash_views,
     is_verified,
     mark_verified,
-    read_and_hash,
 )
 from mettaformat.dtypes import dtype_from_tag
-from mettaformat.errors import IntegrityError, LayoutError, MettaFormatError, TensorNotFoundError, naming_file
+from mettaformat.errors import IntegrityError, LayoutError, TensorNotFoundError, naming_file
 
 __all__ = ["LazyCheckpoint", "load", "load_file", "open"]
 
@@ -58,7 +57,7 @@ def open(path: str | os.PathLike[str], *, verify: bool = True) -> LazyCheckpoint
     """Open a container lazily: only the preamble, header and trailer tail are read.
 
     Args:
-        path: a ``.mfmt`` file.
+        path: a ``.mfmt`` file, or a URI (``s3://``, ``gs://``, ``https://``...) read by range.
         verify: check each tensor's checksum when it is read (reads the whole tensor once).
 
     Returns:
@@ -115,37 +114,42 @@ def _names_file(method: Callable[..., Any]) -> Callable[..., Any]:
 class LazyCheckpoint:
     """An open container. See :func:`open`."""
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, copy: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, path: str | os.PathLike[str] | ByteSource, *, verify: bool = True, copy: bool = False
+    ) -> None:
+        self._src = open_source(path)
+        #: the local file, or the URI of a remote object
+        self.path: Path | str = getattr(self._src, "path", self._src.name)
         self.verify = verify
-        #: read raw tensors into fresh memory instead of mapping them (they then outlive the file)
-        self.copy = copy
+        #: read raw tensors into fresh memory instead of mapping them (they then outlive the file);
+        #: always so for sources that cannot be mapped
+        self.copy = copy or not self._src.mappable
         self._device: torch.device = torch.device("cpu")
-        self._fd, st = open_regular(self.path)
         try:
             with naming_file(self.path, container=True):
-                self._open(st)
+                self._open()
         except BaseException:
-            os.close(self._fd)
-            self._fd = -1  # or __del__ closes the number again, possibly another file's by then
+            self._src.close()
             raise
-        self._map: mmap.mmap | None = None
-        self._source: memoryview | None = None
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
     # -- opening ---------------------------------------------------------------------------
-    def _pread(self, length: int, offset: int, region: str) -> bytes:
-        data = os.pread(self._fd, length, offset)
-        if len(data) != length:
-            raise LayoutError(f"file ended after {len(data)} of {length} bytes", region=region, offset=offset)
-        return data
+    @property
+    def _fd(self) -> int:
+        """The local file's descriptor (-1 once closed, and for remote objects)."""
+        return self._src.fd
 
-    def _open(self, st: os.stat_result) -> None:
-        self.file_size = size = st.st_size
-        self._identity = file_identity(st)
+    def _pread(self, length: int, offset: int, region: str) -> bytes:
+        return self._src.read(offset, length, region)
+
+    def _open(self) -> None:
+        self.file_size = size = self._src.size
+        self._identity = self._src.identity()
         preamble = Preamble.unpack(self._pread(min(size, PREAMBLE_SIZE), 0, "preamble"), size)
         self.preamble = preamble
-        self.tail = TrailerTail.unpack(self._pread(TRAILER_TAIL_SIZE, size - TRAILER_TAIL_SIZE, "trailer"), size)
+        self._tail: TrailerTail | None = None
+        if self._src.has(size - TRAILER_TAIL_SIZE, TRAILER_TAIL_SIZE):
+            self._tail = TrailerTail.unpack(self._pread(TRAILER_TAIL_SIZE, size - TRAILER_TAIL_SIZE, "trailer"), size)
         header_bytes = self._pread(preamble.header_length, PREAMBLE_SIZE, "header")
         if checksum(header_bytes) != preamble.header_checksum:
             raise IntegrityError("header checksum mismatch", region="header", offset=PREAMBLE_SIZE)
@@ -177,12 +181,26 @@ class LazyCheckpoint:
             if s.offset - position > MAX_PADDING:
                 raise LayoutError(f"{s.offset - position} bytes of padding before it", region=region)
             position = s.end
-        index_offset = self.tail.index_offset
-        if not 0 <= index_offset - position <= MAX_PADDING:
-            raise LayoutError(
-                f"trailer index at {index_offset} does not follow the data (ends {position})", region="trailer"
-            )
         self._data_end = position
+        if self._tail is not None:
+            self._check_tail(self._tail)
+
+    def _check_tail(self, tail: TrailerTail) -> None:
+        if not 0 <= tail.index_offset - self._data_end <= MAX_PADDING:
+            raise LayoutError(
+                f"trailer index at {tail.index_offset} does not follow the data (ends {self._data_end})",
+                region="trailer",
+            )
+
+    @property
+    def tail(self) -> TrailerTail:
+        """The trailer tail (read on first use where reading it at open would cost a request)."""
+        if self._tail is None:
+            size = self.file_size
+            tail = TrailerTail.unpack(self._pread(TRAILER_TAIL_SIZE, size - TRAILER_TAIL_SIZE, "trailer"), size)
+            self._check_tail(tail)
+            self._tail = tail
+        return self._tail
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> LazyCheckpoint:
@@ -193,17 +211,9 @@ class LazyCheckpoint:
     ) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-
     def close(self) -> None:
         """Release the file. Tensors already returned stay valid (they keep the mapping alive)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._source = None
-        self._map = None  # the mapping closes when the last tensor viewing it is freed
+        self._src.close()
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -251,15 +261,8 @@ class LazyCheckpoint:
         return s, entry
 
     def _mapped(self) -> memoryview:
-        if self._fd < 0:
-            raise MettaFormatError(f"{self.path} is closed")
-        size = os.fstat(self._fd).st_size
-        if size != self.file_size:
-            raise LayoutError(f"file changed size from {self.file_size} to {size} while open", region="file")
-        if self._source is None:
-            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
-            self._source = memoryview(self._map)
-        return self._source
+        view: memoryview = self._src.view()
+        return view
 
     @_names_file
     def get_tensor(self, name: str, *, section: str = "model") -> torch.Tensor:
@@ -302,10 +305,12 @@ class LazyCheckpoint:
 
     def _mapped_tensor(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
         """A zero-copy view of a raw tensor (the mapping exists: :meth:`_mapped` was called)."""
-        assert self._map is not None
         return buffer_tensor(
-            self._map, s.offset + s.stream_header_length + entry.begin, entry.nbytes, dtype_from_tag(entry.dtype),
-            entry.shape
+            self._src.owner(),
+            s.offset + s.stream_header_length + entry.begin,
+            entry.nbytes,
+            dtype_from_tag(entry.dtype),
+            entry.shape,
         )
 
     def _needs_check(self, s: SectionEntry, entry: TensorEntry) -> bool:
@@ -315,7 +320,7 @@ class LazyCheckpoint:
             return False
         if not is_verified(self._identity, (s.name, entry.name)):
             return True
-        return self._fd < 0 or file_identity(os.fstat(self._fd)) != self._identity
+        return self._src.identity() != self._identity
 
     def _check(self, entry: TensorEntry, s: SectionEntry, digest: int, data: Any = None) -> None:
         """Raise unless ``digest`` is the tensor's checksum and, given its bytes, a BOOL tensor
@@ -393,14 +398,16 @@ class LazyCheckpoint:
         ``copy=True`` reads raw sections into fresh memory instead of mapping them (default: as
         the checkpoint was opened).
         """
-        copy = self.copy if copy is None else copy
+        copy = (self.copy if copy is None else copy) or not self._src.mappable
         s = self.header.section(section)
+        if not self._src.mappable:  # one parallel fetch of what the structure checks and codecs slice
+            self._src.prefetch(self._unmapped_ranges())
         if self.verify:
             self.verify_structure()
         if s is None:
             return {}
         target = torch.device(device)
-        if off_host(target):  # straight to the device, never the whole model in host memory
+        if off_host(target) and self._src.mappable:  # straight to the device, never the whole model in host memory
             out = load_to_device(self, s, s.tensors, transport_for(target))
         elif not self._readers[s.name].zero_copy:
             out = self._decode_all(s)
@@ -408,6 +415,8 @@ class LazyCheckpoint:
             out = self._read_copy(s)
         else:
             out = self._map_all(s)
+        if target.type != "cpu" and not self._src.mappable:  # remote: read to host memory, then move
+            out = {k: v.to(target) for k, v in out.items()}
         return {name: out[s.aliases.get(name, name)] for name in s.order}
 
     def _map_all(self, s: SectionEntry) -> dict[str, torch.Tensor]:
@@ -431,7 +440,7 @@ class LazyCheckpoint:
         unchecked = [e for e in chosen if self._needs_check(s, e)]
         # spans must not overlap: tied names share one entry, so entries are distinct ranges
         spans = [(e.begin - start, e.end - start) for e in unchecked]
-        done, digests = read_and_hash(self._fd, writable_bytes(buffer), offset, spans, hash_=bool(unchecked))
+        done, digests = self._src.read_and_hash(writable_bytes(buffer), offset, spans, hash_=bool(unchecked))
         if done < data_length:
             raise LayoutError(
                 f"file ended {data_length - done} bytes early", region=f"section {s.name!r}", offset=offset + done
@@ -471,6 +480,16 @@ class LazyCheckpoint:
             _cancel_and_wait([f for *_, futures in jobs for f in futures])
             raise
         return out
+
+    def _unmapped_ranges(self) -> list[tuple[int, int]]:
+        """Everything after the header except raw tensor data (which is read straight into tensors)."""
+        ranges, position = [], PREAMBLE_SIZE + self.preamble.header_length
+        for s in sorted(self.header.sections, key=lambda s: s.offset):
+            if self._readers[s.name].zero_copy:
+                ranges.append((position, s.offset + s.stream_header_length))
+                position = s.end
+        ranges.append((position, self.file_size))
+        return [(a, b) for a, b in ranges if b > a]
 
     # -- whole-file checks -------------------------------------------------------------------
     @_names_file
@@ -544,12 +563,11 @@ class TensorSlice:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         ckpt = self._ckpt
-        if ckpt._readers[self._section.name].zero_copy:
+        if ckpt._readers[self._section.name].zero_copy and ckpt._src.mappable:
             # Indexing a mapped view touches only the pages of the selected elements.
             source = ckpt._mapped()
-            assert ckpt._map is not None
             full = buffer_tensor(
-                ckpt._map,
+                ckpt._src.owner(),
                 self._section.offset + self._section.stream_header_length + self._entry.begin,
                 self._entry.nbytes,
                 dtype_from_tag(self._entry.dtype),
