@@ -52,6 +52,14 @@ def atomic_fd(path: str | os.PathLike[str], *, durable: bool = False) -> Iterato
         WriteError: the temp file cannot be created, or an OSError happened while writing,
             syncing or renaming. The temp file is removed and ``path`` is untouched.
     """
+    from mettaformat.remote.uri import is_remote_uri  # local: remote imports this module
+
+    if is_remote_uri(path):
+        from mettaformat.remote.upload import upload_atomically
+
+        with upload_atomically(os.fspath(path)) as fd:
+            yield fd
+        return
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
     try:

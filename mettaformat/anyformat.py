@@ -27,6 +27,7 @@ from mettaformat.constants import MAX_STREAM_HEADER_SIZE, MFMT_MAGIC
 from mettaformat.errors import FormatError, naming_file
 from mettaformat.fields import check_checkpoint
 from mettaformat.migrations import apply_migrations
+from mettaformat.remote.uri import is_remote_uri
 
 __all__ = ["FormatName", "load_any", "sniff_format"]
 
@@ -40,8 +41,10 @@ def sniff_format(path: str | os.PathLike[str]) -> FormatName:
     Raises:
         FormatError: no known signature matches.
     """
-    from mettaformat.legacy import sniff as sniff_legacy
+    if is_remote_uri(path):
+        from mettaformat.remote.formats import sniff_remote
 
+        return sniff_remote(os.fspath(path))
     if os.path.isdir(path):  # a distributed checkpoint directory (ours or torch's)
         from mettaformat.dcp.consolidate import sniff_dcp
 
@@ -54,6 +57,13 @@ def sniff_format(path: str | os.PathLike[str]) -> FormatName:
         size = st.st_size
     finally:
         os.close(fd)
+    return format_of(head, size, path)
+
+
+def format_of(head: bytes, size: int, path: str | os.PathLike[str]) -> FormatName:
+    """Name the format of a file of ``size`` bytes starting with ``head`` (its first 64 bytes or all)."""
+    from mettaformat.legacy import sniff as sniff_legacy
+
     if head.startswith(MFMT_MAGIC):
         return "mettaformat"
     legacy = sniff_legacy(head)
@@ -92,7 +102,8 @@ def load_any(
     Args:
         path: a ``.mfmt`` container, a legacy Metta ``.pt`` file (v1 PolicyRecord, v2 dict,
             raw state dict, bare module, trainer state), a ``.safetensors`` file, or a
-            distributed checkpoint directory (consolidated; see :mod:`mettaformat.dcp`).
+            distributed checkpoint directory (consolidated; see :mod:`mettaformat.dcp`); a local
+            path or a URI (``s3://``, ``gs://``, ``https://``...).
         migrate: apply registered schema migrations (with a warning each); False shows the
             checkpoint exactly as stored.
         device: where to place tensors.
@@ -108,21 +119,14 @@ def load_any(
         >>> ckpt.metadata["epoch"], len(ckpt.tensors)
     """
     with naming_file(path):
-        kind = sniff_format(path)
-        if kind == "mettaformat":
-            ckpt = read_checkpoint(path, device=device, lazy=lazy)
-        elif kind == "safetensors":
-            ckpt = _read_safetensors(path)
-        elif kind in ("dcp", "torch-dcp"):
-            from mettaformat.dcp.consolidate import read_dcp
+        if is_remote_uri(path):
+            from mettaformat.remote.formats import read_remote
 
-            ckpt = read_dcp(path)
+            ckpt, kind = read_remote(os.fspath(path), device=device, lazy=lazy)
+            ckpt.uri = ckpt.uri or os.fspath(path)
         else:
-            from mettaformat.legacy import import_legacy
-
-            ckpt = import_legacy(path)
+            ckpt, kind = _read_local(path, device=device, lazy=lazy)
         check_checkpoint(ckpt)  # a legacy or safetensors file's fields too, before anything uses them
-        ckpt.uri = ckpt.uri or Path(path).resolve().as_uri()
         if torch.device(device).type != "cpu" and kind != "mettaformat":
             ckpt.tensors = _to_device(ckpt.tensors, device)
         if migrate:
@@ -130,11 +134,29 @@ def load_any(
     return ckpt
 
 
+def _read_local(
+    path: str | os.PathLike[str], *, device: str | torch.device, lazy: bool
+) -> tuple[Checkpoint, FormatName]:
+    kind = sniff_format(path)
+    if kind == "mettaformat":
+        ckpt = read_checkpoint(path, device=device, lazy=lazy)
+    elif kind == "safetensors":
+        ckpt = _read_safetensors(path)
+    elif kind in ("dcp", "torch-dcp"):
+        from mettaformat.dcp.consolidate import read_dcp
+
+        ckpt = read_dcp(path)
+    else:
+        from mettaformat.legacy import import_legacy
+
+        ckpt = import_legacy(path)
+    ckpt.uri = ckpt.uri or Path(path).resolve().as_uri()
+    return ckpt, kind
+
+
 def _read_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
     import safetensors
     import safetensors.torch
-
-    from mettaformat.container.stream_json import parse_alias_metadata
 
     try:
         with safetensors.safe_open(os.fspath(path), "pt") as f:
@@ -142,7 +164,14 @@ def _read_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
         tensors = safetensors.torch.load_file(os.fspath(path))
     except Exception as e:  # safetensors raises its own SafetensorError / OSError variants
         raise FormatError(f"{path}: invalid safetensors file: {e}", region="safetensors") from e
-    aliases = parse_alias_metadata(metadata.pop("mettaformat.aliases", "{}"), tensors, region=f"{path} __metadata__")
+    return safetensors_checkpoint(tensors, metadata, where=str(path))
+
+
+def safetensors_checkpoint(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, where: str) -> Checkpoint:
+    """The :class:`Checkpoint` of a plain safetensors file's tensors and string metadata."""
+    from mettaformat.container.stream_json import parse_alias_metadata
+
+    aliases = parse_alias_metadata(metadata.pop("mettaformat.aliases", "{}"), tensors, region=f"{where} __metadata__")
     for alias, target in aliases.items():
         tensors[alias] = tensors[target]
     metadata.pop("format", None)

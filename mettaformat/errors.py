@@ -26,7 +26,13 @@ messages.
     │   └── UnsafeContentError              the pickle asks for something we never do
     ├── ModelReconstructionError            no registered builder can rebuild the model
     ├── CompatibilityError                  a checkpoint this runtime must refuse
-    └── StoreError                          PolicyStore failures (missing policies, bad URIs)
+    ├── StoreError                          PolicyStore failures (missing policies, bad URIs)
+    └── RemoteError                         object storage / HTTP failures; ``uri`` names the object
+        ├── RemoteNotFoundError (FileNotFoundError)  no object at the URI (404)
+        ├── RemoteAccessError (PermissionError)      access denied (403, 401)
+        ├── RemoteChangedError              the object was replaced while it was being read
+        ├── RemoteTransferError             connection dropped, truncated or failed reply (after retries)
+        └── RemoteUnavailableError          no fsspec backend installed for the URI's scheme
 """
 
 from __future__ import annotations
@@ -50,6 +56,12 @@ __all__ = [
     "LimitExceededError",
     "MettaFormatError",
     "ModelReconstructionError",
+    "RemoteAccessError",
+    "RemoteChangedError",
+    "RemoteError",
+    "RemoteNotFoundError",
+    "RemoteTransferError",
+    "RemoteUnavailableError",
     "StoreError",
     "TensorNotFoundError",
     "UnknownCodecError",
@@ -247,3 +259,35 @@ class CompatibilityError(MettaFormatError):
 
 class StoreError(MettaFormatError):
     """A PolicyStore operation failed (no policies found, bad URI, unknown selector)."""
+
+
+class RemoteError(MettaFormatError):
+    """Reading or writing a remote object (``s3://``, ``gs://``, ``http(s)://``...) failed.
+
+    Attributes:
+        uri: the object concerned.
+    """
+
+    def __init__(self, message: str, *, uri: str, region: str | None = None, offset: int | None = None) -> None:
+        self.uri = uri
+        super().__init__(f"{uri}: {message}", region=region, offset=offset)
+
+
+class RemoteNotFoundError(RemoteError, FileNotFoundError):
+    """No object exists at the URI."""
+
+
+class RemoteAccessError(RemoteError, PermissionError):
+    """The server refused access to the object (missing or wrong credentials)."""
+
+
+class RemoteChangedError(RemoteError):
+    """The object changed (its ETag or generation differs) while it was being read."""
+
+
+class RemoteTransferError(RemoteError):
+    """The transfer failed after retries: connection dropped, truncated reply, server error."""
+
+
+class RemoteUnavailableError(RemoteError):
+    """No fsspec implementation is installed for the URI's scheme (``pip install mettaformat[s3]``)."""

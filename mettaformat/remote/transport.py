@@ -1,0 +1,179 @@
+"""Range requests through fsspec: version pinning, retries with backoff, and errors that name the URI.
+
+Every read of one object version is pinned to the ETag (or generation) seen when it was opened:
+HTTP sends ``If-Match``, S3 sends ``IfMatch``; a server that answers "precondition failed" means
+the object was replaced, which is a :class:`RemoteChangedError`, never a retry. Where the backend
+cannot pin a read, the per-tensor checksums of the header read at open still reject bytes of
+another version.
+
+Transient failures (a dropped connection, a truncated or short reply, 5xx, 429, timeouts) are
+retried with exponential backoff; reads are idempotent, so retrying is always safe. Anything
+else becomes the matching :class:`RemoteError` subclass at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+from mettaformat.errors import (
+    MettaFormatError,
+    RemoteAccessError,
+    RemoteChangedError,
+    RemoteError,
+    RemoteNotFoundError,
+    RemoteTransferError,
+)
+
+__all__ = ["ATTEMPTS", "ObjectVersion", "call", "fetch_range", "stat_object", "translate"]
+
+#: Tries per request (the first included) before a transient failure is reported.
+ATTEMPTS: Final = 4
+#: Seconds before the first retry; doubled each time.
+BACKOFF_S: list[float] = [0.05]
+
+T = TypeVar("T")
+
+
+class _Transient(Exception):
+    """A failure worth retrying (internal)."""
+
+
+class ObjectVersion:
+    """What identifies the version of an object that a reader pinned at open: size and ETag."""
+
+    __slots__ = ("etag", "size")
+
+    def __init__(self, size: int, etag: str | None) -> None:
+        self.size, self.etag = size, etag
+
+
+def _status(e: BaseException) -> int | None:
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(e, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        meta = response.get("ResponseMetadata") or {}
+        code = meta.get("HTTPStatusCode")
+        if isinstance(code, int):
+            return code
+        err = response.get("Error") or {}
+        if err.get("Code") in ("PreconditionFailed", "412"):
+            return 412
+    return None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        out.append(cur)
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def translate(e: BaseException, uri: str, what: str) -> RemoteError | _Transient:
+    """The :class:`RemoteError` for a backend exception, or :class:`_Transient` when a retry may help."""
+    chain = _chain(e)
+    for cause in chain:
+        status = _status(cause)
+        text = str(cause)
+        if status == 412 or "PreconditionFailed" in text or "Precondition Failed" in text:
+            return RemoteChangedError(f"the object changed while it was being read ({what})", uri=uri)
+        if status == 404 or isinstance(cause, FileNotFoundError):
+            return RemoteNotFoundError(f"no such object ({what})", uri=uri)
+        if status in (401, 403) or isinstance(cause, PermissionError):
+            return RemoteAccessError(f"access denied ({what})", uri=uri)
+        if status is not None and (status >= 500 or status == 429):
+            return _Transient(f"server error {status}")
+        if status is not None and status >= 400:
+            return RemoteTransferError(f"server answered {status} ({what})", uri=uri)
+    # Connection resets, payload errors, timeouts, botocore streaming errors: all transient.
+    return _Transient(f"{type(e).__name__}: {e}")
+
+
+def call(fn: Callable[[], T], uri: str, what: str) -> T:
+    """Run one request with retries; backend exceptions become :class:`RemoteError` naming ``uri``."""
+    delay = BACKOFF_S[0]
+    last = ""
+    for attempt in range(ATTEMPTS):
+        try:
+            return fn()
+        except MettaFormatError:
+            raise
+        except (Exception, asyncio.CancelledError) as e:  # every backend error is translated
+            outcome = translate(e, uri, what)
+            if isinstance(outcome, RemoteError):
+                raise outcome from e
+            last = str(outcome)
+        if attempt + 1 < ATTEMPTS:
+            time.sleep(delay)
+            delay *= 2
+    raise RemoteTransferError(f"{what} failed after {ATTEMPTS} attempts: {last}", uri=uri)
+
+
+def stat_object(fs: Any, path: str, uri: str) -> ObjectVersion:
+    """Size and ETag (or generation) of the object, from one metadata request."""
+    info = call(lambda: fs.info(path), uri, "reading its size")
+    if info.get("type") == "directory":
+        raise RemoteNotFoundError("is a directory, not an object", uri=uri)
+    size = info.get("size")
+    if not isinstance(size, int):
+        raise RemoteTransferError("the server did not report the object's size", uri=uri)
+    return ObjectVersion(size, version_tag(info))
+
+
+def version_tag(info: dict[str, Any]) -> str | None:
+    for key in ("ETag", "etag", "generation", "VersionId"):
+        value = info.get(key)
+        if value:
+            return str(value)
+    return None
+
+
+def _pinned_read(fs: Any, path: str, start: int, end: int, etag: str | None) -> bytes:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if etag is not None and protocol in ("http", "https"):
+        data: bytes = fs.cat_file(path, start=start, end=end, headers={"If-Match": etag})
+        return data
+    if etag is not None and protocol in ("s3", "s3a") and hasattr(fs, "_call_s3"):
+        return _s3_pinned_read(fs, path, start, end, etag)
+    data = fs.cat_file(path, start=start, end=end)
+    return data
+
+
+def _s3_pinned_read(fs: Any, path: str, start: int, end: int, etag: str) -> bytes:
+    from fsspec.asyn import sync
+
+    bucket, key, version = fs.split_path(path)
+
+    async def get() -> bytes:
+        extra = {"VersionId": version} if version else {}
+        resp = await fs._call_s3(
+            "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag, **extra
+        )
+        body = resp["Body"]
+        try:
+            data: bytes = await body.read()
+        finally:
+            body.close()
+        return data
+
+    result: bytes = sync(fs.loop, get)
+    return result
+
+
+def fetch_range(fs: Any, path: str, uri: str, start: int, end: int, version: ObjectVersion) -> bytes:
+    """Bytes ``[start, end)`` of the pinned object version, retried; a short reply is a transient failure."""
+
+    def once() -> bytes:
+        data = _pinned_read(fs, path, start, end, version.etag)
+        if len(data) != end - start:
+            raise _Transient(f"reply of {len(data)} bytes for a {end - start}-byte range")
+        return data
+
+    return call(once, uri, f"bytes {start}-{end - 1}")
