@@ -1,0 +1,197 @@
+"""Real servers on the loopback interface for the remote tests, the docs' examples and the benchmark.
+
+- :class:`RangeServer`: a small aiohttp server for objects held in memory. It honours ``Range``,
+  ``If-Match`` and ``ETag``, counts the requests and body bytes it serves, and injects faults
+  (a dropped connection mid-reply, a truncated reply, 403, 500) on request.
+- :func:`moto_s3`: moto's S3 in server mode on a free port, reached by s3fs over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RangeServer", "free_port", "moto_s3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class _Fault:
+    kind: str  # "drop", "truncate", "403", "500", "replace"
+    times: float  # how many requests it applies to
+    replacement: bytes = b""
+
+
+@dataclass
+class RangeServer:
+    objects: dict[str, bytes] = field(default_factory=dict)
+    requests: int = 0
+    bytes_sent: int = 0
+    log: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, name, range)
+    faults: dict[str, _Fault] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: Any = None
+
+    # -- control ------------------------------------------------------------------------------------
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests = self.bytes_sent = 0
+            self.log.clear()
+
+    def fault(self, name: str, kind: str, times: float = float("inf"), replacement: bytes = b"") -> None:
+        """Make the next ``times`` GETs of ``name`` fail as ``kind`` ("replace": swap the object
+        for ``replacement`` just before serving)."""
+        self.faults[name] = _Fault(kind, times, replacement)
+
+    @staticmethod
+    def etag(data: bytes) -> str:
+        return '"' + hashlib.sha1(data).hexdigest()[:20] + '"'
+
+    # -- serving ------------------------------------------------------------------------------------
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        name = request.match_info["name"]
+        rng = request.headers.get("Range")
+        with self._lock:
+            self.requests += 1
+            self.log.append((request.method, name, rng))
+            fault = self.faults.get(name)
+            if fault is not None and request.method == "GET" and fault.times > 0:
+                fault.times -= 1
+            else:
+                fault = None
+            if fault is not None and fault.kind == "replace":
+                self.objects[name] = fault.replacement
+                fault = None
+        if fault is not None and fault.kind in ("403", "500"):
+            return web.Response(status=int(fault.kind), text="refused")
+        data = self.objects.get(name)
+        if data is None:
+            return web.Response(status=404, text="no such object")
+        etag = self.etag(data)
+        if request.headers.get("If-Match") not in (None, "*", etag):
+            return web.Response(status=412, text="precondition failed")
+        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+        if request.method == "HEAD":
+            return web.Response(headers={**headers, "Content-Length": str(len(data))})
+        status, body = 200, data
+        if rng is not None:
+            first, _, last = rng.removeprefix("bytes=").partition("-")
+            start, end = int(first), min(int(last) + 1 if last else len(data), len(data))
+            if start >= len(data):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            status, body = 206, data[start:end]
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        if fault is not None and fault.kind == "drop":
+            resp = web.StreamResponse(status=status, headers={**headers, "Content-Length": str(len(body))})
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+            with self._lock:
+                self.bytes_sent += len(body) // 2
+            request.transport.close()
+            return resp
+        if fault is not None and fault.kind == "truncate":
+            body = body[: len(body) // 2]  # a consistent but short reply
+        with self._lock:
+            self.bytes_sent += len(body)
+        return web.Response(status=status, body=body, headers=headers)
+
+    def start(self) -> RangeServer:
+        from aiohttp import web
+
+        ready = threading.Event()
+        self.port = free_port()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_route("GET", "/{name:.*}", self._handle)
+            app.router.add_route("HEAD", "/{name:.*}", self._handle)
+            self._runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+            loop.run_until_complete(site.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="range-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the loopback HTTP server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+@contextmanager
+def moto_s3(bucket: str = "policies") -> Iterator[str]:
+    """Start moto's S3 server on loopback; point s3fs at it (environment); yield ``s3://bucket``."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }
+    )
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+_S3_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+)
