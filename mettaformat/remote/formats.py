@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 
@@ -19,7 +20,7 @@ from mettaformat.dtypes import dtype_from_tag, itemsize
 from mettaformat.errors import FormatError, MettaFormatError
 from mettaformat.remote.source import RemoteSource
 
-__all__ = ["read_remote", "read_safetensors_remote", "sniff_remote"]
+__all__ = ["read_remote", "read_remote_source", "read_safetensors_remote", "sniff_remote"]
 
 _SNIFF_BYTES = 64
 
@@ -45,10 +46,18 @@ def read_remote(uri: str, *, device: str | torch.device = "cpu", lazy: bool = Tr
     """
     from mettaformat.checkpoint_io import read_checkpoint
 
-    source = RemoteSource(uri)
+    return read_remote_source(
+        RemoteSource(uri), lazy=lazy, reader=lambda s: read_checkpoint(s, device=device, lazy=lazy)  # type: ignore[arg-type]
+    )
+
+
+def read_remote_source(
+    source: RemoteSource, *, lazy: bool, reader: Callable[[RemoteSource], Checkpoint]
+) -> tuple[Checkpoint, str]:
+    """Like :func:`read_remote` for an open source; ``reader`` reads a container."""
     kind = _sniff(source)
     if kind == "mettaformat":
-        return read_checkpoint(source, device=device, lazy=lazy), kind  # type: ignore[arg-type]
+        return reader(source), kind
     if kind == "safetensors":
         return read_safetensors_remote(source), kind
     from mettaformat.legacy import import_legacy_bytes

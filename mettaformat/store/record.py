@@ -69,6 +69,9 @@ class PolicyRecord:
         format: what :func:`mettaformat.anyformat.sniff_format` called it (``"mettaformat"``,
             ``"torch-zip"``...).
         model_type: the registry name used to rebuild the model, if recorded.
+
+    For a checkpoint in object storage, ``uri`` is its URI (``s3://bucket/run/model_0050.mfmt``),
+    ``path`` its bucket/key and ``etag`` the version that was read.
     """
 
     path: Path
@@ -82,6 +85,8 @@ class PolicyRecord:
     format: str
     model_type: str | None = None
     ino: int = field(default=0, repr=False)
+    #: the object's ETag or generation, for checkpoints in object storage
+    etag: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # A frozen record must not share a mutable dict with its creator.

@@ -28,6 +28,7 @@ from mettaformat.anyformat import load_any
 from mettaformat.checkpoint_io import write_checkpoint
 from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
 from mettaformat.errors import StoreError
+from mettaformat.remote.uri import is_remote_uri, join_uri
 from mettaformat.store.cache import DEFAULT_CACHE_SIZE, PolicyCache
 from mettaformat.store.catalog import RecordCatalog, ScanResult
 from mettaformat.store.maintenance import (
@@ -40,7 +41,7 @@ from mettaformat.store.maintenance import (
 )
 from mettaformat.store.record import PolicyRecord, as_int, stat_signature
 from mettaformat.store.retention import RetentionPolicy
-from mettaformat.store.selectors import Mode, Selection, SelectorName, latest_first, select_records
+from mettaformat.store.selectors import Exclusion, Mode, Selection, SelectorName, latest_first, select_records
 from mettaformat.store.uri import check_file_name, local_path, resolve_uri, split_scheme
 
 __all__ = ["PolicyStore", "PolicyStoreWarning"]
@@ -59,7 +60,8 @@ class PolicyStore:
     """Policies in a directory (or any URI), selected by metadata and loaded on demand.
 
     Args:
-        root: the default location: a directory path or ``file://`` URI; where ``save`` writes
+        root: the default location: a directory path, a ``file://`` URI or an object-storage
+            prefix (``s3://bucket/run/``, ``gs://...``); where ``save`` writes
             and what ``policies()`` / ``records()`` / ``prune()`` use when no URI is given.
         cache_size: how many loaded policies to keep (LRU).
         device: where loaded policies are placed.
@@ -78,7 +80,9 @@ class PolicyStore:
         device: str | torch.device = "cpu",
         use_index: bool = True,
     ) -> None:
-        self.root: Path | None = local_path(root) if root is not None else None
+        self.root: Path | str | None = None
+        if root is not None:
+            self.root = os.fspath(root) if is_remote_uri(root) else local_path(root)
         self.device = torch.device(device)
         self.cache: PolicyCache[CacheKey, MettaAgent] = PolicyCache(cache_size)
         self._catalog = RecordCatalog(use_index=use_index)
@@ -100,7 +104,16 @@ class PolicyStore:
         Raises:
             StoreError: an unknown scheme, or a path that does not exist.
         """
-        return self._catalog.scan(resolve_uri(self._uri(uri)))
+        target = self._uri(uri)
+        if is_remote_uri(target):
+            from mettaformat.remote.store import scan_remote
+
+            records, unreadable = scan_remote(target)
+            return ScanResult(
+                records=tuple(records),
+                unreadable=tuple(Exclusion(path=p, reason="unreadable", detail=d) for p, d in unreadable),
+            )
+        return self._catalog.scan(resolve_uri(target))
 
     def records(self, uri: str | os.PathLike[str] | None = None) -> list[PolicyRecord]:
         """Records of the readable checkpoints at ``uri``, newest first. Never loads weights.
@@ -200,6 +213,12 @@ class PolicyStore:
         agent = self.cache.get(key)
         if agent is not None:
             return agent
+        if is_remote_uri(record.uri):  # pinned to the listed ETag: a replaced object is an error
+            from mettaformat.remote.store import load_remote_record
+
+            agent = MettaAgent.from_checkpoint(load_remote_record(record, self.device), device=self.device)
+            self.cache.put(key, agent)
+            return agent
         self._check_unchanged(record, "since it was listed")
         ckpt = load_any(record.path, device=self.device)
         agent = MettaAgent.from_checkpoint(ckpt, device=self.device)
@@ -264,6 +283,8 @@ class PolicyStore:
         else:
             raise TypeError(f"PolicyStore.save needs agent=<MettaAgent or nn.Module>, got {type(agent).__name__}")
         merged = {**base.metadata, **dict(metadata or {})}
+        if self._remote(path):
+            return self._save_remote(base, merged, name, path, compression, level)
         target = self._target(name, path, merged)
         if not overwrite and os.path.lexists(target):
             raise StoreError(
@@ -285,6 +306,44 @@ class PolicyStore:
             raise StoreError(f"saved {target}, but cannot read it back: {detail}", region=str(target))
         return scan.records[0]
 
+    def _remote(self, path: str | os.PathLike[str] | None) -> bool:
+        return is_remote_uri(path) if path is not None else isinstance(self.root, str)
+
+    def _save_remote(
+        self,
+        base: MettaAgent,
+        merged: dict[str, Any],
+        name: str | None,
+        path: str | os.PathLike[str] | None,
+        compression: Compression,
+        level: int,
+    ) -> PolicyRecord:
+        from mettaformat.remote.store import list_objects, read_remote_record
+
+        if path is not None:
+            target = os.fspath(path)
+            check_file_name(target.rsplit("/", 1)[-1])
+        else:
+            assert isinstance(self.root, str)
+            target = join_uri(self.root, check_file_name(name or self._default_name(merged)))
+        if not target.endswith(STORE_SUFFIX):
+            raise StoreError(f"PolicyStore writes mettaformat containers; {target!r} must end in {STORE_SUFFIX}")
+        ckpt = base.to_checkpoint()
+        ckpt.metadata = merged
+        ckpt.name = base.name or target.rsplit("/", 1)[-1]
+        ckpt.uri = target
+        write_checkpoint(ckpt, target, compression=compression, level=level)  # uploaded whole, then visible
+        return read_remote_record(list_objects(target)[0])
+
+    @staticmethod
+    def _default_name(metadata: Mapping[str, Any]) -> str:
+        epoch = as_int(metadata.get("epoch"))
+        if epoch is None or epoch < 0:
+            raise StoreError(
+                "cannot name the checkpoint: the metadata has no non-negative integer 'epoch'; pass name= or path="
+            )
+        return f"model_{epoch:04d}{STORE_SUFFIX}"
+
     def _target(self, name: str | None, path: str | os.PathLike[str] | None, metadata: Mapping[str, Any]) -> Path:
         if path is not None:
             target = local_path(path)
@@ -293,14 +352,8 @@ class PolicyStore:
             if self.root is None:
                 raise StoreError("PolicyStore.save needs path=... when the store has no root")
             if name is None:
-                epoch = as_int(metadata.get("epoch"))
-                if epoch is None or epoch < 0:
-                    raise StoreError(
-                        "cannot name the checkpoint: the metadata has no non-negative integer 'epoch'; "
-                        "pass name= or path="
-                    )
-                name = f"model_{epoch:04d}{STORE_SUFFIX}"
-            target = self.root / check_file_name(name)
+                name = self._default_name(metadata)
+            target = Path(self.root) / check_file_name(name)
         if target.suffix != STORE_SUFFIX:
             raise StoreError(f"PolicyStore writes mettaformat containers; {target.name!r} must end in {STORE_SUFFIX}")
         return target
@@ -375,8 +428,14 @@ class PolicyStore:
             preview = report(plan.doomed, temp_files(True), True)
             if dry_run or (confirm is not None and not confirm(preview)):
                 return preview
-        deleted, not_deleted = delete_records(plan.doomed)
-        skipped.extend(not_deleted)
+        if is_remote_uri(target):
+            from mettaformat.remote.store import delete_remote_records
+
+            deleted, not_deleted_remote = delete_remote_records(plan.doomed)
+            skipped.extend(SkippedFile(p, why) for p, why in not_deleted_remote)
+        else:
+            deleted, not_deleted = delete_records(plan.doomed)
+            skipped.extend(not_deleted)
         self._forget(deleted)
         return report(deleted, temp_files(False), False)
 
@@ -404,8 +463,10 @@ class PolicyStore:
 
     @staticmethod
     def _directories(target: str, scan: ScanResult) -> set[Path]:
-        dirs = {r.path.parent for r in scan.records}
         scheme, _ = split_scheme(target)
+        if is_remote_uri(target):
+            return set()  # temp keys: uploads to S3/GCS have none; others are moved into place at once
+        dirs = {r.path.parent for r in scan.records}
         if scheme in (None, "file"):
             path = local_path(target)
             if path.is_dir():

@@ -1,0 +1,180 @@
+"""The PolicyStore's listing, records, loads and deletes for a bucket or HTTP-listable prefix.
+
+A listing gives every object's size and ETag, so a record costs exactly one range request (the
+header); records are read ``IN_FLIGHT`` at a time and remembered per URI + ETag, so selecting
+again costs only the listing. Loading and deleting are pinned to the ETag that was listed: a
+policy re-saved in between is reported, never silently swapped.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+
+from mettaformat.errors import MettaFormatError, RemoteChangedError, RemoteNotFoundError
+from mettaformat.remote.source import IN_FLIGHT, RemoteSource
+from mettaformat.remote.transport import call, version_tag
+from mettaformat.remote.uri import filesystem
+from mettaformat.store.record import PolicyRecord, agent_step_of, effective_epoch
+from mettaformat.store.uri import is_listable_name
+
+__all__ = ["RemoteObject", "delete_remote_records", "list_objects", "load_remote_record", "scan_remote"]
+
+_GLOB: Final = re.compile(r"[*?[]")
+_MEMO_LIMIT: Final = 100_000
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    uri: str
+    path: str  # within the filesystem (bucket/key)
+    size: int
+    etag: str | None
+    mtime_ns: int
+
+
+def _mtime_ns(info: dict[str, Any]) -> int:
+    value = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("last_modified")
+    if hasattr(value, "timestamp"):
+        return int(value.timestamp() * 1e9)
+    if isinstance(value, (int, float)):
+        return int(value * 1e9)
+    return 0
+
+
+def list_objects(uri: str) -> list[RemoteObject]:
+    """The checkpoint objects a URI names: one object, a prefix ("directory") or a glob.
+
+    Raises:
+        RemoteNotFoundError: nothing exists at the URI.
+        RemoteError: the listing failed.
+    """
+    fs, path = filesystem(uri)
+    scheme = uri.split("://", 1)[0]
+    fs.invalidate_cache()  # a listing must show what is there now, not what was there before
+    if _GLOB.search(path):
+        infos = list(call(lambda: fs.glob(path, detail=True), uri, "listing").values())
+    else:
+        info = call(lambda: fs.info(path), uri, "listing")
+        if info.get("type") == "file":
+            infos = [info]
+        else:
+            infos = call(lambda: fs.ls(path, detail=True), uri, "listing")
+    out = []
+    for info in infos:
+        name = info["name"].rstrip("/")
+        base = name.rsplit("/", 1)[-1]
+        if info.get("type") != "file" or not is_listable_name(base):
+            continue
+        full = name if "://" in name else f"{scheme}://{name}"
+        out.append(RemoteObject(full, name, int(info.get("size") or 0), version_tag(info), _mtime_ns(info)))
+    out.sort(key=lambda o: o.uri)
+    return out
+
+
+_memo: dict[tuple[str, str], PolicyRecord] = {}
+_memo_lock = threading.Lock()
+
+
+def read_remote_record(obj: RemoteObject) -> PolicyRecord:
+    """One object's record from its header (one range request); legacy pickles are read whole."""
+    from mettaformat.checkpoint_io import read_checkpoint
+    from mettaformat.migrations import apply_migrations
+    from mettaformat.remote.formats import read_remote_source
+
+    key = (obj.uri, obj.etag) if obj.etag else None
+    if key is not None:
+        with _memo_lock:
+            known = _memo.get(key)
+        if known is not None:
+            return known
+    source = RemoteSource(obj.uri, size=obj.size, etag=obj.etag)
+    ckpt, fmt = read_remote_source(source, lazy=True, reader=lambda s: read_checkpoint(s, with_tensors=False))
+    name = obj.path.rsplit("/", 1)[-1]
+    epoch = effective_epoch(ckpt.metadata, name)
+    apply_migrations(ckpt, warn=False)
+    record = PolicyRecord(
+        path=Path(obj.path),
+        uri=obj.uri,
+        name=name,
+        metadata=ckpt.metadata,
+        epoch=epoch,
+        agent_step=agent_step_of(ckpt.metadata),
+        mtime_ns=obj.mtime_ns,
+        size=obj.size,
+        format=fmt,
+        model_type=ckpt.model_type,
+        etag=obj.etag,
+    )
+    if key is not None:
+        with _memo_lock:
+            if len(_memo) > _MEMO_LIMIT:
+                _memo.clear()
+            _memo[key] = record
+    return record
+
+
+def scan_remote(uri: str) -> tuple[list[PolicyRecord], list[tuple[Path, str]]]:
+    """Records of every checkpoint at ``uri`` (headers read in parallel), and the unreadable objects."""
+    objects = list_objects(uri)
+    records: list[PolicyRecord] = []
+    unreadable: list[tuple[Path, str]] = []
+
+    def one(obj: RemoteObject) -> PolicyRecord | tuple[Path, str] | None:
+        try:
+            return read_remote_record(obj)
+        except RemoteNotFoundError:
+            return None  # deleted since it was listed
+        except MettaFormatError as e:
+            return (Path(obj.path), str(e))
+
+    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="mettaformat-scan") as pool:
+        for result in pool.map(one, objects):
+            if isinstance(result, PolicyRecord):
+                records.append(result)
+            elif result is not None:
+                unreadable.append(result)
+    return records, unreadable
+
+
+def load_remote_record(record: PolicyRecord, device: str | torch.device) -> Any:
+    """The checkpoint of ``record``, read from the version that was listed.
+
+    Raises:
+        RemoteChangedError: the object was replaced since it was listed.
+    """
+    from mettaformat.checkpoint_io import read_checkpoint
+    from mettaformat.migrations import apply_migrations
+    from mettaformat.remote.formats import read_remote_source
+
+    source = RemoteSource(record.uri, size=record.size, etag=record.etag)
+    ckpt, _ = read_remote_source(source, lazy=False, reader=lambda s: read_checkpoint(s, device=device, lazy=False))
+    ckpt.uri = ckpt.uri or record.uri
+    apply_migrations(ckpt)
+    return ckpt
+
+
+def delete_remote_records(records: list[PolicyRecord]) -> tuple[list[PolicyRecord], list[tuple[Path, str]]]:
+    """Delete each record's object if it still has the ETag that was listed; (deleted, skipped)."""
+    deleted: list[PolicyRecord] = []
+    skipped: list[tuple[Path, str]] = []
+    for record in records:
+        fs, path = filesystem(record.uri)
+        try:
+            info = call(lambda: fs.info(path), record.uri, "checking before delete")  # noqa: B023
+            if record.etag is not None and version_tag(info) != record.etag:
+                raise RemoteChangedError("changed since it was listed", uri=record.uri)
+            call(lambda: fs.rm_file(path), record.uri, "deleting")  # noqa: B023
+        except RemoteNotFoundError:
+            pass  # already gone
+        except MettaFormatError as e:
+            skipped.append((record.path, str(e)))
+            continue
+        deleted.append(record)
+    return deleted, skipped
