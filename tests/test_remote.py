@@ -1,0 +1,271 @@
+"""Remote checkpoints against real servers on loopback: a counting Range HTTP server and moto's S3."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import mettaformat as mf
+from mettaformat.errors import (
+    IntegrityError,
+    RemoteAccessError,
+    RemoteChangedError,
+    RemoteError,
+    RemoteNotFoundError,
+    RemoteTransferError,
+)
+from mettaformat.remote import RangeCache, cache, transport
+from mettaformat.remote.source import FIRST_READ, RemoteSource
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from tests.remote_servers import RangeServer, moto_s3
+
+TENSORS = {f"layer{i}.weight": torch.randn(64, 1024, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+TENSOR_BYTES = 64 * 1024 * 4
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[RangeServer]:
+    server = RangeServer().start()
+    server.objects["raw.mfmt"] = mf.save(TENSORS, metadata={"epoch": 7, "score": 0.5})
+    server.objects["zstd.mfmt"] = mf.save(TENSORS, metadata={"epoch": 8}, compression="zstd")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "BACKOFF_S", [0.001])
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    with moto_s3() as bucket:
+        yield bucket
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- lazy reads ---------------------------------------------------------------------------------------
+def test_open_reads_only_the_header(http: RangeServer) -> None:
+    http.reset_counts()
+    with mf.open(http.url("raw.mfmt")) as ckpt:
+        assert ckpt.metadata == {"epoch": 7, "score": 0.5}
+        assert ckpt.keys() == list(TENSORS)
+        assert http.requests <= 2  # size/ETag, then one range read that covers the header
+        assert http.bytes_sent <= FIRST_READ < len(http.objects["raw.mfmt"])
+
+
+def test_get_tensor_fetches_its_own_range_and_verifies_it(http: RangeServer) -> None:
+    with mf.open(http.url("raw.mfmt")) as ckpt:
+        http.reset_counts()
+        assert torch.equal(ckpt.get_tensor("layer4.weight"), TENSORS["layer4.weight"])
+        assert http.requests == 1 and http.bytes_sent == TENSOR_BYTES
+    data = bytearray(http.objects["raw.mfmt"])
+    with mf.open(http.url("raw.mfmt")) as ckpt:  # damage the tensor after open: the checksum catches it
+        entry = ckpt.header.section("model").by_name()["layer5.weight"]
+        at = ckpt.header.section("model").offset + ckpt.header.section("model").stream_header_length + entry.begin
+        data[at + 100] ^= 0xFF
+        http.objects["raw.mfmt"], original = bytes(data), http.objects["raw.mfmt"]
+        try:
+            with pytest.raises((IntegrityError, RemoteChangedError)):
+                ckpt.get_tensor("layer5.weight")
+        finally:
+            http.objects["raw.mfmt"] = original
+
+
+@pytest.mark.parametrize("name", ["raw.mfmt", "zstd.mfmt"])
+def test_whole_load_over_http(http: RangeServer, name: str) -> None:
+    http.reset_counts()
+    assert _same(mf.load_file(http.url(name)), TENSORS)
+    assert http.bytes_sent <= len(http.objects[name]) + FIRST_READ
+
+
+def test_zstd_tensor_decodes_only_its_frames(http: RangeServer) -> None:
+    with mf.open(http.url("zstd.mfmt")) as ckpt:
+        http.reset_counts()
+        assert torch.equal(ckpt.get_tensor("layer2.weight"), TENSORS["layer2.weight"])
+        assert http.requests == 1 and http.bytes_sent < TENSOR_BYTES
+
+
+def test_large_range_is_split_into_parallel_pieces(http: RangeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mettaformat.remote import source
+
+    monkeypatch.setattr(source, "PIECE", 64 << 10)
+    http.reset_counts()
+    assert _same(mf.load_file(http.url("raw.mfmt")), TENSORS)
+    pieces = [r for m, n, r in http.log if m == "GET" and n == "raw.mfmt"]
+    assert len(pieces) >= (len(http.objects["raw.mfmt"]) - FIRST_READ) // (64 << 10)  # the first read is reused
+
+
+def test_legacy_pickle_and_safetensors_over_http(http: RangeServer) -> None:
+    import safetensors.torch
+
+    buf = io.BytesIO()
+    torch.save(TENSORS, buf)
+    http.objects["legacy.pt"] = buf.getvalue()
+    http.objects["plain.safetensors"] = safetensors.torch.save(TENSORS, metadata={"note": "x"})
+    assert _same(dict(mf.load_any(http.url("legacy.pt")).tensors), TENSORS)
+    ckpt = mf.load_any(http.url("plain.safetensors"))
+    assert _same(dict(ckpt.tensors), TENSORS) and ckpt.metadata == {"note": "x"}
+    assert mf.load_any(http.url("raw.mfmt")).uri == http.url("raw.mfmt")
+
+
+# -- faults -------------------------------------------------------------------------------------------
+def test_missing_and_forbidden_objects(http: RangeServer) -> None:
+    with pytest.raises(RemoteNotFoundError, match=r"nothing\.mfmt"):
+        mf.open(http.url("nothing.mfmt"))
+    http.objects["secret.mfmt"] = http.objects["raw.mfmt"]
+    http.fault("secret.mfmt", "403")
+    try:
+        with pytest.raises(RemoteAccessError, match=r"secret\.mfmt"):
+            mf.load_file(http.url("secret.mfmt"))
+    finally:
+        http.faults.clear()
+
+
+@pytest.mark.parametrize("kind", ["drop", "truncate", "500"])
+def test_transient_fault_is_retried(http: RangeServer, kind: str) -> None:
+    http.fault("raw.mfmt", kind, times=1)
+    try:
+        http.reset_counts()
+        assert _same(mf.load_file(http.url("raw.mfmt")), TENSORS)
+        assert http.faults["raw.mfmt"].times == 0  # the fault happened, and a retry succeeded
+    finally:
+        http.faults.clear()
+
+
+@pytest.mark.parametrize("kind", ["drop", "truncate"])
+def test_persistent_fault_is_an_error_naming_the_uri(http: RangeServer, kind: str) -> None:
+    with mf.open(http.url("raw.mfmt")) as ckpt:
+        http.fault("raw.mfmt", kind)
+        try:
+            with pytest.raises(RemoteTransferError, match=r"raw\.mfmt.*attempts"):
+                ckpt.get_tensor("layer1.weight")
+            with pytest.raises(RemoteTransferError, match=r"raw\.mfmt"):
+                ckpt.load_section()
+        finally:
+            http.faults.clear()
+
+
+def test_object_replaced_during_a_read_is_an_error(http: RangeServer) -> None:
+    other = {k: v + 1 for k, v in TENSORS.items()}
+    http.objects["moving.mfmt"] = http.objects["raw.mfmt"]
+    with mf.open(http.url("moving.mfmt")) as ckpt:
+        http.fault("moving.mfmt", "replace", times=1, replacement=mf.save(other, metadata={"epoch": 9}))
+        with pytest.raises(RemoteChangedError, match=r"moving\.mfmt.*changed"):
+            ckpt.load_section()
+        with pytest.raises(RemoteChangedError):
+            ckpt.get_tensor("layer0.weight")
+    assert _same(mf.load_file(http.url("moving.mfmt")), other)  # a fresh open reads the new version
+
+
+def test_http_is_not_writable(http: RangeServer) -> None:
+    with pytest.raises(RemoteError, match=r"new\.mfmt"):
+        mf.save_file(TENSORS, http.url("new.mfmt"))
+    assert "new.mfmt" not in http.objects
+
+
+# -- cache --------------------------------------------------------------------------------------------
+def test_cache_serves_repeated_reads(http: RangeServer, tmp_path: Path) -> None:
+    store = RangeCache(tmp_path / "cache", max_bytes=1 << 30)
+    for _ in range(2):
+        http.reset_counts()
+        source = RemoteSource(http.url("raw.mfmt"), cache=store)
+        with mf.open(source) as ckpt:
+            assert torch.equal(ckpt.get_tensor("layer3.weight"), TENSORS["layer3.weight"])
+    assert http.requests == 1 and http.bytes_sent == 0  # only the ETag check went to the server
+    assert store.hits == 2
+    small = RangeCache(tmp_path / "small", max_bytes=300_000)
+    for name in TENSORS:
+        with mf.open(RemoteSource(http.url("raw.mfmt"), cache=small)) as ckpt:
+            ckpt.get_tensor(name)
+    assert small.size() <= 300_000
+
+
+def test_cache_from_environment(http: RangeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MF_CACHE_DIR", str(tmp_path / "env-cache"))
+    monkeypatch.setattr(cache, "_configured", None)
+    mf.load_file(http.url("zstd.mfmt"))
+    http.reset_counts()
+    assert _same(mf.load_file(http.url("zstd.mfmt")), TENSORS)
+    assert http.bytes_sent == 0
+
+
+# -- S3 -----------------------------------------------------------------------------------------------
+def test_s3_save_open_load(s3: str) -> None:
+    uri = f"{s3}/basic/model.mfmt"
+    mf.save_file(TENSORS, uri, metadata={"epoch": 1}, compression="zstd")
+    with mf.open(uri) as ckpt:
+        assert ckpt.metadata == {"epoch": 1}
+        assert torch.equal(ckpt.get_tensor("layer0.weight"), TENSORS["layer0.weight"])
+    assert _same(mf.load_file(uri), TENSORS)
+    with pytest.raises(RemoteNotFoundError, match=r"absent\.mfmt"):
+        mf.load_file(f"{s3}/basic/absent.mfmt")
+
+
+def test_failed_save_leaves_nothing_visible(s3: str) -> None:
+    import s3fs
+
+    with pytest.raises(mf.MettaFormatError):
+        mf.save_file({"bad": torch.zeros(2).to_sparse()}, f"{s3}/failed/model.mfmt")
+    assert not s3fs.S3FileSystem().exists(f"{s3}/failed/model.mfmt")
+
+
+def test_s3_object_replaced_after_open(s3: str) -> None:
+    uri = f"{s3}/replace/model.mfmt"
+    mf.save_file(TENSORS, uri)
+    with mf.open(uri) as ckpt:
+        mf.save_file({k: v * 2 for k, v in TENSORS.items()}, uri)
+        with pytest.raises(RemoteChangedError, match=r"replace/model\.mfmt"):
+            ckpt.get_tensor("layer0.weight")
+
+
+def test_store_over_s3_selects_from_headers(s3: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    small = {"w": torch.zeros(256)}
+    scores = [math.sin(i) for i in range(120)]
+    fs.pipe(
+        {
+            f"{s3}/run/model_{i:04d}.mfmt": mf.save(small, metadata={"epoch": i, "agent_step": i, "score": s})
+            for i, s in enumerate(scores)
+        }
+    )
+    store = mf.PolicyStore(f"{s3}/run/")
+    selection = store.select(n=5, metric="score")
+    best = sorted(range(120), key=lambda i: -scores[i])[:5]
+    assert [r.epoch for r in selection.records] == best
+    assert selection.records[0].uri == f"{s3}/run/model_{best[0]:04d}.mfmt"
+    assert store.records()[0].epoch == 119
+    report = store.prune(mf.store.LatestN(10))
+    assert len(report.deleted) == 110
+    assert len(fs.ls(f"{s3}/run/")) == 10
+
+
+def test_store_save_and_load_over_s3(s3: str) -> None:
+    mf.register_model_type("remote_linear", lambda attrs, meta, cfg: torch.nn.Linear(4, 2), replace=True)
+    store = mf.PolicyStore(f"{s3}/agents/")
+    record = store.save(agent=torch.nn.Linear(4, 2), model_type="remote_linear", metadata={"epoch": 3, "score": 1.5})
+    assert record.uri == f"{s3}/agents/model_0003.mfmt" and record.metadata["score"] == 1.5
+    agent = store.policy()
+    assert isinstance(agent, mf.MettaAgent) and agent.metadata["epoch"] == 3
+
+
+def test_cli_ls_accepts_a_uri(s3: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from mettaformat.cli.main import main
+
+    mf.save_file(TENSORS, f"{s3}/cli/model_0001.mfmt", metadata={"epoch": 1, "score": 2.0})
+    assert main(["ls", f"{s3}/cli/"]) == 0
+    assert "model_0001.mfmt" in capsys.readouterr().out
