@@ -51,7 +51,7 @@ class ObjectVersion:
 
 
 def _status(e: BaseException) -> int | None:
-    status = getattr(e, "status", None) or getattr(e, "code", None)
+    status = getattr(e, "status", None)  # aiohttp replies; not `code` (a parse error has code 400)
     if isinstance(status, int):
         return status
     response = getattr(e, "response", None)  # botocore ClientError

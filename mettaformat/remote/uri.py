@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 from mettaformat.errors import RemoteUnavailableError
 
-__all__ = ["filesystem", "is_remote_uri", "join_uri", "local_file"]
+__all__ = ["filesystem", "fsspec_knows", "is_remote_uri", "join_uri", "local_file"]
 
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 #: The extra that installs each scheme's fsspec backend.
@@ -28,6 +28,18 @@ def is_remote_uri(path: str | os.PathLike[str]) -> bool:
         return False
     m = _SCHEME.match(path)
     return m is not None and m.group(1).lower() != "file"
+
+
+def fsspec_knows(uri: str) -> bool:
+    """True for a remote URI whose scheme fsspec implements (or could, once fsspec is installed)."""
+    if not is_remote_uri(uri):
+        return False
+    try:
+        from fsspec.registry import known_implementations, registry
+    except ImportError:
+        return True  # reading it will then say which package to install
+    scheme = uri.split("://", 1)[0].lower()
+    return scheme in known_implementations or scheme in registry
 
 
 def local_file(path: str | os.PathLike[str]) -> Path:

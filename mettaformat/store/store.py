@@ -28,7 +28,7 @@ from mettaformat.anyformat import load_any
 from mettaformat.checkpoint_io import write_checkpoint
 from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
 from mettaformat.errors import StoreError
-from mettaformat.remote.uri import is_remote_uri, join_uri
+from mettaformat.remote.uri import fsspec_knows, is_remote_uri, join_uri
 from mettaformat.store.cache import DEFAULT_CACHE_SIZE, PolicyCache
 from mettaformat.store.catalog import RecordCatalog, ScanResult
 from mettaformat.store.maintenance import (
@@ -42,7 +42,7 @@ from mettaformat.store.maintenance import (
 from mettaformat.store.record import PolicyRecord, as_int, stat_signature
 from mettaformat.store.retention import RetentionPolicy
 from mettaformat.store.selectors import Exclusion, Mode, Selection, SelectorName, latest_first, select_records
-from mettaformat.store.uri import check_file_name, local_path, resolve_uri, split_scheme
+from mettaformat.store.uri import check_file_name, local_path, registered_schemes, resolve_uri, split_scheme
 
 __all__ = ["PolicyStore", "PolicyStoreWarning"]
 
@@ -105,7 +105,7 @@ class PolicyStore:
             StoreError: an unknown scheme, or a path that does not exist.
         """
         target = self._uri(uri)
-        if is_remote_uri(target):
+        if _object_storage(target):
             from mettaformat.remote.store import scan_remote
 
             records, unreadable = scan_remote(target)
@@ -428,7 +428,7 @@ class PolicyStore:
             preview = report(plan.doomed, temp_files(True), True)
             if dry_run or (confirm is not None and not confirm(preview)):
                 return preview
-        if is_remote_uri(target):
+        if _object_storage(target):
             from mettaformat.remote.store import delete_remote_records
 
             deleted, not_deleted_remote = delete_remote_records(plan.doomed)
@@ -464,7 +464,7 @@ class PolicyStore:
     @staticmethod
     def _directories(target: str, scan: ScanResult) -> set[Path]:
         scheme, _ = split_scheme(target)
-        if is_remote_uri(target):
+        if _object_storage(target):
             return set()  # temp keys: uploads to S3/GCS have none; others are moved into place at once
         dirs = {r.path.parent for r in scan.records}
         if scheme in (None, "file"):
@@ -472,6 +472,11 @@ class PolicyStore:
             if path.is_dir():
                 dirs.add(Path(os.path.abspath(path)))
         return dirs
+
+
+def _object_storage(uri: str) -> bool:
+    """A URI listed through fsspec: remote, and no handler registered for its scheme."""
+    return fsspec_knows(uri) and split_scheme(uri)[0] not in registered_schemes()
 
 
 def _nothing_found(uri: str, selection: Selection) -> str:
