@@ -67,6 +67,7 @@ class RemoteSource:
         size, etag: the object's size and ETag when already known (from a listing): opening
             then costs only the first range request.
         cache: a :class:`RangeCache`; default: :func:`default_cache` (``MF_CACHE_DIR``).
+        first_read: bytes read at open (the header of most checkpoints fits ``FIRST_READ``).
 
     Raises:
         RemoteError subclasses naming the URI.
@@ -75,7 +76,13 @@ class RemoteSource:
     mappable = False
 
     def __init__(
-        self, uri: str, *, size: int | None = None, etag: str | None = None, cache: RangeCache | None = None
+        self,
+        uri: str,
+        *,
+        size: int | None = None,
+        etag: str | None = None,
+        cache: RangeCache | None = None,
+        first_read: int = FIRST_READ,
     ) -> None:
         self.name = uri
         self.fs, self.fs_path = filesystem(uri)
@@ -87,7 +94,7 @@ class RemoteSource:
         self._stats_lock = threading.Lock()
         self._starts: list[int] = []  # held regions: sorted starts, and their bytes
         self._held: list[bytes | bytearray] = []
-        first = min(self.size, FIRST_READ)
+        first = min(self.size, first_read)
         if first:
             self._hold(0, self.fetch(0, first))
 

@@ -22,19 +22,21 @@ from mettaformat.remote.source import IN_FLIGHT, RemoteSource
 from mettaformat.remote.transport import call, version_tag
 from mettaformat.remote.uri import filesystem
 from mettaformat.store.record import PolicyRecord, agent_step_of, effective_epoch
-from mettaformat.store.uri import is_listable_name
+from mettaformat.store.uri import INDEX_FILE_NAME, is_listable_name
 
 __all__ = ["RemoteObject", "delete_remote_records", "list_objects", "load_remote_record", "scan_remote"]
 
 _GLOB: Final = re.compile(r"[*?[]")
 _MEMO_LIMIT: Final = 100_000
+#: The first read of a listed object: a policy's header (metadata and index) is a few kB.
+RECORD_FIRST_READ: Final = 16 << 10
 
 
 @dataclass(frozen=True)
 class RemoteObject:
     uri: str
     path: str  # within the filesystem (bucket/key)
-    size: int
+    size: int | None  # None where the listing does not say (HTTP index pages)
     etag: str | None
     mtime_ns: int
 
@@ -55,27 +57,38 @@ def list_objects(uri: str) -> list[RemoteObject]:
         RemoteNotFoundError: nothing exists at the URI.
         RemoteError: the listing failed.
     """
+    return _list(uri)[0]
+
+
+def _list(uri: str) -> tuple[list[RemoteObject], RemoteObject | None, bool]:
+    """The checkpoint objects, the store index object (if any), and whether ``uri`` is a prefix."""
     fs, path = filesystem(uri)
     scheme = uri.split("://", 1)[0]
     fs.invalidate_cache()  # a listing must show what is there now, not what was there before
+    is_prefix = False
     if _GLOB.search(path):
         infos = list(call(lambda: fs.glob(path, detail=True), uri, "listing").values())
+    elif path.endswith("/"):
+        infos, is_prefix = call(lambda: fs.ls(path, detail=True), uri, "listing"), True
     else:
         info = call(lambda: fs.info(path), uri, "listing")
         if info.get("type") == "file":
             infos = [info]
         else:
-            infos = call(lambda: fs.ls(path, detail=True), uri, "listing")
-    out = []
+            infos, is_prefix = call(lambda: fs.ls(path, detail=True), uri, "listing"), True
+    out, index = [], None
     for info in infos:
         name = info["name"].rstrip("/")
         base = name.rsplit("/", 1)[-1]
-        if info.get("type") != "file" or not is_listable_name(base):
-            continue
         full = name if "://" in name else f"{scheme}://{name}"
-        out.append(RemoteObject(full, name, int(info.get("size") or 0), version_tag(info), _mtime_ns(info)))
+        size = info.get("size")
+        obj = RemoteObject(full, name, size if isinstance(size, int) else None, version_tag(info), _mtime_ns(info))
+        if info.get("type") == "file" and base == INDEX_FILE_NAME:
+            index = obj
+        elif info.get("type") == "file" and is_listable_name(base):
+            out.append(obj)
     out.sort(key=lambda o: o.uri)
-    return out
+    return out, index, is_prefix
 
 
 _memo: dict[tuple[str, str], PolicyRecord] = {}
@@ -94,7 +107,9 @@ def read_remote_record(obj: RemoteObject) -> PolicyRecord:
             known = _memo.get(key)
         if known is not None:
             return known
-    source = RemoteSource(obj.uri, size=obj.size, etag=obj.etag)
+    source = RemoteSource(obj.uri, size=obj.size, etag=obj.etag if obj.size is not None else None,
+                          first_read=RECORD_FIRST_READ)
+    obj = RemoteObject(obj.uri, obj.path, source.size, source.version.etag, obj.mtime_ns)
     ckpt, fmt = read_remote_source(source, lazy=True, reader=lambda s: read_checkpoint(s, with_tensors=False))
     name = obj.path.rsplit("/", 1)[-1]
     epoch = effective_epoch(ckpt.metadata, name)
@@ -120,11 +135,31 @@ def read_remote_record(obj: RemoteObject) -> PolicyRecord:
     return record
 
 
-def scan_remote(uri: str) -> tuple[list[PolicyRecord], list[tuple[Path, str]]]:
-    """Records of every checkpoint at ``uri`` (headers read in parallel), and the unreadable objects."""
-    objects = list_objects(uri)
+def scan_remote(uri: str, *, use_index: bool = True) -> tuple[list[PolicyRecord], list[tuple[Path, str]]]:
+    """Records of every checkpoint at ``uri``, and the unreadable objects.
+
+    Records come from the prefix's index where its entry still has the listed ETag, otherwise
+    from the object's header (read in parallel); with ``use_index`` a stale index is rewritten.
+    """
+    from mettaformat.remote.index import read_remote_index, record_from_entry, write_remote_index
+
+    objects, index_object, is_prefix = _list(uri)
     records: list[PolicyRecord] = []
     unreadable: list[tuple[Path, str]] = []
+    prefix = uri if is_prefix else None
+    entries = {}
+    if use_index and prefix is not None and index_object is not None and index_object.size is not None:
+        entries = read_remote_index(prefix, index_object.size, index_object.etag)
+    pending = []
+    for obj in objects:
+        known = None
+        raw = entries.get(obj.path.rsplit("/", 1)[-1])
+        if raw is not None and obj.size is not None:
+            known = record_from_entry(raw, obj.uri, obj.path, obj.size, obj.etag)
+        if known is not None:
+            records.append(known)
+        else:
+            pending.append(obj)
 
     def one(obj: RemoteObject) -> PolicyRecord | tuple[Path, str] | None:
         try:
@@ -135,11 +170,13 @@ def scan_remote(uri: str) -> tuple[list[PolicyRecord], list[tuple[Path, str]]]:
             return (Path(obj.path), str(e))
 
     with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="mettaformat-scan") as pool:
-        for result in pool.map(one, objects):
+        for result in pool.map(one, pending):
             if isinstance(result, PolicyRecord):
                 records.append(result)
             elif result is not None:
                 unreadable.append(result)
+    if use_index and prefix is not None and (pending or len(entries) != len(records)):
+        write_remote_index(prefix, records)
     return records, unreadable
 
 

@@ -14,6 +14,7 @@ else becomes the matching :class:`RemoteError` subclass at once.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
@@ -27,7 +28,7 @@ from mettaformat.errors import (
     RemoteTransferError,
 )
 
-__all__ = ["ATTEMPTS", "ObjectVersion", "call", "fetch_range", "stat_object", "translate"]
+__all__ = ["ATTEMPTS", "STATS", "ObjectVersion", "TransferStats", "call", "fetch_range", "stat_object", "translate"]
 
 #: Tries per request (the first included) before a transient failure is reported.
 ATTEMPTS: Final = 4
@@ -96,11 +97,33 @@ def translate(e: BaseException, uri: str, what: str) -> RemoteError | _Transient
     return _Transient(f"{type(e).__name__}: {e}")
 
 
+class TransferStats:
+    """Requests sent and range bytes received by this process (for benchmarks and diagnostics)."""
+
+    def __init__(self) -> None:
+        self.requests = self.bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, requests: int, nbytes: int) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.requests, self.bytes
+
+
+#: Totals of every request made through :func:`call`.
+STATS = TransferStats()
+
+
 def call(fn: Callable[[], T], uri: str, what: str) -> T:
     """Run one request with retries; backend exceptions become :class:`RemoteError` naming ``uri``."""
     delay = BACKOFF_S[0]
     last = ""
     for attempt in range(ATTEMPTS):
+        STATS.add(1, 0)
         try:
             return fn()
         except MettaFormatError:
@@ -174,6 +197,7 @@ def fetch_range(fs: Any, path: str, uri: str, start: int, end: int, version: Obj
         data = _pinned_read(fs, path, start, end, version.etag)
         if len(data) != end - start:
             raise _Transient(f"reply of {len(data)} bytes for a {end - start}-byte range")
+        STATS.add(0, len(data))
         return data
 
     return call(once, uri, f"bytes {start}-{end - 1}")

@@ -38,6 +38,8 @@ def upload_atomically(uri: str) -> Iterator[int]:
         RemoteError subclasses naming the URI (nothing is left visible under ``uri`` or a temp key).
     """
     fs, path = filesystem(uri)
+    if _protocols(fs) & {"http", "https"}:
+        raise RemoteError("http(s) URLs are read-only; save to s3://, gs:// or a path", uri=uri)
     fd, local = tempfile.mkstemp(suffix=TEMP_SUFFIX)
     try:
         try:

@@ -108,7 +108,7 @@ class PolicyStore:
         if _object_storage(target):
             from mettaformat.remote.store import scan_remote
 
-            records, unreadable = scan_remote(target)
+            records, unreadable = scan_remote(target, use_index=self._catalog.use_index)
             return ScanResult(
                 records=tuple(records),
                 unreadable=tuple(Exclusion(path=p, reason="unreadable", detail=d) for p, d in unreadable),
