@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks [--quick] [--only container,codecs,training,store,legacy,dcp,hotpaths,gpu] [--dir DIR]
+    python -m benchmarks [--quick] [--only container,codecs,training,store,legacy,dcp,hotpaths,gpu,remote] [--dir DIR]
                          [--json OUT.json] [--plot OUT.png] [--report docs/benchmarks.md]
     python -m benchmarks --from-json bench-out/full.json --plot docs/benchmarks.png --report docs/benchmarks.md
 
@@ -24,6 +24,8 @@ Areas (each also runs alone as ``python -m benchmarks.bench_<area>``):
   10 MiB to 1 GiB).
 - ``gpu``: loading onto a GPU against safetensors, ``torch.load`` and fastsafetensors, as a share
   of the pinned host-to-device bandwidth (prints why it is skipped without CUDA).
+- ``remote``: a 1 GiB container and 1,000 small checkpoints on loopback HTTP and S3 servers:
+  requests, bytes and time against downloading whole objects.
 
 ``--quick`` (CI) runs smaller data sets with fewer repeats, in about a minute on 2 idle cores.
 The report goes to stdout; progress to stderr. Every timing is a median of several runs after a
@@ -46,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-AREAS = ("container", "codecs", "training", "store", "legacy", "dcp", "hotpaths", "gpu")
+AREAS = ("container", "codecs", "training", "store", "legacy", "dcp", "hotpaths", "gpu", "remote")
 
 
 def log(msg: str) -> None:
@@ -123,6 +125,10 @@ def run_area(area: str, quick: bool, workdir: Path) -> tuple[str, dict[str, Any]
         from benchmarks import bench_gpu
 
         return _call_main(bench_gpu.main, (["--quick"] if quick else []) + ["--dir", str(workdir)])
+    if area == "remote":
+        from benchmarks import bench_remote
+
+        return _call_main(bench_remote.main, (["--quick"] if quick else []) + ["--dir", str(workdir)])
     raise ValueError(area)
 
 

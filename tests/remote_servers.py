@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["RangeServer", "free_port", "moto_s3"]
@@ -38,7 +39,7 @@ class _Fault:
 
 @dataclass
 class RangeServer:
-    objects: dict[str, bytes] = field(default_factory=dict)
+    objects: dict[str, bytes | Path] = field(default_factory=dict)  # in memory, or served from a file
     requests: int = 0
     bytes_sent: int = 0
     log: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, name, range)
@@ -66,8 +67,19 @@ class RangeServer:
         self.faults[name] = _Fault(kind, times, replacement)
 
     @staticmethod
-    def etag(data: bytes) -> str:
+    def etag(data: bytes | Path) -> str:
+        if isinstance(data, Path):
+            st = data.stat()
+            return f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
         return '"' + hashlib.sha1(data).hexdigest()[:20] + '"'
+
+    @staticmethod
+    def _slice(data: bytes | Path, start: int, end: int) -> bytes:
+        if isinstance(data, Path):
+            with data.open("rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        return data[start:end]
 
     # -- serving ------------------------------------------------------------------------------------
     async def _handle(self, request: Any) -> Any:
@@ -92,19 +104,21 @@ class RangeServer:
         if data is None:
             return web.Response(status=404, text="no such object")
         etag = self.etag(data)
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
         if request.headers.get("If-Match") not in (None, "*", etag):
             return web.Response(status=412, text="precondition failed")
         headers = {"ETag": etag, "Accept-Ranges": "bytes"}
         if request.method == "HEAD":
-            return web.Response(headers={**headers, "Content-Length": str(len(data))})
-        status, body = 200, data
+            return web.Response(headers={**headers, "Content-Length": str(size)})
+        status, start, end = 200, 0, size
         if rng is not None:
             first, _, last = rng.removeprefix("bytes=").partition("-")
-            start, end = int(first), min(int(last) + 1 if last else len(data), len(data))
-            if start >= len(data):
-                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
-            status, body = 206, data[start:end]
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+            start, end = int(first), min(int(last) + 1 if last else size, size)
+            if start >= size:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        body = self._slice(data, start, end)
         if fault is not None and fault.kind == "drop":
             resp = web.StreamResponse(status=status, headers={**headers, "Content-Length": str(len(body))})
             await resp.prepare(request)

@@ -20,6 +20,7 @@ from mettaformat.errors import (
     RemoteTransferError,
 )
 from mettaformat.remote import RangeCache, cache, transport
+from mettaformat.remote import store as remote_store
 from mettaformat.remote.source import FIRST_READ, RemoteSource
 
 pytest.importorskip("aiohttp")
@@ -244,14 +245,25 @@ def test_store_over_s3_selects_from_headers(s3: str) -> None:
         }
     )
     store = mf.PolicyStore(f"{s3}/run/")
+    before = transport.STATS.snapshot()
     selection = store.select(n=5, metric="score")
+    after = transport.STATS.snapshot()
     best = sorted(range(120), key=lambda i: -scores[i])[:5]
     assert [r.epoch for r in selection.records] == best
     assert selection.records[0].uri == f"{s3}/run/model_{best[0]:04d}.mfmt"
-    assert store.records()[0].epoch == 119
+    assert after[1] - before[1] <= 120 * 16 * 1024  # one small header read per object, no weights
+    remote_store._memo.clear()  # as in a fresh process: the index written by the first scan serves it
+    before = transport.STATS.snapshot()
+    assert [r.epoch for r in store.select(n=5, metric="score").records] == best
+    requests = transport.STATS.snapshot()[0] - before[0]
+    assert requests <= 3  # the listing and the index object
+    # A re-saved object's index entry no longer matches its ETag: its header is read again.
+    fs.pipe(f"{s3}/run/model_0119.mfmt", mf.save(small, metadata={"epoch": 119, "agent_step": 119, "score": 9.0}))
+    remote_store._memo.clear()
+    assert store.select(n=1, metric="score").records[0].epoch == 119
     report = store.prune(mf.store.LatestN(10))
     assert len(report.deleted) == 110
-    assert len(fs.ls(f"{s3}/run/")) == 10
+    assert len([p for p in fs.ls(f"{s3}/run/") if p.endswith(".mfmt")]) == 10
 
 
 def test_store_save_and_load_over_s3(s3: str) -> None:
