@@ -29,6 +29,7 @@ from mettaformat.legacy.export import (
     export_v2_full,
 )
 from mettaformat.legacy.graph import storable_checkpoint
+from mettaformat.remote.uri import is_remote_uri, size_of
 
 __all__ = ["CONVERT_TARGETS", "ConvertReport", "ConvertTarget", "convert", "target_for_path", "write_target"]
 
@@ -162,11 +163,18 @@ def convert(
         FormatError, LegacyImportError, IntegrityError: the source cannot be read.
         OSError: the source cannot be opened.
     """
-    src_path, dst_path = Path(src), Path(dst)
+    # URIs (s3://, https://...) stay strings: a Path would fold their "//".
+    src_path = src if is_remote_uri(src) else Path(src)
+    dst_path = dst if is_remote_uri(dst) else Path(dst)
     to = to or target_for_path(dst_path)
     if to is None:
         raise WriteError(f"cannot tell the target format from {os.fspath(dst)!r}; pass to= one of {CONVERT_TARGETS}")
-    refuse_overwriting_input(dst_path, src_path, command="convert")
+    if not isinstance(dst_path, Path) and to != "mfmt":
+        raise WriteError(f"{dst}: only mfmt containers are written to a URI; convert to a local file first")
+    if isinstance(src_path, Path) and isinstance(dst_path, Path):
+        refuse_overwriting_input(dst_path, src_path, command="convert")
+    elif os.fspath(src) == os.fspath(dst):
+        raise WriteError(f"{dst}: refusing to overwrite the source; write elsewhere (or use migrate)")
     source_format = sniff_format(src_path)
     ckpt = load_any(src_path, migrate=False)
     report = write_target(
@@ -186,8 +194,10 @@ def convert(
     )
 
 
-def _size(path: Path) -> int:
-    """A file's size, or the total of a distributed checkpoint directory's files."""
+def _size(path: Path | str) -> int:
+    """A file's or remote object's size, or the total of a distributed checkpoint directory's files."""
+    if not isinstance(path, Path):
+        return size_of(path)
     if path.is_dir():
         from mettaformat.dcp.consolidate import directory_bytes
 

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,23 @@ def legacy_file(directory: Path) -> None:
                directory / "model_0050.pt")
 
 
+@pytest.fixture(scope="module")
+def s3_bucket() -> Iterator[None]:
+    """The docs' ``s3://my-bucket/...`` examples run against moto's S3 server on loopback."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from tests.remote_servers import moto_s3
+
+    with moto_s3("my-bucket"):
+        yield
+
+
 @pytest.mark.parametrize("doc", [d for d in DOCS if BLOCK.search(d.read_text())], ids=lambda p: p.name)
-def test_code_blocks_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_code_blocks_run(
+    doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    if "s3://" in "".join(BLOCK.findall(doc.read_text())):
+        request.getfixturevalue("s3_bucket")
     legacy_file(tmp_path)
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": f"doc_{doc.stem}"}

@@ -281,3 +281,29 @@ def test_cli_ls_accepts_a_uri(s3: str, capsys: pytest.CaptureFixture[str]) -> No
     mf.save_file(TENSORS, f"{s3}/cli/model_0001.mfmt", metadata={"epoch": 1, "score": 2.0})
     assert main(["ls", f"{s3}/cli/"]) == 0
     assert "model_0001.mfmt" in capsys.readouterr().out
+
+
+def test_cli_reads_and_prunes_uris(http: RangeServer, s3: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from mettaformat.cli.main import main
+
+    assert main(["inspect", http.url("raw.mfmt")]) == 0
+    assert "layer5.weight" in capsys.readouterr().out
+    assert main(["validate", "--deep", http.url("zstd.mfmt")]) == 0
+    assert main(["inspect", http.url("gone.mfmt")]) != 0
+    assert "gone.mfmt" in capsys.readouterr().err
+    for epoch in (1, 2, 3):
+        mf.save_file(TENSORS, f"{s3}/prune/model_{epoch:04d}.mfmt", metadata={"epoch": epoch})
+    assert main(["prune", f"{s3}/prune/", "--keep-last", "1"]) == 0
+    assert [r.name for r in mf.PolicyStore().records(f"{s3}/prune/")] == ["model_0003.mfmt"]
+
+
+def test_convert_to_and_from_a_uri(http: RangeServer, s3: str, tmp_path: Path) -> None:
+    from mettaformat.convert import convert
+
+    report = convert(http.url("zstd.mfmt"), f"{s3}/converted/model.mfmt")
+    assert report.bytes_in == len(http.objects["zstd.mfmt"]) and report.bytes_out > 0
+    assert _same(mf.load_file(f"{s3}/converted/model.mfmt"), TENSORS)
+    convert(f"{s3}/converted/model.mfmt", tmp_path / "local.safetensors")
+    assert _same(dict(mf.load_any(tmp_path / "local.safetensors").tensors), TENSORS)
+    with pytest.raises(mf.MettaFormatError, match="only mfmt"):
+        convert(http.url("raw.mfmt"), f"{s3}/converted/model.safetensors")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from mettaformat.cli._output import clip, emit_json, human_bytes, jsonable, sanitize, table
 from mettaformat.dtypes import tag_from_dtype
 from mettaformat.errors import WriteError
+from mettaformat.remote.uri import size_of
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ def describe_other(path: str, kind: str) -> dict[str, Any]:
         "format": kind,
         "version": str(version) if version is not None else None,
         "shape": ckpt.provenance.get("shape"),
-        "file_bytes": os.path.getsize(path),
+        "file_bytes": size_of(path),
         "checksum": None,
         "sections": [],
         "tensors": _entries("model", ckpt.tensors) + _entries("legacy", ckpt.legacy_tensors),
@@ -118,7 +118,7 @@ def describe(path: str) -> dict[str, Any]:
             "format": "mettaformat",
             "version": f"{pre.major}.{pre.minor}",
             "shape": "container",
-            "file_bytes": os.path.getsize(path),
+            "file_bytes": ckpt.file_size,
             "checksum": h.checksum,
             "sections": sections,
             "tensors": tensors,

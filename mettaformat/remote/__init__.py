@@ -8,7 +8,8 @@ a complete file before it becomes visible under its final name. See ``docs/guide
 
 from __future__ import annotations
 
-from mettaformat.remote.cache import RangeCache, default_cache
+from mettaformat.remote.cache import RangeCache, default_cache, use_cache
+from mettaformat.remote.source import RemoteSource
 from mettaformat.remote.uri import is_remote_uri
 
-__all__ = ["RangeCache", "default_cache", "is_remote_uri"]
+__all__ = ["RangeCache", "RemoteSource", "default_cache", "is_remote_uri", "use_cache"]

@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 from mettaformat.errors import RemoteUnavailableError
 
-__all__ = ["filesystem", "fsspec_knows", "is_remote_uri", "join_uri", "local_file"]
+__all__ = ["filesystem", "fsspec_knows", "is_remote_uri", "join_uri", "local_file", "size_of"]
 
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 #: The extra that installs each scheme's fsspec backend.
@@ -78,3 +78,13 @@ def filesystem(uri: str) -> tuple[Any, str]:
 def join_uri(base: str, name: str) -> str:
     """``base`` (a "directory" URI) joined with one file name."""
     return base.rstrip("/") + "/" + name
+
+
+def size_of(path: str | os.PathLike[str]) -> int:
+    """The size of a local file, or of a remote object (one metadata request)."""
+    if is_remote_uri(path):
+        from mettaformat.remote.transport import stat_object
+
+        fs, fs_path = filesystem(os.fspath(path))
+        return stat_object(fs, fs_path, os.fspath(path)).size
+    return os.path.getsize(path)
