@@ -10,6 +10,7 @@ import json
 import math
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,24 +21,29 @@ from mettaformat.dtypes import dtype_from_tag, itemsize
 from mettaformat.errors import FormatError, MettaFormatError
 from mettaformat.remote.source import RemoteSource
 
+if TYPE_CHECKING:
+    from mettaformat.anyformat import FormatName
+
 __all__ = ["read_remote", "read_remote_source", "read_safetensors_remote", "sniff_remote"]
 
 _SNIFF_BYTES = 64
 
 
-def _sniff(source: RemoteSource) -> str:
+def _sniff(source: RemoteSource) -> FormatName:
     from mettaformat.anyformat import format_of
 
     head = source.read(0, min(_SNIFF_BYTES, source.size), "signature")
     return format_of(head, source.size, source.name)
 
 
-def sniff_remote(uri: str) -> str:
+def sniff_remote(uri: str) -> FormatName:
     """The format of the object at ``uri`` (see :func:`mettaformat.anyformat.sniff_format`)."""
     return _sniff(RemoteSource(uri))
 
 
-def read_remote(uri: str, *, device: str | torch.device = "cpu", lazy: bool = True) -> tuple[Checkpoint, str]:
+def read_remote(
+    uri: str, *, device: str | torch.device = "cpu", lazy: bool = True
+) -> tuple[Checkpoint, FormatName]:
     """``(checkpoint, format name)`` of the object at ``uri``.
 
     Raises:
@@ -53,7 +59,7 @@ def read_remote(uri: str, *, device: str | torch.device = "cpu", lazy: bool = Tr
 
 def read_remote_source(
     source: RemoteSource, *, lazy: bool, reader: Callable[[RemoteSource], Checkpoint]
-) -> tuple[Checkpoint, str]:
+) -> tuple[Checkpoint, FormatName]:
     """Like :func:`read_remote` for an open source; ``reader`` reads a container."""
     kind = _sniff(source)
     if kind == "mettaformat":

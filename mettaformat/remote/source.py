@@ -166,8 +166,9 @@ class RemoteSource:
             return
         i = bisect.bisect_right(self._starts, offset) - 1  # a held prefix (the first read) is not fetched again
         done = max(0, self._starts[i] + len(self._held[i]) - offset) if i >= 0 else 0
-        if done:
-            target[:done] = self._find(offset, offset + done)
+        prefix = self._find(offset, offset + done) if done else None
+        if prefix is not None:
+            target[:done] = prefix
         self._fetch_into(target[done:], offset + done)
 
     def has(self, offset: int, length: int) -> bool:

@@ -12,6 +12,7 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,7 +44,7 @@ class RemoteObject:
 
 def _mtime_ns(info: dict[str, Any]) -> int:
     value = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("last_modified")
-    if hasattr(value, "timestamp"):
+    if isinstance(value, datetime):
         return int(value.timestamp() * 1e9)
     if isinstance(value, (int, float)):
         return int(value * 1e9)
@@ -110,7 +111,9 @@ def read_remote_record(obj: RemoteObject) -> PolicyRecord:
     source = RemoteSource(obj.uri, size=obj.size, etag=obj.etag if obj.size is not None else None,
                           first_read=RECORD_FIRST_READ)
     obj = RemoteObject(obj.uri, obj.path, source.size, source.version.etag, obj.mtime_ns)
-    ckpt, fmt = read_remote_source(source, lazy=True, reader=lambda s: read_checkpoint(s, with_tensors=False))
+    ckpt, fmt = read_remote_source(
+        source, lazy=True, reader=lambda s: read_checkpoint(s, with_tensors=False)  # type: ignore[arg-type]
+    )
     name = obj.path.rsplit("/", 1)[-1]
     epoch = effective_epoch(ckpt.metadata, name)
     apply_migrations(ckpt, warn=False)
@@ -122,7 +125,7 @@ def read_remote_record(obj: RemoteObject) -> PolicyRecord:
         epoch=epoch,
         agent_step=agent_step_of(ckpt.metadata),
         mtime_ns=obj.mtime_ns,
-        size=obj.size,
+        size=source.size,
         format=fmt,
         model_type=ckpt.model_type,
         etag=obj.etag,
@@ -191,7 +194,9 @@ def load_remote_record(record: PolicyRecord, device: str | torch.device) -> Any:
     from mettaformat.remote.formats import read_remote_source
 
     source = RemoteSource(record.uri, size=record.size, etag=record.etag)
-    ckpt, _ = read_remote_source(source, lazy=False, reader=lambda s: read_checkpoint(s, device=device, lazy=False))
+    ckpt, _ = read_remote_source(
+        source, lazy=False, reader=lambda s: read_checkpoint(s, device=device, lazy=False)  # type: ignore[arg-type]
+    )
     ckpt.uri = ckpt.uri or record.uri
     apply_migrations(ckpt)
     return ckpt
