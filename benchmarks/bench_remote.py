@@ -206,10 +206,10 @@ def many_small(workdir: Path, count: int, params: int) -> tuple[list[list[str]],
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="64 MiB and 200 checkpoints")
+    ap.add_argument("--quick", action="store_true", help="64 MiB and 200 checkpoints of 0.5 MiB")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--count", type=int, default=1000)
-    ap.add_argument("--params", type=int, default=128 * 1024, help="fp32 values per small checkpoint")
+    ap.add_argument("--params", type=int, default=256 * 1024, help="fp32 values per small checkpoint (1 MiB)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.size_mib, args.count = 64, 200
+        args.size_mib, args.count, args.params = 64, 200, 128 * 1024
     with tempfile.TemporaryDirectory(prefix="mf-bench-remote-", dir=args.dir) as tmp:
         workdir = Path(tmp)
         started = time.perf_counter()
