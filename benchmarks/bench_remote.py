@@ -137,7 +137,7 @@ def many_small(workdir: Path, count: int, params: int) -> tuple[list[list[str]],
 
     servers = _servers()
     rng = random.Random(0)
-    with servers.moto_s3("runs") as bucket:
+    with servers.moto_s3("runs", own_process=True) as bucket:
         fs = s3fs.S3FileSystem()
         log(f"[remote] uploading {count} small checkpoints (.mfmt and .pt) to moto S3 ...")
         blobs_mfmt, blobs_pt, scores = {}, {}, {}

@@ -13,7 +13,10 @@ import hashlib
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +24,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["RangeServer", "free_port", "moto_s3"]
+
+
+def _wait_for_port(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"the S3 server did not start on port {port}")
 
 
 def free_port() -> int:
@@ -168,15 +181,28 @@ class RangeServer:
 
 
 @contextmanager
-def moto_s3(bucket: str = "policies") -> Iterator[str]:
-    """Start moto's S3 server on loopback; point s3fs at it (environment); yield ``s3://bucket``."""
+def moto_s3(bucket: str = "policies", *, own_process: bool = False) -> Iterator[str]:
+    """Start moto's S3 server on loopback; point s3fs at it (environment); yield ``s3://bucket``.
+
+    ``own_process`` runs the server as a separate process (as a real one is: it then does not
+    share this interpreter's lock with the client); the tests use a thread, which starts faster.
+    """
     import s3fs
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server: Any
+    if own_process:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(port)
+    else:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
     saved = {k: os.environ.get(k) for k in _S3_ENV}
     os.environ.update(
         {
@@ -199,7 +225,11 @@ def moto_s3(bucket: str = "policies") -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        server.stop()
+        if own_process:
+            server.terminate()
+            server.wait(10)
+        else:
+            server.stop()
 
 
 _S3_ENV = (
