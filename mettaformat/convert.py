@@ -194,10 +194,11 @@ def convert(
     )
 
 
-def _size(path: Path | str) -> int:
+def _size(path: str | os.PathLike[str]) -> int:
     """A file's or remote object's size, or the total of a distributed checkpoint directory's files."""
-    if not isinstance(path, Path):
+    if is_remote_uri(path):
         return size_of(path)
+    path = Path(path)
     if path.is_dir():
         from mettaformat.dcp.consolidate import directory_bytes
 

@@ -131,7 +131,7 @@ def _file_shards(ckpt: LazyCheckpoint, index: DcpIndex, file: str) -> list[Shard
         ):
             raise LayoutError(f"{where}: shard {name!r:.80} at {offsets} x {sizes} lies outside {tensor.shape}",
                               region="metadata")
-        out.append(ShardRecord(fqn, offsets, sizes, StoredItem(ckpt.path.name, name)))
+        out.append(ShardRecord(fqn, offsets, sizes, StoredItem(Path(ckpt.path).name, name)))
     return out
 
 
