@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
+from mettaformat.container.layout import checksum
 from mettaformat.errors import LayoutError
 from mettaformat.remote.cache import RangeCache, default_cache
 from mettaformat.remote.transport import ObjectVersion, fetch_range, stat_object
@@ -186,6 +188,17 @@ class RemoteSource:
 
     def owner(self) -> Any:
         raise TypeError("a remote object cannot be mapped")
+
+    fd = -1  # no local file
+
+    def identity(self) -> None:
+        return None  # tensors of a remote object are verified on every read
+
+    def read_and_hash(
+        self, target: memoryview, offset: int, spans: Sequence[tuple[int, int]], *, hash_: bool
+    ) -> tuple[int, list[int]]:
+        self.readinto(target, offset, "data")
+        return len(target), [checksum(target[b:e]) for b, e in spans] if hash_ else []
 
     def close(self) -> None:
         self._starts, self._held = [], []
