@@ -271,6 +271,8 @@ def test_store_save_and_load_over_s3(s3: str) -> None:
     store = mf.PolicyStore(f"{s3}/agents/")
     record = store.save(agent=torch.nn.Linear(4, 2), model_type="remote_linear", metadata={"epoch": 3, "score": 1.5})
     assert record.uri == f"{s3}/agents/model_0003.mfmt" and record.metadata["score"] == 1.5
+    with pytest.raises(mf.errors.StoreError, match="already exists"):
+        store.save(agent=torch.nn.Linear(4, 2), model_type="remote_linear", metadata={"epoch": 3})
     agent = store.policy()
     assert isinstance(agent, mf.MettaAgent) and agent.metadata["epoch"] == 3
     direct = mf.MettaAgent.load(record.uri)

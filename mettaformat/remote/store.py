@@ -25,7 +25,14 @@ from mettaformat.remote.uri import filesystem
 from mettaformat.store.record import PolicyRecord, agent_step_of, effective_epoch
 from mettaformat.store.uri import INDEX_FILE_NAME, is_listable_name
 
-__all__ = ["RemoteObject", "delete_remote_records", "list_objects", "load_remote_record", "scan_remote"]
+__all__ = [
+    "RemoteObject",
+    "delete_remote_records",
+    "list_objects",
+    "load_remote_record",
+    "object_exists",
+    "scan_remote",
+]
 
 _GLOB: Final = re.compile(r"[*?[]")
 _MEMO_LIMIT: Final = 100_000
@@ -49,6 +56,16 @@ def _mtime_ns(info: dict[str, Any]) -> int:
     if isinstance(value, (int, float)):
         return int(value * 1e9)
     return 0
+
+
+def object_exists(uri: str) -> bool:
+    """Whether an object exists at ``uri`` (one metadata request)."""
+    fs, path = filesystem(uri)
+    try:
+        call(lambda: fs.info(path), uri, "checking whether it exists")
+    except RemoteNotFoundError:
+        return False
+    return True
 
 
 def list_objects(uri: str) -> list[RemoteObject]:

@@ -284,7 +284,7 @@ class PolicyStore:
             raise TypeError(f"PolicyStore.save needs agent=<MettaAgent or nn.Module>, got {type(agent).__name__}")
         merged = {**base.metadata, **dict(metadata or {})}
         if self._remote(path):
-            return self._save_remote(base, merged, name, path, compression, level)
+            return self._save_remote(base, merged, name, path, compression, level, overwrite)
         target = self._target(name, path, merged)
         if not overwrite and os.path.lexists(target):
             raise StoreError(
@@ -317,8 +317,9 @@ class PolicyStore:
         path: str | os.PathLike[str] | None,
         compression: Compression,
         level: int,
+        overwrite: bool,
     ) -> PolicyRecord:
-        from mettaformat.remote.store import list_objects, read_remote_record
+        from mettaformat.remote.store import list_objects, object_exists, read_remote_record
 
         if path is not None:
             target = os.fspath(path)
@@ -328,6 +329,8 @@ class PolicyStore:
             target = join_uri(self.root, check_file_name(name or self._default_name(merged)))
         if not target.endswith(STORE_SUFFIX):
             raise StoreError(f"PolicyStore writes mettaformat containers; {target!r} must end in {STORE_SUFFIX}")
+        if not overwrite and object_exists(target):
+            raise StoreError(f"{target} already exists; pass overwrite=True to replace it, or another name=")
         ckpt = base.to_checkpoint()
         ckpt.metadata = merged
         ckpt.name = base.name or target.rsplit("/", 1)[-1]
