@@ -96,7 +96,8 @@ def test_zstd_tensor_decodes_only_its_frames(http: RangeServer) -> None:
     with mf.open(http.url("zstd.mfmt")) as ckpt:
         http.reset_counts()
         assert torch.equal(ckpt.get_tensor("layer2.weight"), TENSORS["layer2.weight"])
-        assert http.requests == 1 and http.bytes_sent < TENSOR_BYTES
+        # one range per frame of this tensor (fetched in parallel by the decoding jobs), nothing else
+        assert http.bytes_sent < TENSOR_BYTES and all(n == "zstd.mfmt" and r for _, n, r in http.log)
 
 
 def test_large_range_is_split_into_parallel_pieces(http: RangeServer, monkeypatch: pytest.MonkeyPatch) -> None:
