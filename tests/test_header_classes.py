@@ -143,6 +143,10 @@ JSON_CASES = {
     "duplicate metadata": b'{"__metadata__":{"x":"1","x":"2"},' + ENTRY + b"}",
     "unknown field": b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}',
     "not an object": b"[1]",
+    "largest dim": b"{" + ENTRY + b',"e":{"dtype":"F32","shape":[0,9223372036854775807],"data_offsets":[4,4]}}',
+    "dim 2^63": b"{" + ENTRY + b',"e":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[4,4]}}',
+    "dim 2^64": b"{" + ENTRY + b',"e":{"dtype":"F32","shape":[0,18446744073709551616],"data_offsets":[4,4]}}',
+    "offset 2^64": b"{" + ENTRY + b',"e":{"dtype":"F32","shape":[0],"data_offsets":[4,18446744073709551616]}}',
 }
 #: refused here although safetensors 0.8 reads them: this format is stricter, never more lenient
 STRICTER = {"duplicate tensor", "duplicate metadata", "unknown field", "leading space"}

@@ -17,6 +17,7 @@ from mettaformat.errors import HeaderError
 __all__ = ["StreamTensor", "parse_alias_metadata", "parse_stream_json"]
 
 _TENSOR_FIELDS: Final = frozenset({"dtype", "shape", "data_offsets"})
+_INT63: Final = 1 << 63
 
 
 class StreamTensor(NamedTuple):
@@ -50,7 +51,12 @@ def _no_constant(text: str) -> Any:
 def _unsigned(text: str) -> int:
     if text.startswith("-"):  # "-0" is a float to serde_json: safetensors refuses it
         raise _Reject(f"number {text} is negative")
-    return int(text)
+    value = int(text)
+    # serde_json reads 2^64 and above as a float, which safetensors refuses; torch cannot hold a
+    # dimension of 2^63 or more, and neither can the index this header must match.
+    if value >= _INT63:
+        raise _Reject(f"number {text} is not below 2^63")
+    return value
 
 
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_float=_no_float,
