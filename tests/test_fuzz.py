@@ -5,14 +5,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 
+from fuzz.__main__ import run_session
 from fuzz.mutate import fuzz_loop, mutate
 from fuzz.targets import TARGETS
 from tests.conftest import REPO, fixtures_dir
@@ -57,14 +56,7 @@ def test_builtin_mutator_finds_nothing_in_a_short_run() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_coverage_guided_session(target: str, tmp_path: Path) -> None:
-    # libFuzzer's -timeout is a periodic SIGALRM (every timeout/2 + 1 s); one landing while the
-    # interpreter shuts down, after libFuzzer's handler is gone, kills the process (-14). The first
-    # alarm comes after the session ends; a hanging input is still reported, by the timeout below.
-    cmd = [sys.executable, "-m", "fuzz.libfuzzer", target, f"-max_total_time={SECONDS}",
-           f"-timeout={2 * SECONDS + 20}",
-           "-rss_limit_mb=4096", f"-artifact_prefix={tmp_path}/", str(tmp_path / "work"), str(CORPUS / target)]
     (tmp_path / "work").mkdir()
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SECONDS + 120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run_session(target, SECONDS, f"{tmp_path}/", tmp_path / "work", capture_output=True)
     findings = [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-"))]
     assert result.returncode == 0 and not findings, result.stderr[-3000:]
