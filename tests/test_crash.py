@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,6 +58,36 @@ def check_complete(path: Path) -> int:
     return int(version)
 
 
+def _wait_for(saves: Any, at_least: int, proc: multiprocessing.process.BaseProcess) -> None:
+    deadline = time.monotonic() + 120
+    while saves.value < at_least:
+        assert proc.is_alive() and time.monotonic() < deadline, f"the saver never reached {at_least} saves"
+        time.sleep(0.001)
+
+
+def _stopped(pid: int) -> bool:
+    state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    return state in ("T", "t")
+
+
+def _kill_inside_a_save(proc: multiprocessing.process.BaseProcess, folder: Path) -> None:
+    """SIGKILL the saver at a moment its temp file exists: stop it once one is seen, and kill it if the
+    temp file is still there (the rename that would remove it runs on the stopped main thread)."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.is_alive() and time.monotonic() < deadline, "the saver never showed a temp file"
+        if any(folder.glob(f"*{TEMP_SUFFIX}")):
+            os.kill(proc.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+            while not _stopped(proc.pid):  # type: ignore[arg-type]
+                time.sleep(0.0005)
+            if any(folder.glob(f"*{TEMP_SUFFIX}")):
+                os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+                return
+            os.kill(proc.pid, signal.SIGCONT)  # type: ignore[arg-type]
+        time.sleep(0.0002)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see that a process has stopped")
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_WR1_sigkill_at_random_points_leaves_old_or_new_file(tmp_path: Path, ctx: multiprocessing.context.BaseContext,
                                                             compression: str) -> None:
@@ -70,17 +101,26 @@ def test_WR1_sigkill_at_random_points_leaves_old_or_new_file(tmp_path: Path, ctx
     versions_seen = set()
     mid_write = 0
     for i in range(KILLS // 2):
-        proc = ctx.Process(target=crash.save_loop, args=(str(path), (i + 1) * 1000, compression, False))  # type: ignore[attr-defined]
+        saves = ctx.Value("i", -1)  # type: ignore[attr-defined]
+        proc = ctx.Process(target=crash.save_loop, args=(str(path), (i + 1) * 1000, compression, False, saves))  # type: ignore[attr-defined]
         proc.start()
-        time.sleep(rng.uniform(0.01, 0.01 + 3 * one_save))
-        os.kill(proc.pid, signal.SIGKILL)
+        # Kills are timed from the saver's own progress, not from its start, which load delays:
+        # odd rounds land at a random moment of its first saves, even rounds inside a save after
+        # at least one finished, so both a torn temp file and a replaced version are always tried.
+        if i % 2:
+            _wait_for(saves, 0, proc)
+            time.sleep(rng.uniform(0, 3 * one_save))
+            os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        else:
+            _wait_for(saves, 1, proc)
+            _kill_inside_a_save(proc, tmp_path)
         proc.join()
         leftovers = list(tmp_path.glob(f"*{TEMP_SUFFIX}"))
         mid_write += bool(leftovers)
         versions_seen.add(check_complete(path))
         for leftover in leftovers:  # WR5: readers ignore them; the store cleans them
             leftover.unlink()
-    assert mid_write > 0, "no kill landed inside a save; the harness is not exercising anything"
+    assert mid_write >= KILLS // 4, "a kill inside a save left no temp file"
     assert len(versions_seen) > 1
 
 

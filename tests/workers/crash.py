@@ -6,6 +6,7 @@ import resource
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,14 +18,22 @@ def version_tensors(version: int) -> dict[str, torch.Tensor]:
     return {f"t{i}": torch.full((1 << (12 + i),), float(version)) for i in range(8)}
 
 
-def save_loop(path: str, first_version: int, compression: str, durable: bool) -> None:
-    """Save versions first_version, first_version + 1, ... to ``path`` until killed."""
+def save_loop(path: str, first_version: int, compression: str, durable: bool, saves: Any = None) -> None:
+    """Save versions first_version, first_version + 1, ... to ``path`` until killed.
+
+    ``saves`` (a shared integer, -1 at first) is set to 0 when the loop starts and counts finished saves,
+    so the parent can time its kills from the child's progress rather than from the clock.
+    """
     torch.set_num_threads(1)
     version = first_version
+    if saves is not None:
+        saves.value = 0
     while True:
         mettaformat.save_file(version_tensors(version), path, metadata={"version": version},
                               compression=compression, durable=durable)  # type: ignore[arg-type]
         version += 1
+        if saves is not None:
+            saves.value += 1
 
 
 def save_with_file_size_limit(path: str, limit: int, result: str) -> None:
