@@ -123,7 +123,9 @@ def _central_directory(buf: bytearray, limits: LegacyLimits) -> int:
     other file (a decoy archive appended, or hidden in the comment) is refused as ambiguous.
     """
     tail_start = max(0, len(buf) - (1 << 16) - _EOCD.size)
-    at = buf.rfind(_EOCD_MAGIC, tail_start, len(buf) - _EOCD.size + 4)
+    last = len(buf) - _EOCD.size  # the last offset with a whole record after it
+    # (a negative end would count from the end of the buffer and find a record cut short)
+    at = buf.rfind(_EOCD_MAGIC, tail_start, last + 4) if last >= 0 else -1
     if at < 0:
         raise LegacyFormatError("no zip central directory (truncated file?)", region=_REGION)
     _sig, disk, cd_disk, _here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(buf, at)
