@@ -13,23 +13,25 @@ The normative description is ``spec/FORMAT.md`` section "Object trees".
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
-import torch
 
 from mettaformat.constants import MAX_TREE_DEPTH
 from mettaformat.container.tree_values import (
-    _DTYPES_BY_NAME,
     DEVICE_TYPES,
     DTYPE_NAMES,
     MAX_DEVICE_INDEX,
     LegacyObject,
     TensorRef,
     check_keys,
+    dtypes_by_name,
     parse_device,
 )
 from mettaformat.errors import HeaderError, TensorNotFoundError
+
+if TYPE_CHECKING:  # decoding imports torch only for a $dtype, $device or $size it meets
+    import torch
 
 __all__ = ["DEVICE_TYPES", "DTYPE_NAMES", "LegacyObject", "TREE_TAGS", "TensorRef", "decode_tree", "encode_tree",
            "parse_device"]
@@ -55,7 +57,7 @@ TREE_TAGS: Final = (
 )
 
 #: Called with a tensor and its dotted path in the tree; returns the (section, name) it is stored under.
-TensorEncoder = Callable[[torch.Tensor, str], tuple[str, str]]
+TensorEncoder = Callable[["torch.Tensor", str], tuple[str, str]]
 TensorResolver = Callable[[str, str], Any]
 
 
@@ -84,6 +86,9 @@ def encode_tree(value: Any, tensor_ref: TensorEncoder | None = None) -> Any:
 
 class _Encoder:
     def __init__(self, tensor_ref: TensorEncoder | None) -> None:
+        import torch  # the values being encoded come from torch anyway
+
+        self.torch = torch
         self.tensor_ref = tensor_ref
         self.object_ids: dict[int, int] = {}
         self.active: set[int] = set()
@@ -98,9 +103,10 @@ class _Encoder:
             return v if _INT64_MIN <= v <= _UINT64_MAX else {"$int": str(v)}
         if isinstance(v, bytearray):
             return bytes(v)
+        torch = self.torch
         if isinstance(v, torch.dtype):
             name = str(v).removeprefix("torch.")
-            if name not in _DTYPES_BY_NAME:
+            if name not in dtypes_by_name():
                 raise ValueError(f"dtype {v} has no $dtype name")
             return {"$dtype": name}
         if isinstance(v, torch.device):
@@ -127,7 +133,7 @@ class _Encoder:
 
     def _encode_container(self, v: Any, depth: int, path: str) -> Any:
         d = depth + 1
-        if isinstance(v, torch.Size):
+        if isinstance(v, self.torch.Size):
             return {"$size": list(v)}
         if isinstance(v, tuple):
             return {"$tuple": [self.encode(x, d, _join(path, i)) for i, x in enumerate(v)]}
@@ -273,7 +279,7 @@ class _Decoder:
                 raise HeaderError("expected a decimal string", path=path)
             return int(payload)
         if tag == "$dtype":
-            dtype = _DTYPES_BY_NAME.get(payload) if type(payload) is str else None
+            dtype = dtypes_by_name().get(payload) if type(payload) is str else None
             if dtype is None:
                 known = " (not available in this torch build)" if payload in DTYPE_NAMES else ""
                 raise HeaderError(f"unknown dtype {payload!r}{known}", path=path)
@@ -288,6 +294,8 @@ class _Decoder:
             dims = payload if isinstance(payload, list) else None
             if dims is None or not all(type(x) is int and 0 <= x < 1 << 63 for x in dims):
                 raise HeaderError("expected an array of non-negative integers", path=path)
+            import torch
+
             return torch.Size(dims)
         if tag == "$tensor":
             if not (isinstance(payload, list) and len(payload) == 2 and all(isinstance(x, str) for x in payload)):

@@ -7,16 +7,18 @@ say does not depend on the reader's build (``spec/FORMAT.md`` §9.2).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import torch
+if TYPE_CHECKING:  # torch is imported only where a value needs it: reading a header stays torch-free
+    import torch
 
 __all__ = ["DEVICE_TYPES", "DTYPE_NAMES", "MAX_DEVICE_INDEX", "MAX_KEYS_PER_HASH", "LegacyObject", "TensorRef",
-           "check_keys", "key_problem", "parse_device"]
+           "check_keys", "dtypes_by_name", "key_problem", "parse_device"]
 
 
 #: Every name a ``$dtype`` may hold (spec §9.2), fixed here rather than read from the running torch,
@@ -31,9 +33,15 @@ DTYPE_NAMES: Final = (
     "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
     "int1", "int2", "int3", "int4", "int5", "int6", "int7",
 )
-_DTYPES_BY_NAME: Final[dict[str, torch.dtype]] = {
-    name: getattr(torch, name) for name in DTYPE_NAMES if isinstance(getattr(torch, name, None), torch.dtype)
-}
+
+
+@functools.cache
+def dtypes_by_name() -> dict[str, torch.dtype]:
+    """The names of :data:`DTYPE_NAMES` this torch build has, and its dtypes (imports torch on first use)."""
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES if isinstance(getattr(torch, name, None), torch.dtype)}
+
 #: The device types a ``$device`` may name (spec §9.2), and the largest index (torch keeps it in 8 bits).
 DEVICE_TYPES: Final = (
     "cpu", "cuda", "ipu", "xpu", "mkldnn", "opengl", "opencl", "ideep", "hip", "ve", "fpga", "maia", "xla", "lazy",
@@ -97,6 +105,8 @@ def parse_device(text: object) -> torch.device | None:
     if sep and not (index.isascii() and index.isdigit() and (index == "0" or index[0] != "0")
                     and int(index) <= MAX_DEVICE_INDEX):
         return None
+    import torch
+
     return torch.device(kind, int(index)) if sep else torch.device(kind)
 
 
@@ -104,13 +114,15 @@ def key_problem(key: Any) -> str | None:
     """Why ``key`` cannot be a ``$map`` key or set member (spec §9.2), or None: keys are values with
     an equality every language can state. NaN equals nothing; lists, maps, sets and tensors are
     mutable or have no value equality."""
-    if key is None or isinstance(key, (bool, int, str, bytes, torch.dtype, torch.device, torch.Size, LegacyObject)):
+    if key is None or isinstance(key, (bool, int, str, bytes, LegacyObject)):
         return None
     if isinstance(key, float):
         return "NaN" if math.isnan(key) else None
     if isinstance(key, (tuple, frozenset)):
         return next(filter(None, map(key_problem, key)), None)
-    return f"a {type(key).__name__}"
+    import torch  # torch.Size is a tuple; only a dtype or device can still be a key here
+
+    return None if isinstance(key, (torch.dtype, torch.device)) else f"a {type(key).__name__}"
 
 
 def check_keys(keys: Iterable[Any]) -> None:
