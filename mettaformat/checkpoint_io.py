@@ -21,15 +21,14 @@ import torch
 from mettaformat.checkpoint import Checkpoint, TrainingState
 from mettaformat.constants import MFMT_VERSION_MAJOR, ZSTD_DEFAULT_LEVEL, Compression
 from mettaformat.container.device_load import off_host
+from mettaformat.container.opened import CHECKPOINT_KEY, split_metadata
 from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.container.writer import write_container
-from mettaformat.errors import HeaderError, WriteError
+from mettaformat.errors import WriteError
 from mettaformat.fields import check_checkpoint, check_training
 
 __all__ = ["CHECKPOINT_KEY", "read_checkpoint", "split_metadata", "write_checkpoint"]
 
-#: The reserved metadata key holding the checkpoint's own fields.
-CHECKPOINT_KEY: Final = "mettaformat.checkpoint"
 _TRAINING_TREES: Final = ("optimizer", "scheduler", "trainer_state", "rng")
 
 
@@ -90,15 +89,6 @@ def write_checkpoint(
 def _or_empty(value: Any) -> Any:
     """An absent tree is an empty map; anything else is kept for the type checks to judge."""
     return {} if value is None else value
-
-
-def split_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(user metadata, the checkpoint's own fields) of a container's decoded metadata."""
-    user = dict(metadata)
-    own = user.pop(CHECKPOINT_KEY, None)
-    if own is not None and not isinstance(own, dict):
-        raise HeaderError(f"{CHECKPOINT_KEY} must be a map", path=f"header.metadata.{CHECKPOINT_KEY}")
-    return user, own or {}
 
 
 def read_checkpoint(

@@ -11,7 +11,7 @@ import torch
 
 from mettaformat import constants as C
 from mettaformat._atomic import TEMP_SUFFIX
-from mettaformat.container import reader, tree
+from mettaformat.container import opened, tree
 from mettaformat.container.codecs import zstd as zstd_codec
 from mettaformat.container.codecs import zstd_frames
 from mettaformat.container.layout import Preamble, TrailerTail
@@ -142,7 +142,7 @@ def test_named_limits_match_constants() -> None:
     rows = table_with(FORMAT, "Name", "Value", "Bounds", "Error")
     spec = {unquote(r["Name"]): integer(r["Value"]) for r in rows}
     code = {name: getattr(C, name) for name in dir(C) if name.startswith("MAX_")}
-    code["MAX_PADDING"] = reader.MAX_PADDING
+    code["MAX_PADDING"] = opened.MAX_PADDING
     assert spec == code
 
 

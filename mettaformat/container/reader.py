@@ -1,6 +1,7 @@
 """Lazy, memory-mapped container reader.
 
-Opening reads three small regions: the preamble, the header and the trailer tail (a remote
+Opening (:mod:`mettaformat.container.opened`) reads three small regions: the preamble, the header
+and the trailer tail (a remote
 object reads the tail later, when something needs it, so that opening costs one request).
 Nothing else is read until a tensor is asked for. All I/O goes through a byte source
 (:mod:`mettaformat.container.source`): a local file, or a remote object read by range. Raw
@@ -15,27 +16,24 @@ process that shrinks the file *between* the check and the access can still do th
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, wait
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import torch
 
 from mettaformat._pool import shared_pool
 from mettaformat._torch import buffer_tensor, tensor_bytes, writable_bytes
-from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
+from mettaformat.constants import PREAMBLE_SIZE
 from mettaformat.container.codecs import SectionReader, get_codec
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
-from mettaformat.container.header import SectionEntry, TensorEntry, parse_header, parse_index
-from mettaformat.container.layout import Preamble, TrailerTail, checksum
-from mettaformat.container.source import ByteSource, open_source
+from mettaformat.container.header import SectionEntry, TensorEntry, parse_index
+from mettaformat.container.layout import checksum
+from mettaformat.container.opened import ContainerFile, names_file
+from mettaformat.container.source import ByteSource
 from mettaformat.container.stream import check_stream_header
 from mettaformat.container.tree import decode_tree
 from mettaformat.container.verify import (
@@ -48,10 +46,6 @@ from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import IntegrityError, LayoutError, TensorNotFoundError, naming_file
 
 __all__ = ["LazyCheckpoint", "load", "load_file", "open"]
-
-#: Zero padding allowed between regions (alignment plus the header's reserved space).
-MAX_PADDING: Final = 1 << 20
-
 
 def open(path: str | os.PathLike[str], *, verify: bool = True) -> LazyCheckpoint:  # noqa: A001
     """Open a container lazily: only the preamble, header and trailer tail are read.
@@ -100,26 +94,13 @@ def load(data: bytes, device: str | torch.device = "cpu") -> dict[str, torch.Ten
         return load_file(f.name, device)
 
 
-def _names_file(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors raised while reading an open container name its path (and suggest repair)."""
-
-    @functools.wraps(method)
-    def wrapper(self: LazyCheckpoint, *args: Any, **kwargs: Any) -> Any:
-        with naming_file(self.path, container=True):
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
-class LazyCheckpoint:
+class LazyCheckpoint(ContainerFile):
     """An open container. See :func:`open`."""
 
     def __init__(
         self, path: str | os.PathLike[str] | ByteSource, *, verify: bool = True, copy: bool = False
     ) -> None:
-        self._src = open_source(path)
-        #: the local file, or the URI of a remote object
-        self.path: Path | str = getattr(self._src, "path", self._src.name)
+        super().__init__(path)
         self.verify = verify
         #: read raw tensors into fresh memory instead of mapping them (they then outlive the file);
         #: always so for sources that cannot be mapped
@@ -127,112 +108,16 @@ class LazyCheckpoint:
         self._device: torch.device = torch.device("cpu")
         try:
             with naming_file(self.path, container=True):
-                self._open()
+                self._readers: dict[str, SectionReader] = {
+                    s.name: get_codec(s.codec, region=f"section {s.name!r}").open_section(s)
+                    for s in self.header.sections
+                }
         except BaseException:
             self._src.close()
             raise
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
-    # -- opening ---------------------------------------------------------------------------
-    @property
-    def _fd(self) -> int:
-        """The local file's descriptor (-1 once closed, and for remote objects)."""
-        return self._src.fd
-
-    def _pread(self, length: int, offset: int, region: str) -> bytes:
-        return self._src.read(offset, length, region)
-
-    def _open(self) -> None:
-        self.file_size = size = self._src.size
-        self._identity = self._src.identity()
-        preamble = Preamble.unpack(self._pread(min(size, PREAMBLE_SIZE), 0, "preamble"), size)
-        self.preamble = preamble
-        self._tail: TrailerTail | None = None
-        if self._src.has(size - TRAILER_TAIL_SIZE, TRAILER_TAIL_SIZE):
-            self._tail = TrailerTail.unpack(self._pread(TRAILER_TAIL_SIZE, size - TRAILER_TAIL_SIZE, "trailer"), size)
-        header_bytes = self._pread(preamble.header_length, PREAMBLE_SIZE, "header")
-        if checksum(header_bytes) != preamble.header_checksum:
-            raise IntegrityError("header checksum mismatch", region="header", offset=PREAMBLE_SIZE)
-        self.header = parse_header(header_bytes)
-        if self.header.file_length != size:
-            raise LayoutError(
-                f"header says the file has {self.header.file_length} bytes, it has {size}", region="header"
-            )
-        self._check_regions(PREAMBLE_SIZE + preamble.header_length)
-        self._readers: dict[str, SectionReader] = {
-            s.name: get_codec(s.codec, region=f"section {s.name!r}").open_section(s) for s in self.header.sections
-        }
-        if preamble.minor > MFMT_VERSION_MINOR:
-            warnings.warn(
-                f"{self.path} uses format 3.{preamble.minor}, newer than this reader's "
-                f"3.{MFMT_VERSION_MINOR}; fields added since are ignored",
-                stacklevel=3,
-            )
-
-    def _check_regions(self, header_end: int) -> None:
-        """Sections are aligned, ordered, non-overlapping, and separated only by bounded padding."""
-        position = header_end
-        for s in sorted(self.header.sections, key=lambda s: s.offset):
-            region = f"section {s.name!r}"
-            if s.offset % MFMT_DEFAULT_ALIGNMENT:
-                raise LayoutError(f"offset {s.offset} is not aligned to {MFMT_DEFAULT_ALIGNMENT}", region=region)
-            if s.offset < position:
-                raise LayoutError(f"starts at {s.offset}, inside the previous region (ends {position})", region=region)
-            if s.offset - position > MAX_PADDING:
-                raise LayoutError(f"{s.offset - position} bytes of padding before it", region=region)
-            position = s.end
-        self._data_end = position
-        if self._tail is not None:
-            self._check_tail(self._tail)
-
-    def _check_tail(self, tail: TrailerTail) -> None:
-        if not 0 <= tail.index_offset - self._data_end <= MAX_PADDING:
-            raise LayoutError(
-                f"trailer index at {tail.index_offset} does not follow the data (ends {self._data_end})",
-                region="trailer",
-            )
-
-    @property
-    def tail(self) -> TrailerTail:
-        """The trailer tail (read on first use where reading it at open would cost a request)."""
-        if self._tail is None:
-            size = self.file_size
-            tail = TrailerTail.unpack(self._pread(TRAILER_TAIL_SIZE, size - TRAILER_TAIL_SIZE, "trailer"), size)
-            self._check_tail(tail)
-            self._tail = tail
-        return self._tail
-
-    # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> LazyCheckpoint:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release the file. Tensors already returned stay valid (they keep the mapping alive)."""
-        self._src.close()
-
-    # -- metadata ----------------------------------------------------------------------------
-    @property
-    @_names_file
-    def metadata(self) -> dict[str, Any]:
-        """The checkpoint metadata (a decoded object tree)."""
-        value = decode_tree(self.header.metadata, path="header.metadata")
-        return value if isinstance(value, dict) else {}
-
-    @property
-    def sections(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.header.sections)
-
-    def keys(self, section: str = "model") -> list[str]:
-        """Tensor names of ``section`` in the order they were saved (aliases included)."""
-        s = self.header.section(section)
-        return list(s.order) if s is not None else []
-
-    @_names_file
+    @names_file
     def tree(self, name: str) -> Any:
         """Decode the object tree ``name``; its tensor references are loaded."""
         if name not in self.header.trees:
@@ -264,7 +149,7 @@ class LazyCheckpoint:
         view: memoryview = self._src.view()
         return view
 
-    @_names_file
+    @names_file
     def get_tensor(self, name: str, *, section: str = "model") -> torch.Tensor:
         """Read one tensor (zero-copy for raw sections), verifying its checksum if ``verify``.
 
@@ -370,12 +255,12 @@ class LazyCheckpoint:
             raise TensorNotFoundError(section, region="sections")
         return self._readers[section]
 
-    @_names_file
+    @names_file
     def read_entry(self, section: SectionEntry, entry: TensorEntry) -> torch.Tensor:
         """Read one tensor entry of ``section`` (uncached; checksum verified if ``verify``)."""
         return self._read(section, entry)
 
-    @_names_file
+    @names_file
     def stream_header(self, section: str) -> bytes:
         """The safetensors header bytes of ``section``'s stream (decoded for zstd sections)."""
         return self.section_reader(section).stream_header(self._mapped())
@@ -389,7 +274,7 @@ class LazyCheckpoint:
         """A mapping of ``section``'s tensors that reads each one on first access."""
         return LazyStateDict(self, section)
 
-    @_names_file
+    @names_file
     def load_section(
         self, section: str = "model", device: str | torch.device = "cpu", *, copy: bool | None = None
     ) -> dict[str, torch.Tensor]:
@@ -492,7 +377,7 @@ class LazyCheckpoint:
         return [(a, b) for a, b in ranges if b > a]
 
     # -- whole-file checks -------------------------------------------------------------------
-    @_names_file
+    @names_file
     def verify_structure(self) -> None:
         """Check what open does not read: padding, the trailer index, each embedded safetensors header.
 
