@@ -67,3 +67,22 @@ def test_lazy_attributes_resolve_and_unknown_names_raise() -> None:
         assert getattr(mettaformat, name) is not None
     with pytest.raises(AttributeError, match="no_such_name"):
         mettaformat.no_such_name  # noqa: B018
+
+
+def test_inspect_of_a_container_runs_without_torch(tmp_path: pytest.TempPathFactory) -> None:
+    import torch
+
+    import mettaformat
+
+    path = tmp_path / "m.mfmt"  # type: ignore[operator]
+    mettaformat.save_file({"w": torch.ones(3, dtype=torch.bfloat16)}, path, metadata={"epoch": 3})
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from mettaformat.cli.main import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        f"    assert main(['inspect', {str(path)!r}]) == 0\n"
+        "assert 'BF16' in out.getvalue() and 'epoch: 3' in out.getvalue(), out.getvalue()\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))\n"
+    )
+    assert _torch_modules_after(code) == []

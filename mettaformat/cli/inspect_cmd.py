@@ -69,9 +69,8 @@ def describe_other(path: str, kind: str) -> dict[str, Any]:
 
 def describe(path: str) -> dict[str, Any]:
     """Everything inspect shows, as plain data (reads the header only for containers)."""
-    from mettaformat.anyformat import sniff_format
-    from mettaformat.checkpoint_io import split_metadata
-    from mettaformat.container.reader import LazyCheckpoint
+    from mettaformat.container.opened import ContainerFile, split_metadata
+    from mettaformat.signatures import sniff_format
 
     kind = sniff_format(path)
     if kind in ("dcp", "torch-dcp"):  # a distributed checkpoint directory
@@ -80,7 +79,7 @@ def describe(path: str) -> dict[str, Any]:
         return describe_dcp(path, kind)
     if kind != "mettaformat":
         return describe_other(path, kind)
-    with LazyCheckpoint(path, verify=False) as ckpt:
+    with ContainerFile(path) as ckpt:  # the header is all inspect shows: no torch, no codecs
         h, pre = ckpt.header, ckpt.preamble
         sections = []
         tensors = []
