@@ -17,7 +17,7 @@ MFMT_END_MAGIC: Final = b"MFTEND\r\n"
 #: ``checkpoint_format_version`` continues Metta's legacy numbering: 1 (PolicyRecord pickle),
 #: 2 (the ``checkpoint_format_version: 2`` dict), 3 (this container).
 MFMT_VERSION_MAJOR: Final = 3
-MFMT_VERSION_MINOR: Final = 2
+MFMT_VERSION_MINOR: Final = 3
 #: Major versions this reader opens. A newer minor of a supported major opens with a warning.
 READER_SUPPORTED_MAJORS: Final = (3,)
 
@@ -75,6 +75,8 @@ MAX_FRAME_RAW_SIZE: Final = 64 << 20
 MAX_ZSTD_WINDOW: Final = MAX_FRAME_RAW_SIZE
 #: Largest dimension product accepted for one tensor (2**62 bytes is far beyond any real file).
 MAX_TENSOR_BYTES: Final = 1 << 62
+#: Bases a delta checkpoint stands on (bases of bases included): bounds the files one open touches.
+MAX_CHAIN_DEPTH: Final = 16
 
 #: Reserved tensor names (safetensors' metadata key, and our internal namespace).
 RESERVED_NAMES: Final = frozenset({"__metadata__"})

@@ -218,6 +218,22 @@ class TensorNotFoundError(MettaFormatError, KeyError):
         return MettaFormatError.__str__(self)
 
 
+class BaseCheckpointError(MettaFormatError):
+    """The base a delta checkpoint needs is missing, is not the file it was written against, is itself
+    damaged, or the chain of bases is circular or too long. The message names both files.
+
+    ``region`` is ``"base"`` (missing or damaged), ``"base identity"`` (a different file than the one the
+    delta was written against) or ``"base chain"`` (a cycle, or too many bases).
+
+    Attributes:
+        base: the base path as resolved (or as written when it could not be found).
+    """
+
+    def __init__(self, message: str, *, base: str | None = None, region: str = "base") -> None:
+        self.base = base
+        super().__init__(message, region=region)
+
+
 class WriteError(MettaFormatError):
     """A save failed. The target path still holds its previous content (or nothing)."""
 

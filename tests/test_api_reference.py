@@ -290,7 +290,7 @@ def test_signature_matches_code(entry: Entry) -> None:
 
 GOOD_SAVE_FILE = ("(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, Any] "
                   "| None = None, compression: Compression | Codec = 'raw', level: int | str | None = None, "
-                  "durable: bool = False)")
+                  "durable: bool = False, base: str | os.PathLike[str] | LazyCheckpoint | None = None)")
 
 
 @pytest.mark.parametrize(

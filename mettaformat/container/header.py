@@ -25,6 +25,7 @@ from mettaformat.constants import (
     MAX_TENSORS_PER_SECTION,
     STREAM_DATA_ALIGNMENT,
 )
+from mettaformat.container.delta import DELTA_EXTENSION, DeltaInfo, parse_delta, stored_tag
 from mettaformat.container.strict_msgpack import decode_msgpack, encode_msgpack
 from mettaformat.container.tensor_index import (
     TensorEntry,
@@ -43,7 +44,7 @@ __all__ = ["COLUMNAR_INDEX", "Header", "SectionEntry", "TensorEntry", "decode_ms
 #: index and must say so instead of misreading the file.
 COLUMNAR_INDEX: Final = "mettaformat.columnar_index"
 #: Extensions this reader implements; a file listing anything else in must_understand is refused.
-KNOWN_EXTENSIONS: Final[frozenset[str]] = frozenset({COLUMNAR_INDEX})
+KNOWN_EXTENSIONS: Final[frozenset[str]] = frozenset({COLUMNAR_INDEX, DELTA_EXTENSION})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +125,8 @@ class Header:
     sections: tuple[SectionEntry, ...]
     metadata: Any = None
     trees: dict[str, Any] = field(default_factory=dict)
+    #: the base and the tensors stored as differences from it (3.3), or None for a standalone file
+    delta: DeltaInfo | None = None
 
     def section(self, name: str) -> SectionEntry | None:
         for s in self.sections:
@@ -148,6 +151,9 @@ class Header:
         out["metadata"] = self.metadata
         out["trees"] = self.trees
         out["must_understand"] = [COLUMNAR_INDEX]
+        if self.delta is not None:
+            out["delta"] = self.delta.to_msgpack()
+            out["must_understand"].append(DELTA_EXTENSION)
         return out
 
 
@@ -320,8 +326,30 @@ def parse_header(data: bytes | memoryview) -> Header:
             )
         file_length, algorithm, sections = _parse_sections(f, None)
         trees = f.get("trees", dict, required=False, default={})
+        delta = _parse_delta(f, sections, DELTA_EXTENSION in must)
         return Header(file_length=file_length, checksum=algorithm, sections=sections, metadata=f.d.get("metadata"),
-                      trees=trees)
+                      trees=trees, delta=delta)
+
+
+def _parse_delta(f: _Fields, sections: tuple[SectionEntry, ...], required: bool) -> DeltaInfo | None:
+    """The ``delta`` map (present exactly when ``must_understand`` lists the extension); every tensor
+    it lists is a data entry whose stored dtype is the unsigned integer of its dtype's width."""
+    if ("delta" in f.d) != required:
+        raise f.err("delta", f"present if and only if must_understand lists {DELTA_EXTENSION!r}")
+    if not required:
+        return None
+    info = parse_delta(f.d["delta"])
+    by_section = {s.name: s for s in sections}
+    for section, names in info.tensors.items():
+        s = by_section.get(section)
+        for name, (dtype, _) in names.items():
+            entry = s.index.get(name) if s is not None else None
+            if entry is None:
+                raise f.err(f"delta.tensors.{section}.{name}", "names no tensor of the index")
+            if entry.dtype != stored_tag(dtype):
+                raise f.err(f"delta.tensors.{section}.{name}",
+                            f"stored as {entry.dtype}, a {dtype} delta is stored as {stored_tag(dtype)}")
+    return info
 
 
 def parse_index(data: bytes | memoryview) -> Header:

@@ -28,6 +28,7 @@ import torch
 from mettaformat._pool import shared_pool
 from mettaformat._torch import buffer_tensor, tensor_bytes, writable_bytes
 from mettaformat.constants import PREAMBLE_SIZE
+from mettaformat.container.chain import base_section, delta_names, open_base, rebuild
 from mettaformat.container.codecs import SectionReader, get_codec
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
 from mettaformat.container.header import SectionEntry, TensorEntry, parse_index
@@ -106,16 +107,26 @@ class LazyCheckpoint(ContainerFile):
         #: always so for sources that cannot be mapped
         self.copy = copy or not self._src.mappable
         self._device: torch.device = torch.device("cpu")
+        #: the open base of a delta checkpoint (None for a standalone file)
+        self.base: LazyCheckpoint | None = None
         try:
             with naming_file(self.path, container=True):
                 self._readers: dict[str, SectionReader] = {
                     s.name: get_codec(s.codec, region=f"section {s.name!r}").open_section(s)
                     for s in self.header.sections
                 }
+                if self.header.delta is not None:
+                    self.base = open_base(self)
         except BaseException:
             self._src.close()
             raise
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def close(self) -> None:
+        """Release the file (and the bases of a delta). Tensors already returned stay valid."""
+        super().close()
+        if self.base is not None:
+            self.base.close()
 
     @names_file
     def tree(self, name: str) -> Any:
@@ -163,14 +174,25 @@ class LazyCheckpoint(ContainerFile):
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        if off_host(self._device):
+        if entry.name in delta_names(self, s.name):
+            tensor = self._read(s, entry).to(self._device)
+        elif off_host(self._device):
             tensor = load_to_device(self, s, (entry,), transport_for(self._device))[entry.name]
         else:
             tensor = self._read(s, entry)
         self._cache[key] = tensor
         return tensor
 
+    def _read_logical(self, name: str, section: str) -> torch.Tensor:
+        """One tensor as saved (rebuilt from the base for a delta), uncached: what a delta on this file reads."""
+        with naming_file(self.path, container=True):
+            return self._read(*self._entry(name, section))
+
     def _read(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
+        stored = self._read_stored(s, entry)
+        return rebuild(self, s, entry, stored) if entry.name in delta_names(self, s.name) else stored
+
+    def _read_stored(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
         source = self._mapped()
         reader = self._readers[s.name]
         dtype = dtype_from_tag(entry.dtype)
@@ -292,7 +314,14 @@ class LazyCheckpoint(ContainerFile):
         if s is None:
             return {}
         target = torch.device(device)
-        if off_host(target) and self._src.mappable:  # straight to the device, never the whole model in host memory
+        deltas = delta_names(self, s.name)
+        if deltas:  # residuals and the base decode on all cores, then tensors are rebuilt in parallel
+            out = self._decode_all(s) if not self._readers[s.name].zero_copy else self._read_copy(s)
+            bases = base_section(self, s.name)
+            rebuilt = dict(zip(deltas, shared_pool().map(
+                lambda n: rebuild(self, s, s.index.get(n), out[n], bases.get(n)), deltas), strict=True))
+            out = {name: rebuilt.get(name, t).to(target) for name, t in out.items()}
+        elif off_host(target) and self._src.mappable:  # straight to the device, never the whole model in host memory
             out = load_to_device(self, s, s.tensors, transport_for(target))
         elif not self._readers[s.name].zero_copy:
             out = self._decode_all(s)

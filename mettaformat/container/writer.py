@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
@@ -32,13 +33,18 @@ from mettaformat.constants import (
     PREAMBLE_SIZE,
     Compression,
 )
-from mettaformat.container.codecs import Codec, resolve_codec
+from mettaformat.container.codecs import Codec, RawCodec, ZstdCodec, resolve_codec
 from mettaformat.container.codecs.base import pwrite_all
+from mettaformat.container.delta import DeltaInfo
+from mettaformat.container.delta_write import delta_sections
 from mettaformat.container.header import Header, SectionEntry, encode_msgpack
 from mettaformat.container.layout import Preamble, TrailerTail, align_offset, checksum
 from mettaformat.container.stream import StreamPlan, entries_from_plan, plan_stream
 from mettaformat.container.tree import encode_tree
-from mettaformat.errors import WriteError
+from mettaformat.errors import MettaFormatError, WriteError
+
+if TYPE_CHECKING:
+    from mettaformat.container.reader import LazyCheckpoint
 
 __all__ = ["save", "save_file", "write_container"]
 
@@ -53,6 +59,7 @@ def save_file(
     compression: Compression | Codec = "raw",
     level: int | str | None = None,
     durable: bool = False,
+    base: str | os.PathLike[str] | LazyCheckpoint | None = None,
 ) -> None:
     """Save a state dict to ``path`` atomically.
 
@@ -70,15 +77,20 @@ def save_file(
             with repeats), ``"max"`` (archival: several times slower to write, 0.3-1.5% smaller).
         durable: also fsync the file before the rename and the directory after it, so the new
             version survives power loss (the rename is atomic either way).
+        base: an earlier checkpoint (path or open :class:`LazyCheckpoint`) of the same model. Tensors
+            that measure smaller as a difference from the base tensor of the same name, dtype and shape
+            are stored that way (``spec/codecs/delta.md``); reading the file then needs this exact base.
+            A ``"raw"`` compression becomes ``"zstd"`` (residuals exist to be compressed).
 
     Raises:
-        WriteError: invalid names or values, unsupported dtypes, or an I/O error (ENOSPC...).
-            The previous content of ``path`` is untouched.
+        WriteError: invalid names or values, unsupported dtypes, an unreadable base, or an I/O error
+            (ENOSPC...). The previous content of ``path`` is untouched.
 
     Example:
         >>> mettaformat.save_file({"w": torch.zeros(2)}, "model.mfmt", metadata={"epoch": 3})
     """
-    write_container(path, {"model": tensors}, metadata=metadata, compression=compression, level=level, durable=durable)
+    write_container(path, {"model": tensors}, metadata=metadata, compression=compression, level=level, durable=durable,
+                    base=base)
 
 
 def save(
@@ -104,6 +116,7 @@ def write_container(
     compression: Compression | Codec = "raw",
     level: int | str | None = None,
     durable: bool = False,
+    base: str | os.PathLike[str] | LazyCheckpoint | None = None,
 ) -> None:
     """Write a container with several sections and object trees, atomically.
 
@@ -117,8 +130,32 @@ def write_container(
         WriteError: as for :func:`save_file`, or a tree whose name clashes with a section.
     """
     codec = resolve_codec(compression, level)
-    with atomic_fd(path, durable=durable) as fd:
-        _write(fd, sections, metadata, trees, codec)
+    if base is None:
+        with atomic_fd(path, durable=durable) as fd:
+            _write(fd, sections, metadata, trees, codec)
+        return
+    if isinstance(codec, RawCodec):
+        codec = ZstdCodec()
+    with _open_base(base) as base_ckpt:
+        all_sections, encoded_trees = _split_trees(sections, trees)
+        stored, delta = delta_sections(all_sections, base_ckpt, getattr(codec, "level", None), path)
+        with atomic_fd(path, durable=durable) as fd:
+            _write(fd, stored, metadata, None, codec, encoded_trees=encoded_trees, delta=delta)
+
+
+@contextmanager
+def _open_base(base: str | os.PathLike[str] | LazyCheckpoint) -> Iterator[LazyCheckpoint]:
+    from mettaformat.container.reader import LazyCheckpoint
+
+    if isinstance(base, LazyCheckpoint):
+        yield base
+        return
+    try:
+        ckpt = LazyCheckpoint(base)
+    except (MettaFormatError, OSError) as e:
+        raise WriteError(f"base {os.fspath(base)} cannot be opened: {e}") from e
+    with ckpt:
+        yield ckpt
 
 
 def _split_trees(
@@ -169,13 +206,24 @@ def _write(
     metadata: Mapping[str, Any] | None,
     trees: Mapping[str, Any] | None,
     codec: Codec,
+    *,
+    encoded_trees: dict[str, Any] | None = None,
+    delta: DeltaInfo | None = None,
 ) -> int:
-    all_sections, encoded_trees = _split_trees(sections, trees)
+    if encoded_trees is None:
+        all_sections, encoded_trees = _split_trees(sections, trees)
+    else:  # trees already split (a delta's residuals replace some of their tensors)
+        all_sections = dict(sections)
     try:
         encoded_metadata = encode_tree(dict(metadata or {}))
     except ValueError as e:
         raise WriteError(f"metadata: {e}") from e
     plans = {name: plan_stream(tensors) for name, tensors in all_sections.items()}
+    if delta is not None:  # tied names are aliases of one data entry: the index lists that entry only
+        delta = DeltaInfo(delta.base, {
+            section: kept for section, names in delta.tensors.items()
+            if (kept := {n: v for n, v in names.items() if n not in plans[section].aliases})
+        })
     configuration = codec.configuration()
 
     def section(name: str, plan: StreamPlan, offset: int, length: int, frames: bytes,
@@ -206,6 +254,7 @@ def _write(
         sections=tuple(entries),
         metadata=encoded_metadata,
         trees=encoded_trees,
+        delta=delta,
     )
     reserved = len(encode_msgpack(header.to_msgpack()))
     position = align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
@@ -224,7 +273,7 @@ def _write(
     data_end = written[-1].end if written else align_offset(PREAMBLE_SIZE + reserved, MFMT_DEFAULT_ALIGNMENT)
     # Build the section maps once; only the file length changes between the encodings below.
     final = Header(file_length=0, checksum=header.checksum, sections=tuple(written), metadata=header.metadata,
-                   trees=header.trees)
+                   trees=header.trees, delta=delta)
     index_map = final.index_msgpack()
     file_length = data_end + 32
     # The file length is part of the index, and its msgpack width can change the index length.

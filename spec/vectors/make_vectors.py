@@ -754,6 +754,47 @@ def i_tree_hash_flood() -> bytes:
     return _with_metadata({"m": {"$map": [[1 + k * ((1 << 61) - 1), k] for k in range(9)]}})
 
 
+def _delta_pair() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A base and its next checkpoint: small steps on F32 and BF16 weights, an unchanged I32 tensor,
+    a reshaped and a new tensor (both stored standalone)."""
+    g = torch.Generator().manual_seed(33)
+    w = torch.randn(48, 64, generator=g)
+    h = torch.randn(40, 64, generator=g).bfloat16()
+    base = {"w": w, "h": h, "steps": torch.arange(64, dtype=torch.int32), "r": torch.ones(4, 6)}
+    step = {"w": w + 1e-3 * torch.randn(48, 64, generator=g), "h": (h.float() + 1e-2 * torch.randn(40, 64, generator=g)
+            ).bfloat16(), "steps": base["steps"].clone(), "r": torch.ones(6, 4), "new": torch.arange(8.0)}
+    return base, step
+
+
+def v_delta_base() -> bytes:
+    """The base of ``valid_delta`` (a 3.2-style standalone zstd file)."""
+    return save_bytes(_delta_pair()[0], compression="zstd")
+
+
+def v_delta() -> bytes:
+    """3.3: tensors stored as zigzag differences from ``valid_delta_base.mfmt`` (the base lies beside it)."""
+    with tempfile.TemporaryDirectory() as d:
+        base = Path(d) / "valid_delta_base.mfmt"
+        base.write_bytes(v_delta_base())
+        mettaformat.save_file(_delta_pair()[1], Path(d) / "delta.mfmt", base=base, metadata={"step": 1})
+        return (Path(d) / "delta.mfmt").read_bytes()
+
+
+def _delta_edit(edit: Callable[[dict[str, Any]], None]) -> bytes:
+    header, index, sections = split(v_delta(), columnar=True)
+    edit(header["delta"]["base"])
+    return assemble(header, sections, index=index, minor=3)
+
+
+def i_delta_wrong_base() -> bytes:
+    """The base beside it is not the file it was written against (another header checksum)."""
+    return _delta_edit(lambda b: b.update(header_checksum=bytes(8)))
+
+
+def i_delta_missing_base() -> bytes:
+    return _delta_edit(lambda b: b.update(uri="valid_delta_gone.mfmt"))
+
+
 def i_tree_device_index() -> bytes:
     return _with_metadata({"d": {"$device": "cuda:128"}})
 
@@ -795,6 +836,8 @@ VALID: dict[str, Callable[[], bytes]] = {
     "valid_tree_depth_limit": v_tree_depth_limit,
     "valid_tree_keys": v_tree_keys,
     "valid_object_defaults": v_object_defaults,
+    "valid_delta_base": v_delta_base,
+    "valid_delta": v_delta,
 }
 
 #: name -> (builder, expected error class, expected region)
@@ -850,11 +893,22 @@ INVALID: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "invalid_tree_dtype_alias": (i_tree_dtype_alias, "HeaderError", "header"),
     "invalid_tree_missing_tensor": (i_tree_missing_tensor, "HeaderError", "header"),
     "invalid_tree_bytes_name": (i_tree_bytes_name, "HeaderError", "header"),
+    "invalid_delta_wrong_base": (i_delta_wrong_base, "BaseCheckpointError", "base identity"),
+    "invalid_delta_missing_base": (i_delta_missing_base, "BaseCheckpointError", "base"),
 }
+
+#: Vectors that name a base: the other vectors that must lie beside them when they are read.
+NEEDS: dict[str, tuple[str, ...]] = {name: ("valid_delta_base",) for name in
+                                     ("valid_delta", "invalid_delta_wrong_base", "invalid_delta_missing_base")}
 
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _place_needed(name: str, directory: Path, where: Path) -> None:
+    for needed in NEEDS.get(name, ()):
+        (where / f"{needed}.mfmt").write_bytes((directory / f"{needed}.mfmt").read_bytes())
 
 
 def main(directory: Path = HERE) -> list[str]:
@@ -869,6 +923,7 @@ def main(directory: Path = HERE) -> list[str]:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d) / f"{name}.mfmt"
             tmp.write_bytes(data)
+            _place_needed(name, directory, Path(d))
             expected = describe(tmp)
         target.write_bytes(data)
         _write_json(directory / f"{name}.expected.json", expected)
@@ -882,6 +937,7 @@ def main(directory: Path = HERE) -> list[str]:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d) / f"{name}.mfmt"
             tmp.write_bytes(data)
+            _place_needed(name, directory, Path(d))
             got = reader_error(tmp)
         if got != (error, region):
             raise AssertionError(f"{name}: the reader reports {got}, the vector intends {(error, region)}")

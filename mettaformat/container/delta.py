@@ -1,0 +1,110 @@
+"""Delta checkpoints: a tensor stored as its difference from the same tensor of a base file.
+
+Consecutive checkpoints of one run share most of their high bits: sign, exponent and upper
+mantissa barely move between saves. The ``zigzag-sub`` filter stores, per element, the integer
+difference of the bit patterns (target minus base, modulo 2^bits) mapped by zigzag to an unsigned
+integer (0, -1, 1, -2... -> 0, 1, 2, 3...), so small moves in either direction leave high bytes of
+zero. The result is an unsigned integer tensor of the same width and shape that the section's
+codec then splits into byte planes and compresses. On two Metta checkpoints 50 epochs apart the
+float tensors came out 1.28x smaller than alone this way, 1.24x with XOR of the bit patterns: a value
+that crosses a power of two flips many bits under XOR but changes the difference by a little.
+
+The header names the base (its URI as written, and its identity: the base's header checksum and
+file length) and lists, per section, the tensors stored this way with their dtype and the checksum
+of the reconstructed bytes. Normative description: ``spec/codecs/delta.md``. This module is the header's
+part (no torch: the CLI's parsers import it); ``delta_filter.py`` is the arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from mettaformat.constants import MAX_CHAIN_DEPTH
+from mettaformat.dtypes import DTYPE_TAGS, itemsize
+from mettaformat.errors import HeaderError
+
+__all__ = ["DELTA_EXTENSION", "FILTER", "MAX_CHAIN_DEPTH", "BaseRef", "DeltaInfo", "parse_delta", "stored_tag"]
+
+#: Listed in ``must_understand``: a reader that cannot resolve a base must refuse the file.
+DELTA_EXTENSION: Final = "mettaformat.delta"
+FILTER: Final = "zigzag-sub"
+_STORED: Final = {1: "U8", 2: "U16", 4: "U32", 8: "U64"}
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """The base a delta file was written against: where (as written) and which (its identity)."""
+
+    uri: str
+    file_length: int
+    header_checksum: int
+
+
+@dataclass(frozen=True)
+class DeltaInfo:
+    base: BaseRef
+    #: section -> tensor name -> (dtype of the reconstructed tensor, checksum of its bytes)
+    tensors: dict[str, dict[str, tuple[str, int]]]
+
+    def to_msgpack(self) -> dict[str, Any]:
+        return {
+            "base": {"uri": self.base.uri, "file_length": self.base.file_length,
+                     "header_checksum": self.base.header_checksum.to_bytes(8, "little")},
+            "filter": FILTER,
+            "tensors": {section: {name: [dtype, digest.to_bytes(8, "little")] for name, (dtype, digest) in
+                                  names.items()} for section, names in self.tensors.items()},
+        }
+
+
+def stored_tag(dtype: str) -> str | None:
+    """The unsigned dtype a residual of ``dtype`` is stored as, or None when ``dtype`` takes no delta."""
+    if dtype == "BOOL" or dtype not in DTYPE_TAGS:
+        return None
+    return _STORED.get(itemsize(dtype))
+
+
+def _err(path: str, message: str) -> HeaderError:
+    return HeaderError(message, path=path, region="header")
+
+
+def _checksum(value: Any, path: str) -> int:
+    if type(value) is not bytes or len(value) != 8:
+        raise _err(path, "expected an 8-byte checksum")
+    return int.from_bytes(value, "little")
+
+
+def parse_delta(raw: Any) -> DeltaInfo:
+    """Validate the header's ``delta`` map (its tensors are checked against the index by the reader)."""
+    path = "header.delta"
+    if type(raw) is not dict:
+        raise _err(path, "expected a map")
+    base = raw.get("base")
+    if type(base) is not dict:
+        raise _err(f"{path}.base", "expected a map")
+    uri = base.get("uri")
+    if type(uri) is not str or not uri or len(uri.encode()) > 4096 or "\x00" in uri:
+        raise _err(f"{path}.base.uri", "expected a non-empty string of at most 4096 bytes without NUL")
+    length = base.get("file_length")
+    if type(length) is not int or not 0 < length < 1 << 63:
+        raise _err(f"{path}.base.file_length", "expected a positive 63-bit integer")
+    ref = BaseRef(uri, length, _checksum(base.get("header_checksum"), f"{path}.base.header_checksum"))
+    if raw.get("filter") != FILTER:
+        raise _err(f"{path}.filter", f"unknown delta filter {raw.get('filter')!r}; this reader knows {FILTER!r}")
+    sections = raw.get("tensors")
+    if type(sections) is not dict:
+        raise _err(f"{path}.tensors", "expected a map")
+    tensors: dict[str, dict[str, tuple[str, int]]] = {}
+    for section, names in sections.items():
+        where = f"{path}.tensors.{section}"
+        if type(section) is not str or type(names) is not dict:
+            raise _err(where, "expected a map of tensor names")
+        table: dict[str, tuple[str, int]] = {}
+        for name, value in names.items():
+            if type(name) is not str or type(value) is not list or len(value) != 2 or type(value[0]) is not str:
+                raise _err(f"{where}.{name}", "expected [dtype, checksum]")
+            if stored_tag(value[0]) is None:
+                raise _err(f"{where}.{name}", f"dtype {value[0]!r} cannot be stored as a delta")
+            table[name] = (value[0], _checksum(value[1], f"{where}.{name}[1]"))
+        tensors[section] = table
+    return DeltaInfo(ref, tensors)
