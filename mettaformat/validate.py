@@ -93,6 +93,7 @@ def validate(path: str | os.PathLike[str], *, deep: bool = False) -> ValidationR
 
 
 def _validate_container(path: str | os.PathLike[str], deep: bool, report: ValidationReport) -> None:
+    from mettaformat.container.chain import chain
     from mettaformat.container.reader import LazyCheckpoint
     from mettaformat.container.tree import decode_tree
 
@@ -102,6 +103,12 @@ def _validate_container(path: str | os.PathLike[str], deep: bool, report: Valida
             ckpt.verify_structure()
         except MettaFormatError as e:
             report.problems.append(_problem(e))
+        for base in chain(ckpt)[1:]:  # the files a delta's tensors are rebuilt from
+            report.notes.append(f"delta: rebuilt from base {base.path}")
+            try:
+                base.verify_structure()
+            except MettaFormatError as e:
+                report.problems.append(Problem(f"base {base.path}: {e.region}", e.message))
         damaged: set[tuple[str, str]] = set()
         for s in ckpt.header.sections:
             for t in s.tensors:

@@ -29,7 +29,8 @@ from mettaformat.cli.main import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-SUBCOMMANDS = ("inspect", "convert", "migrate", "validate", "repair", "compat", "ls", "prune", "extract", "diff",
+SUBCOMMANDS = ("inspect", "convert", "migrate", "validate", "repair", "compat", "ls", "prune", "extract",
+               "materialize", "diff",
                "bench", "completion")
 #: A tensor name and a metadata key that would rewrite a terminal if printed raw.
 EVIL = "evil\x1b[31mname\n"
@@ -191,6 +192,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_common_flags_accepted_after_subcommand(command: str) -> None:
     positional = {"convert": ["a", "b"], "repair": ["a", "b"], "extract": ["a", "b"], "diff": ["a", "b"],
+                  "materialize": ["a", "b"],
                   "completion": ["bash"], "bench": []}.get(command, ["a"])
     parser = build_parser()
     after = parser.parse_args([command, *positional, "-q", "-v", "--debug"])
@@ -718,6 +720,7 @@ JSON_COMMANDS = [c for c in SUBCOMMANDS if c != "completion"]
 @pytest.mark.parametrize("command", JSON_COMMANDS)
 def test_json_flag_is_accepted(command: str) -> None:
     positional = {"convert": ["a", "b"], "repair": ["a", "b"], "extract": ["a", "b"], "diff": ["a", "b"],
+                  "materialize": ["a", "b"],
                   "bench": []}.get(command, ["a"])
     assert build_parser().parse_args([command, *positional, "--json"]).json is True
 

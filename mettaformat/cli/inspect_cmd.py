@@ -39,6 +39,7 @@ def _entries(section: str, tensors: Mapping[str, torch.Tensor]) -> list[dict[str
             "shape": list(t.shape),
             "bytes": t.numel() * t.element_size(),
             "alias_of": None,
+            "delta": False,
         }
         for k, t in tensors.items()
     ]
@@ -64,6 +65,7 @@ def describe_other(path: str, kind: str) -> dict[str, Any]:
         "model_type": ckpt.model_type,
         "name": ckpt.name,
         "class_paths": ckpt.provenance.get("class_paths", []),
+        "delta": None,
     }
 
 
@@ -98,6 +100,7 @@ def describe(path: str) -> dict[str, Any]:
                 }
             )
             by_name = s.by_name()
+            deltas = h.delta.tensors.get(s.name, {}) if h.delta is not None else {}
             for name in s.order:
                 t = by_name.get(s.aliases.get(name, name))
                 assert t is not None
@@ -105,7 +108,8 @@ def describe(path: str) -> dict[str, Any]:
                     {
                         "section": s.name,
                         "name": name,
-                        "dtype": t.dtype,
+                        "dtype": deltas[t.name][0] if t.name in deltas else t.dtype,
+                        "delta": t.name in deltas,
                         "shape": list(t.shape),
                         "bytes": t.nbytes,
                         "alias_of": s.aliases.get(name),
@@ -126,7 +130,22 @@ def describe(path: str) -> dict[str, Any]:
             "model_type": own.get("model_type"),
             "name": own.get("name"),
             "class_paths": [],
+            "delta": _delta_info(ckpt),
         }
+
+
+def _delta_info(ckpt: Any) -> dict[str, Any] | None:
+    """The base as written and the chain as resolved (nearest first), for a delta checkpoint."""
+    from mettaformat.container.chain import chain
+
+    delta = ckpt.header.delta
+    if delta is None:
+        return None
+    return {
+        "base": delta.base.uri,
+        "chain": [str(c.path) for c in chain(ckpt)[1:]],
+        "tensors": sum(len(names) for names in delta.tensors.values()),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,13 +179,18 @@ def run(args: argparse.Namespace) -> int:
             for s in info["sections"]
         ]
         print(table(["section", "codec", "stored", "raw", "ratio", "tensors"], rows, align="llrrrr"))
+        delta = info.get("delta")
+        if delta:
+            print(f"\ndelta of {sanitize(delta['base'])}: {delta['tensors']} tensors stored as differences; chain: "
+                  + " <- ".join(sanitize(p) for p in delta["chain"]))
     if not args.quiet:
         print()
         rows = [
             [
                 (f"{t['section']}:" if t["section"] != "model" else "")
                 + t["name"]
-                + (f" -> {t['alias_of']}" if t["alias_of"] else ""),
+                + (f" -> {t['alias_of']}" if t["alias_of"] else "")
+                + (" (delta)" if t.get("delta") else ""),
                 t["dtype"],
                 "x".join(map(str, t["shape"])) or "()",
                 t["bytes"],

@@ -1,0 +1,44 @@
+"""A standalone copy of a delta checkpoint: every tensor rebuilt, the base no longer needed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mettaformat._atomic import atomic_fd
+from mettaformat._files import refuse_overwriting_input
+from mettaformat.container.chain import chain
+from mettaformat.container.codecs import codec_class
+from mettaformat.container.reader import LazyCheckpoint
+from mettaformat.container.writer import _write
+from mettaformat.errors import naming_file
+
+__all__ = ["MaterializeReport", "materialize"]
+
+
+@dataclass(frozen=True)
+class MaterializeReport:
+    #: the bases the source was rebuilt from, nearest first (empty: it was already standalone)
+    chain: list[str]
+    tensors: int
+    bytes_written: int
+
+
+def materialize(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> MaterializeReport:
+    """Write ``output``: ``source`` with every tensor rebuilt from its bases, metadata and trees kept,
+    compressed with the codec and configuration of ``source``'s first section.
+
+    Raises:
+        WriteError: ``output`` is ``source`` or one of its bases (it would destroy what it reads).
+        MettaFormatError: ``source`` or a base is missing, changed or damaged (as for :func:`open`).
+    """
+    with LazyCheckpoint(source) as ckpt, naming_file(source, container=True):
+        bases = [str(c.path) for c in chain(ckpt)[1:]]
+        refuse_overwriting_input(output, source, *bases, command="materialize")
+        sections = {name: ckpt.load_section(name) for name in ckpt.sections}
+        first = ckpt.header.sections[0] if ckpt.header.sections else None
+        codec = codec_class("zstd" if first is None else first.codec).from_configuration(
+            {} if first is None else dict(first.configuration))
+        with atomic_fd(output) as fd:
+            length = _write(fd, sections, ckpt.metadata, None, codec, encoded_trees=dict(ckpt.header.trees))
+    return MaterializeReport(bases, sum(len(s) for s in sections.values()), length)
