@@ -22,6 +22,7 @@ from mettaformat.anyformat import load_any
 from mettaformat.checkpoint import Checkpoint, TrainingState
 from mettaformat.checkpoint_io import write_checkpoint
 from mettaformat.constants import MFMT_VERSION_MAJOR, ZSTD_DEFAULT_LEVEL, Compression
+from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.errors import ModelReconstructionError, naming_file
 from mettaformat.registry import get_model_builder, registered_model_types
 from mettaformat.training import capture_training_state, restore_rng
@@ -139,10 +140,13 @@ class MettaAgent(nn.Module):
         level: int | str = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         all_ranks: bool = False,
+        base: str | os.PathLike[str] | LazyCheckpoint | None = None,
     ) -> Path | None:
         """Save weights, model type, config, metadata, versions and agent attributes (atomically).
 
-        Under ``torch.distributed`` only rank 0 writes unless ``all_ranks``.
+        Under ``torch.distributed`` only rank 0 writes unless ``all_ranks``. ``base``: an earlier
+        checkpoint of this model; tensors that changed little are stored as differences from it
+        (see :func:`mettaformat.save_file`).
 
         Returns:
             The path written, or None on a rank that did not write.
@@ -152,7 +156,7 @@ class MettaAgent(nn.Module):
         """
         if not _is_writer_rank(all_ranks):
             return None
-        write_checkpoint(self.to_checkpoint(), path, compression=compression, level=level, durable=durable)
+        write_checkpoint(self.to_checkpoint(), path, compression=compression, level=level, durable=durable, base=base)
         return Path(path)
 
     def save_for_training(
@@ -167,6 +171,7 @@ class MettaAgent(nn.Module):
         durable: bool = False,
         all_ranks: bool = False,
         distributed: bool = False,
+        base: str | os.PathLike[str] | LazyCheckpoint | None = None,
     ) -> Path | None:
         """Save the model plus optimizer, scheduler, counters and RNG states; no pickle anywhere.
 
@@ -174,6 +179,7 @@ class MettaAgent(nn.Module):
         ``distributed=True``: every rank calls this and writes its own shards (FSDP2/DTensor
         models) into the directory ``path`` through :mod:`mettaformat.dcp`; resume with
         ``load_for_training(path, model=..., distributed=True)`` on any number of ranks.
+        ``base``: as for :meth:`save`; optimizer state is stored as differences too.
 
         Raises:
             WriteError: as for :meth:`save` (for example a scheduler holding a lambda).
@@ -188,7 +194,8 @@ class MettaAgent(nn.Module):
             return None
         training = capture_training_state(optimizer, scheduler, trainer_state)
         write_checkpoint(
-            self.to_checkpoint(training=training), path, compression=compression, level=level, durable=durable
+            self.to_checkpoint(training=training), path, compression=compression, level=level, durable=durable,
+            base=base,
         )
         return Path(path)
 

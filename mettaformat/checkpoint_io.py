@@ -40,8 +40,10 @@ def write_checkpoint(
     level: int | str = ZSTD_DEFAULT_LEVEL,
     durable: bool = False,
     config: dict[str, Any] | None = None,
+    base: str | os.PathLike[str] | LazyCheckpoint | None = None,
 ) -> None:
-    """Write ``ckpt`` as a container at ``path`` (atomically).
+    """Write ``ckpt`` as a container at ``path`` (atomically); a delta of ``base`` when given (see
+    :func:`mettaformat.save_file`).
 
     Raises:
         WriteError: metadata using the reserved key, values an object tree cannot hold, I/O errors.
@@ -82,7 +84,8 @@ def write_checkpoint(
     elif ckpt.legacy_tensors:
         sections["legacy"] = ckpt.legacy_tensors
     write_container(
-        path, sections, metadata=metadata, trees=trees, compression=compression, level=level, durable=durable
+        path, sections, metadata=metadata, trees=trees, compression=compression, level=level, durable=durable,
+        base=base,
     )
 
 

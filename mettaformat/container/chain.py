@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from mettaformat.container.header import SectionEntry, TensorEntry
     from mettaformat.container.reader import LazyCheckpoint
 
-__all__ = ["base_candidates", "base_section", "chain", "chain_depth", "delta_names", "open_base", "rebuild"]
+__all__ = ["base_candidates", "base_section", "chain", "chain_depth", "declared_base", "delta_names", "open_base",
+           "rebuild"]
 
 _opening = threading.local()
 
@@ -142,3 +143,27 @@ def delta_names(ckpt: Any, section: str) -> dict[str, tuple[str, int]]:
     """The tensors of ``section`` stored as residuals (empty for a standalone file)."""
     delta = ckpt.header.delta
     return delta.tensors.get(section, {}) if delta is not None else {}
+
+
+def declared_base(path: str | os.PathLike[str]) -> Path | None:
+    """Where the base of the container ``path`` lies (the first candidate that exists, else the first),
+    from its header alone; None for a standalone file or one whose header cannot be read. For tools
+    that must not follow the chain (retention keeps bases a kept file needs, even damaged ones)."""
+    from mettaformat.constants import PREAMBLE_SIZE
+    from mettaformat.container.header import parse_header
+    from mettaformat.container.layout import Preamble
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            preamble = Preamble.unpack(f.read(PREAMBLE_SIZE), size)
+            header_bytes = f.read(preamble.header_length)
+        if checksum(header_bytes) != preamble.header_checksum:
+            return None
+        delta = parse_header(header_bytes).delta
+    except (OSError, MettaFormatError):
+        return None
+    if delta is None:
+        return None
+    candidates = base_candidates(Path(path), delta.base.uri)
+    return next((p for p in candidates if p.is_file()), candidates[0])

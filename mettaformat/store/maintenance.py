@@ -142,6 +142,7 @@ def plan_prune(records: Sequence[PolicyRecord], policy: RetentionPolicy) -> Prun
                     reasons.setdefault(f.path, []).append(repr(leaf))
         # The union, by definition; leaves() only explains it.
         kept_paths.update(f.path for path in policy.keep(representatives) for f in copies[path])
+    _keep_bases(records, kept_paths, reasons)
     ordered = latest_first(records)
     return PrunePlan(
         kept=[r for r in ordered if r.path in kept_paths],
@@ -149,6 +150,22 @@ def plan_prune(records: Sequence[PolicyRecord], policy: RetentionPolicy) -> Prun
         kept_by={p: tuple(v) for p, v in reasons.items() if p in kept_paths},
         runs=runs,
     )
+
+
+def _keep_bases(records: Sequence[PolicyRecord], kept_paths: set[Path], reasons: dict[Path, list[str]]) -> None:
+    """Keep every base a kept delta checkpoint is rebuilt from (bases of bases too): deleting one would
+    make the kept file unreadable."""
+    from mettaformat.container.chain import declared_base
+
+    by_path = {os.path.realpath(r.path): r.path for r in records}
+    pending = [p for p in kept_paths if p.suffix == ".mfmt"]
+    while pending:
+        base = declared_base(pending.pop())
+        listed = by_path.get(os.path.realpath(base)) if base is not None else None
+        if listed is not None and listed not in kept_paths:
+            kept_paths.add(listed)
+            reasons.setdefault(listed, []).append("base of a kept delta checkpoint")
+            pending.append(listed)
 
 
 def delete_records(records: Sequence[PolicyRecord]) -> tuple[list[PolicyRecord], list[SkippedFile]]:

@@ -31,6 +31,7 @@ from mettaformat.errors import StoreError
 from mettaformat.remote.uri import fsspec_knows, is_remote_uri, join_uri
 from mettaformat.store.cache import DEFAULT_CACHE_SIZE, PolicyCache
 from mettaformat.store.catalog import RecordCatalog, ScanResult
+from mettaformat.store.deltas import DeltaMode, check_delta_options, choose_base
 from mettaformat.store.maintenance import (
     DEFAULT_TEMP_GRACE_S,
     PruneReport,
@@ -249,6 +250,8 @@ class PolicyStore:
         level: int | str = ZSTD_DEFAULT_LEVEL,
         durable: bool = False,
         overwrite: bool = False,
+        delta: DeltaMode = False,
+        full_every: int = 10,
     ) -> PolicyRecord:
         """Save a policy atomically and return its record.
 
@@ -266,6 +269,12 @@ class PolicyStore:
             level: zstd level.
             durable: fsync before the rename.
             overwrite: replace an existing checkpoint of the same name.
+            delta: ``True``: store the tensors that changed little as differences from the latest full
+                checkpoint of the same run in the target's folder (zstd; a full checkpoint when there is
+                none). ``"auto"``: the same, unless fewer than half of the tensor bytes match that
+                checkpoint's by name, dtype and shape. Retention never deletes a base a kept file needs.
+            full_every: with ``delta``, every ``full_every``-th save of a run is a full checkpoint,
+                which starts a new base (``1``: always full).
 
         Returns:
             The record of the file written (read back from its header).
@@ -276,6 +285,7 @@ class PolicyStore:
                 a name not ending in ``.mfmt``, or the target exists and ``overwrite`` is False.
             WriteError: the metadata cannot be stored, or an I/O error (the old file is kept).
         """
+        check_delta_options(delta, full_every)
         if isinstance(agent, MettaAgent):
             base = agent
         elif isinstance(agent, nn.Module):
@@ -295,7 +305,9 @@ class PolicyStore:
         ckpt.metadata = merged
         ckpt.name = base.name or target.name
         ckpt.uri = target.resolve().as_uri()
-        write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable)
+        records = self.scan(target.parent).records if delta else []
+        delta_base = choose_base(records, target, merged, ckpt.tensors, delta, full_every)
+        write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable, base=delta_base)
         # Crash leftovers are cleaned by the next save (threat model WR5); young ones may be live writes.
         clean_temp_files(target.parent, grace_s=DEFAULT_TEMP_GRACE_S)
         # Read back from the header (and indexed): the record then equals what a later listing
