@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,10 @@ from benchmarks.bench_training import Policy
 
 
 def train(hidden: int = 512, steps: int = 40, batch: int = 4, horizon: int = 8,
-          seed: int = 0) -> tuple[Policy, torch.optim.Adam]:
+          seed: int = 0, after_step: Callable[[int, Policy, torch.optim.Adam], None] | None = None,
+          ) -> tuple[Policy, torch.optim.Adam]:
     """A seeded actor-critic training run of ``steps`` Adam steps on ``batch`` rollouts of ``horizon`` steps.
+    ``after_step(step, policy, optimizer)`` runs after each step (1-based), for saving snapshots.
 
     The LSTM runs over the whole rollout (backpropagation through time), so its recurrent weights
     get gradients too: with one-step sequences from a zero state, ``weight_hh`` and its Adam
@@ -39,7 +42,7 @@ def train(hidden: int = 512, steps: int = 40, batch: int = 4, horizon: int = 8,
     gen = torch.Generator().manual_seed(seed + 1)
     policy = Policy(hidden)
     opt = torch.optim.Adam(policy.parameters(), lr=3e-4, eps=1e-5)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         n = horizon * batch
         obs = torch.randn(n, 22, 11, 11, generator=gen)
         actions = torch.randint(0, 100, (n,), generator=gen)
@@ -58,6 +61,8 @@ def train(hidden: int = 512, steps: int = 40, batch: int = 4, horizon: int = 8,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
         opt.step()
+        if after_step is not None:
+            after_step(step, policy, opt)
     return policy, opt
 
 

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m benchmarks [--quick] [--only container,codecs,training,store,legacy,dcp,hotpaths,gpu,remote] [--dir DIR]
+    python -m benchmarks [--quick] [--only container,codecs,training,store,legacy,dcp,hotpaths,gpu,remote,delta]
+                         [--dir DIR]
                          [--json OUT.json] [--plot OUT.png] [--report docs/benchmarks.md]
     python -m benchmarks --from-json bench-out/full.json --plot docs/benchmarks.png --report docs/benchmarks.md
 
@@ -26,6 +27,8 @@ Areas (each also runs alone as ``python -m benchmarks.bench_<area>``):
   of the pinned host-to-device bandwidth (prints why it is skipped without CUDA).
 - ``remote``: a 1 GiB container and 1,000 small checkpoints on loopback HTTP and S3 servers:
   requests, bytes and time against downloading whole objects.
+- ``delta``: delta checkpoints against standalone zstd files on consecutive checkpoints (Metta
+  fixtures, the RL policy with Adam, MiniLM fine-tuning): size, save and load time, a chain of 10.
 
 ``--quick`` (CI) runs smaller data sets with fewer repeats, in about a minute on 2 idle cores.
 The report goes to stdout; progress to stderr. Every timing is a median of several runs after a
@@ -48,7 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-AREAS = ("container", "codecs", "training", "store", "legacy", "dcp", "hotpaths", "gpu", "remote")
+AREAS = ("container", "codecs", "training", "store", "legacy", "dcp", "hotpaths", "gpu", "remote", "delta")
 
 
 def log(msg: str) -> None:
@@ -121,6 +124,10 @@ def run_area(area: str, quick: bool, workdir: Path) -> tuple[str, dict[str, Any]
         from benchmarks import bench_hotpaths
 
         return _call_main(bench_hotpaths.main, (["--quick"] if quick else []) + ["--dir", str(workdir)])
+    if area == "delta":
+        from benchmarks import bench_delta
+
+        return _call_main(bench_delta.main, (["--quick"] if quick else []) + ["--dir", str(workdir)])
     if area == "gpu":
         from benchmarks import bench_gpu
 

@@ -18,13 +18,21 @@ def _uint(data: torch.Tensor, width: int) -> np.ndarray:
 
 def residual(target: torch.Tensor, base: torch.Tensor, width: int) -> torch.Tensor:
     """zigzag(target - base) of the bit patterns of two contiguous CPU tensors, as an unsigned tensor."""
-    d = _uint(target, width) - _uint(base, width)  # wraps modulo 2^bits
-    z = (d << 1) ^ (np.zeros_like(d) - (d >> (8 * width - 1)))
-    return torch.from_numpy(z).view(torch.uint8)
+    d = np.subtract(_uint(target, width), _uint(base, width))  # wraps modulo 2^bits
+    sign = np.right_shift(d, 8 * width - 1)
+    np.negative(sign, out=sign)  # all ones where the difference is negative
+    np.left_shift(d, 1, out=d)
+    np.bitwise_xor(d, sign, out=d)
+    return torch.from_numpy(d).view(torch.uint8)
 
 
 def apply_residual(stored: torch.Tensor, base: torch.Tensor, width: int) -> torch.Tensor:
-    """The bytes (uint8) of ``base + unzigzag(stored)``: the inverse of :func:`residual`."""
+    """The bytes (uint8) of ``base + unzigzag(stored)``: the inverse of :func:`residual` (two passes over
+    fresh memory, the rest in place: rebuilding is on the load path)."""
     z = _uint(stored, width)
-    d = (z >> 1) ^ (np.zeros_like(z) - (z & 1))
-    return torch.from_numpy(_uint(base, width) + d).view(torch.uint8)
+    d = np.right_shift(z, 1)
+    low = np.bitwise_and(z, 1)
+    np.negative(low, out=low)
+    np.bitwise_xor(d, low, out=d)
+    np.add(d, _uint(base, width), out=d)
+    return torch.from_numpy(d).view(torch.uint8)
