@@ -17,20 +17,10 @@ _TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 def container(data: bytes) -> None:
     """The whole reader: open, metadata, trees, full load with verification."""
-    import mettaformat
-
     with tempfile.NamedTemporaryFile(suffix=".mfmt", dir=_TMP) as f:
         f.write(data)
         f.flush()
-        try:
-            with mettaformat.open(f.name) as ckpt:
-                ckpt.metadata  # noqa: B018
-                for name in ckpt.tree_names:
-                    ckpt.tree(name)
-                for section in ckpt.sections:
-                    ckpt.load_section(section)
-        except MettaFormatError:
-            pass
+        container_at(f.name)
 
 
 def header(data: bytes) -> None:
@@ -121,6 +111,50 @@ def zstd_frame(data: bytes) -> None:
         pass
 
 
+_delta_dir: tempfile.TemporaryDirectory[str] | None = None
+
+
+def delta(data: bytes) -> None:
+    """A delta checkpoint read in full beside a fixed valid base (the header's ``delta`` map, the base's
+    identity, the rebuild of each tensor), then the filter with an oracle: byte 0 picks the element
+    width, the rest splits into a target and a base; zigzag-sub and its inverse give the target back."""
+    global _delta_dir
+    import shutil
+    from pathlib import Path
+
+    from mettaformat.container.delta_filter import apply_residual, residual
+
+    if _delta_dir is None:
+        _delta_dir = tempfile.TemporaryDirectory(dir=_TMP)
+        vectors = Path(__file__).resolve().parents[1] / "spec" / "vectors"
+        shutil.copy(vectors / "valid_delta_base.mfmt", _delta_dir.name)
+    path = Path(_delta_dir.name) / "delta.mfmt"
+    path.write_bytes(data)
+    container_at(path)
+    if not data:
+        return
+    width = 1 << (data[0] % 4)
+    n = (len(data) - 1) // (2 * width) * width
+    target = torch.frombuffer(bytearray(data[1 : 1 + n]), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    base = torch.frombuffer(bytearray(data[1 + n : 1 + 2 * n]), dtype=torch.uint8) if n else target.clone()
+    assert torch.equal(apply_residual(residual(target, base, width), base, width), target), "zigzag-sub is lossy"
+
+
+def container_at(path: object) -> None:
+    """Open, decode metadata and trees, and load every section of the container at ``path``."""
+    import mettaformat
+
+    try:
+        with mettaformat.open(path) as ckpt:  # type: ignore[arg-type]
+            ckpt.metadata  # noqa: B018
+            for name in ckpt.tree_names:
+                ckpt.tree(name)
+            for section in ckpt.sections:
+                ckpt.load_section(section)
+    except MettaFormatError:
+        pass
+
+
 def unpickler(data: bytes) -> None:
     """The restricted pickle VM, with no storages available, and CPython's unpickler as its oracle.
 
@@ -197,5 +231,5 @@ def torch_zip(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "container": container, "header": header, "stream_json": stream_json, "zstd_frame": zstd_frame,
-    "unpickler": unpickler, "torch_zip": torch_zip,
+    "unpickler": unpickler, "torch_zip": torch_zip, "delta": delta,
 }
