@@ -13,6 +13,7 @@ import torch
 import mettaformat
 from mettaformat.container import chain
 from mettaformat.container.delta_filter import apply_residual, residual
+from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.errors import BaseCheckpointError, IntegrityError, UnsupportedVersionError, WriteError
 from tests.conftest import fixtures_dir
 
@@ -51,7 +52,8 @@ def test_filter_inverts_every_bit_pattern(dtype: torch.dtype) -> None:
         assert torch.equal(apply_residual(residual(a, base, width), base, width), a)
 
 
-def test_delta_roundtrip_and_per_tensor_choice(tmp_path: Path, model: dict[str, torch.Tensor]) -> None:
+def test_delta_roundtrip_and_per_tensor_choice(tmp_path: Path, model: dict[str, torch.Tensor],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     mettaformat.save_file(model, tmp_path / "base.mfmt", compression="zstd")
     nxt = _step(model, 1)
     nxt["w_resized"] = torch.randn(4, 4)  # new
@@ -60,11 +62,24 @@ def test_delta_roundtrip_and_per_tensor_choice(tmp_path: Path, model: dict[str, 
     g = torch.Generator().manual_seed(9)
     nxt["h"] = torch.randn(64, 64, generator=g).bfloat16()  # unrelated to the base: smaller standalone
     mettaformat.save_file(nxt, tmp_path / "d.mfmt", base=tmp_path / "base.mfmt")
-    with mettaformat.open(tmp_path / "d.mfmt") as ckpt:
+    reads: list[tuple[str, int]] = []
+    real_pread = LazyCheckpoint._pread
+
+    def counting(self: LazyCheckpoint, length: int, offset: int, region: str) -> bytes:
+        reads.append((Path(self.path).name, length))
+        return real_pread(self, length, offset, region)
+
+    with monkeypatch.context() as m:
+        m.setattr(LazyCheckpoint, "_pread", counting)
+        m.setattr(LazyCheckpoint, "_mapped", lambda self: pytest.fail("opening mapped tensor data"))
+        ckpt = mettaformat.open(tmp_path / "d.mfmt")
+    # opening read the preamble, header and trailer tail of both files, nothing else
+    assert sorted({name for name, _ in reads}) == ["base.mfmt", "d.mfmt"]
+    assert sum(n for _, n in reads) < 2 * 4096
+    with ckpt:
         assert ckpt.header.delta is not None
         assert set(ckpt.header.delta.tensors["model"]) == {"w"}
         assert ckpt.header.delta.base.uri == "base.mfmt"
-        assert ckpt.base is not None and ckpt.base._source is None  # opening read only the base's header
         assert _same(ckpt.get_tensor("tied"), nxt["w"])
     loaded = mettaformat.load_file(tmp_path / "d.mfmt")
     assert list(loaded) == list(nxt)
