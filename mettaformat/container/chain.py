@@ -65,8 +65,12 @@ def open_base(ckpt: LazyCheckpoint) -> LazyCheckpoint:
 
     assert ckpt.header.delta is not None
     ref = ckpt.header.delta.base
-    candidates = base_candidates(ckpt.path, ref.uri)
-    found = next((p for p in candidates if p.is_file()), None)
+    if isinstance(ckpt.path, str):  # a remote object: its base is the object the URI names beside it
+        found: Any = ref.uri if "://" in ref.uri else f"{ckpt.path.rsplit('/', 1)[0]}/{ref.uri}"
+        candidates = [found]
+    else:
+        candidates = base_candidates(ckpt.path, ref.uri)
+        found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise BaseCheckpointError(
             f"base {ref.uri!r} not found (looked at {', '.join(str(p) for p in candidates)}); the delta needs the "
@@ -82,8 +86,8 @@ def open_base(ckpt: LazyCheckpoint) -> LazyCheckpoint:
             base = LazyCheckpoint(found, verify=ckpt.verify)
         except BaseCheckpointError:
             raise
-        except MettaFormatError as e:
-            raise BaseCheckpointError(f"base {found} is damaged: {e}", base=str(found)) from e
+        except (MettaFormatError, OSError) as e:
+            raise BaseCheckpointError(f"base {found} cannot be read: {e}", base=str(found)) from e
     if (base.file_size, base.preamble.header_checksum) != (ref.file_length, ref.header_checksum):
         base.close()
         raise BaseCheckpointError(

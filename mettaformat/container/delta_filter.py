@@ -18,6 +18,8 @@ def _uint(data: torch.Tensor, width: int) -> np.ndarray:
 
 def residual(target: torch.Tensor, base: torch.Tensor, width: int) -> torch.Tensor:
     """zigzag(target - base) of the bit patterns of two contiguous CPU tensors, as an unsigned tensor."""
+    if target.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
     d = np.subtract(_uint(target, width), _uint(base, width))  # wraps modulo 2^bits
     sign = np.right_shift(d, 8 * width - 1)
     np.negative(sign, out=sign)  # all ones where the difference is negative
@@ -29,6 +31,8 @@ def residual(target: torch.Tensor, base: torch.Tensor, width: int) -> torch.Tens
 def apply_residual(stored: torch.Tensor, base: torch.Tensor, width: int) -> torch.Tensor:
     """The bytes (uint8) of ``base + unzigzag(stored)``: the inverse of :func:`residual` (two passes over
     fresh memory, the rest in place: rebuilding is on the load path)."""
+    if stored.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
     z = _uint(stored, width)
     d = np.right_shift(z, 1)
     low = np.bitwise_and(z, 1)
