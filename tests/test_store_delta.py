@@ -10,7 +10,7 @@ from torch import nn
 
 import mettaformat
 from mettaformat import MettaAgent
-from mettaformat.container.chain import declared_base
+from mettaformat.container.delta import declared_base
 from mettaformat.errors import StoreError
 from mettaformat.store import LatestN, PolicyStore
 

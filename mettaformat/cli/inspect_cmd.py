@@ -135,15 +135,15 @@ def describe(path: str) -> dict[str, Any]:
 
 
 def _delta_info(ckpt: Any) -> dict[str, Any] | None:
-    """The base as written and the chain as resolved (nearest first), for a delta checkpoint."""
-    from mettaformat.container.chain import chain
+    """The base as written and the chain as the headers declare it (nearest first), for a delta checkpoint."""
+    from mettaformat.container.delta import declared_chain
 
     delta = ckpt.header.delta
     if delta is None:
         return None
     return {
         "base": delta.base.uri,
-        "chain": [str(c.path) for c in chain(ckpt)[1:]],
+        "chain": [str(p) for p in declared_chain(ckpt.path)],
         "tensors": sum(len(names) for names in delta.tensors.values()),
     }
 

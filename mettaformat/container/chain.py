@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mettaformat._torch import tensor_bytes
-from mettaformat.container.delta import MAX_CHAIN_DEPTH
+from mettaformat.container.delta import MAX_CHAIN_DEPTH, base_candidates
 from mettaformat.container.delta_filter import apply_residual
 from mettaformat.container.layout import checksum
 from mettaformat.dtypes import dtype_from_tag, itemsize, tag_from_dtype
@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from mettaformat.container.header import SectionEntry, TensorEntry
     from mettaformat.container.reader import LazyCheckpoint
 
-__all__ = ["base_candidates", "base_section", "chain", "chain_depth", "declared_base", "delta_names", "open_base",
-           "rebuild"]
+__all__ = ["base_section", "chain", "chain_depth", "delta_names", "open_base", "rebuild"]
 
 _opening = threading.local()
 
@@ -45,14 +44,6 @@ def _opening_from(path: Path) -> Iterator[list[str]]:
         yield stack
     finally:
         stack.pop()
-
-
-def base_candidates(path: Path, uri: str) -> list[Path]:
-    """Where the base of the delta file ``path`` is looked for, in order."""
-    written = Path(uri)
-    first = written if written.is_absolute() else path.parent / written
-    beside = path.parent / written.name
-    return [first] if beside == first else [first, beside]
 
 
 def open_base(ckpt: LazyCheckpoint) -> LazyCheckpoint:
@@ -148,26 +139,3 @@ def delta_names(ckpt: Any, section: str) -> dict[str, tuple[str, int]]:
     delta = ckpt.header.delta
     return delta.tensors.get(section, {}) if delta is not None else {}
 
-
-def declared_base(path: str | os.PathLike[str]) -> Path | None:
-    """Where the base of the container ``path`` lies (the first candidate that exists, else the first),
-    from its header alone; None for a standalone file or one whose header cannot be read. For tools
-    that must not follow the chain (retention keeps bases a kept file needs, even damaged ones)."""
-    from mettaformat.constants import PREAMBLE_SIZE
-    from mettaformat.container.header import parse_header
-    from mettaformat.container.layout import Preamble
-
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            preamble = Preamble.unpack(f.read(PREAMBLE_SIZE), size)
-            header_bytes = f.read(preamble.header_length)
-        if checksum(header_bytes) != preamble.header_checksum:
-            return None
-        delta = parse_header(header_bytes).delta
-    except (OSError, MettaFormatError):
-        return None
-    if delta is None:
-        return None
-    candidates = base_candidates(Path(path), delta.base.uri)
-    return next((p for p in candidates if p.is_file()), candidates[0])

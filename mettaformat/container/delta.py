@@ -17,14 +17,17 @@ part (no torch: the CLI's parsers import it); ``delta_filter.py`` is the arithme
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from mettaformat.constants import MAX_CHAIN_DEPTH
 from mettaformat.dtypes import DTYPE_TAGS, itemsize
-from mettaformat.errors import HeaderError
+from mettaformat.errors import HeaderError, MettaFormatError
 
-__all__ = ["DELTA_EXTENSION", "FILTER", "MAX_CHAIN_DEPTH", "BaseRef", "DeltaInfo", "parse_delta", "stored_tag"]
+__all__ = ["DELTA_EXTENSION", "FILTER", "MAX_CHAIN_DEPTH", "BaseRef", "DeltaInfo", "base_candidates", "declared_base",
+           "declared_chain", "parse_delta", "stored_tag"]
 
 #: Listed in ``must_understand``: a reader that cannot resolve a base must refuse the file.
 DELTA_EXTENSION: Final = "mettaformat.delta"
@@ -108,3 +111,48 @@ def parse_delta(raw: Any) -> DeltaInfo:
             table[name] = (value[0], _checksum(value[1], f"{where}.{name}[1]"))
         tensors[section] = table
     return DeltaInfo(ref, tensors)
+
+
+def base_candidates(path: Path, uri: str) -> list[Path]:
+    """Where the base of the delta file ``path`` is looked for, in order."""
+    written = Path(uri)
+    first = written if written.is_absolute() else path.parent / written
+    beside = path.parent / written.name
+    return [first] if beside == first else [first, beside]
+
+
+def declared_base(path: str | os.PathLike[str]) -> Path | None:
+    """Where the base of the container ``path`` lies (the first candidate that exists, else the first),
+    from its header alone; None for a standalone file or one whose header cannot be read. For tools
+    that must not follow the chain (retention keeps bases a kept file needs, even damaged ones)."""
+    from mettaformat.constants import PREAMBLE_SIZE
+    from mettaformat.container.header import parse_header
+    from mettaformat.container.layout import Preamble, checksum
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            preamble = Preamble.unpack(f.read(PREAMBLE_SIZE), size)
+            header_bytes = f.read(preamble.header_length)
+        if checksum(header_bytes) != preamble.header_checksum:
+            return None
+        delta = parse_header(header_bytes).delta
+    except (OSError, MettaFormatError):
+        return None
+    if delta is None:
+        return None
+    candidates = base_candidates(Path(path), delta.base.uri)
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
+def declared_chain(path: str | os.PathLike[str]) -> list[Path]:
+    """The bases of ``path`` as their headers declare them, nearest first (stops at a cycle, a missing
+    or unreadable file, or ``MAX_CHAIN_DEPTH``). Headers only, no torch: for ``inspect`` and ``ls``."""
+    out: list[Path] = []
+    seen = {os.path.realpath(path)}
+    base = declared_base(path)
+    while base is not None and len(out) < MAX_CHAIN_DEPTH and os.path.realpath(base) not in seen:
+        out.append(base)
+        seen.add(os.path.realpath(base))
+        base = declared_base(base) if base.is_file() else None
+    return out

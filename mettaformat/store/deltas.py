@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 
 import torch
 
-from mettaformat.container.chain import declared_base
+from mettaformat.container.delta import declared_base
 from mettaformat.dtypes import tag_from_dtype
 from mettaformat.errors import MettaFormatError, StoreError
 from mettaformat.store.record import PolicyRecord

@@ -155,7 +155,7 @@ def plan_prune(records: Sequence[PolicyRecord], policy: RetentionPolicy) -> Prun
 def _keep_bases(records: Sequence[PolicyRecord], kept_paths: set[Path], reasons: dict[Path, list[str]]) -> None:
     """Keep every base a kept delta checkpoint is rebuilt from (bases of bases too): deleting one would
     make the kept file unreadable."""
-    from mettaformat.container.chain import declared_base
+    from mettaformat.container.delta import declared_base
 
     by_path = {os.path.realpath(r.path): r.path for r in records}
     pending = [p for p in kept_paths if p.suffix == ".mfmt"]
