@@ -86,3 +86,22 @@ def test_inspect_of_a_container_runs_without_torch(tmp_path: pytest.TempPathFact
         "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))\n"
     )
     assert _torch_modules_after(code) == []
+
+
+def test_submodules_stay_reachable_as_attributes_of_a_lazy_package() -> None:
+    code = (
+        "import mettaformat, mettaformat.store\n"
+        "assert callable(mettaformat.convert.convert)\n"
+        "assert mettaformat.legacy.import_legacy is not None\n"
+        "assert mettaformat.store.retention is not None\n"
+        "for missing in ('no_such_thing', '_private'):\n"
+        "    try:\n"
+        "        getattr(mettaformat, missing)\n"
+        "    except AttributeError as e:\n"
+        "        assert missing in str(e)\n"
+        "    else:\n"
+        "        raise SystemExit(f'{missing} resolved')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
