@@ -257,14 +257,100 @@ def test_store_over_s3_selects_from_headers(s3: str) -> None:
     before = transport.STATS.snapshot()
     assert [r.epoch for r in store.select(n=5, metric="score").records] == best
     requests = transport.STATS.snapshot()[0] - before[0]
-    assert requests <= 3  # the listing and the index object
+    assert requests == 1 + 5  # the index object, and a HEAD of each selected object; no listing
+    # Listing again: the index entries still match the listed ETags, so no header is read.
+    before = transport.STATS.snapshot()
+    assert len(store.scan(refresh=True).records) == 120
+    assert transport.STATS.snapshot()[0] - before[0] <= 3  # the index, the listing, the index written back
     # A re-saved object's index entry no longer matches its ETag: its header is read again.
     fs.pipe(f"{s3}/run/model_0119.mfmt", mf.save(small, metadata={"epoch": 119, "agent_step": 119, "score": 9.0}))
     remote_store._memo.clear()
-    assert store.select(n=1, metric="score").records[0].epoch == 119
+    assert mf.PolicyStore(f"{s3}/run/", index_max_age_s=0).select(n=1, metric="score").records[0].epoch == 119
     report = store.prune(mf.store.LatestN(10))
     assert len(report.deleted) == 110
     assert len([p for p in fs.ls(f"{s3}/run/") if p.endswith(".mfmt")]) == 10
+    # The prune updated the index: a reader trusting it sees the 10 that are left.
+    assert sorted(r.epoch for r in store.records()) == list(range(110, 120))
+
+
+def _fill(fs: object, prefix: str, scores: dict[int, float]) -> None:
+    small = {"w": torch.zeros(16)}
+    fs.pipe({f"{prefix}model_{i:04d}.mfmt": mf.save(small, metadata={"epoch": i, "score": s})  # type: ignore[attr-defined]
+             for i, s in scores.items()})
+
+
+def test_recent_index_is_used_without_listing_within_its_contract(s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    from mettaformat.remote import index as remote_index
+
+    fs = s3fs.S3FileSystem()
+    prefix = f"{s3}/contract/"
+    _fill(fs, prefix, {i: float(i) for i in range(10)})
+    store = mf.PolicyStore(prefix)
+    assert store.select(n=1, metric="score").records[0].epoch == 9  # lists, writes the index
+    # Written by another tool: not in the index, so not seen while the listing is recent...
+    _fill(fs, prefix, {10: 100.0})
+    assert store.select(n=1, metric="score").records[0].epoch == 9
+    # ...but at once on refresh, with index_max_age_s=0, or once the listing is old enough.
+    assert store.scan(refresh=True).records[-1].epoch == 10
+    fs.rm(f"{prefix}model_0010.mfmt")
+    _fill(fs, prefix, {11: 200.0})
+    assert mf.PolicyStore(prefix, index_max_age_s=0).select(n=1, metric="score").records[0].epoch == 11
+    fs.rm(f"{prefix}model_0011.mfmt")
+    _fill(fs, prefix, {12: 300.0})
+    later = remote_index.time.time() + 2 * remote_index.DEFAULT_MAX_AGE_S
+    monkeypatch.setattr(remote_index.time, "time", lambda: later)
+    assert store.select(n=1, metric="score").records[0].epoch == 12
+
+
+def test_selected_object_deleted_or_replaced_outside_the_store_is_noticed(s3: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    prefix = f"{s3}/stale/"
+    _fill(fs, prefix, {i: float(i) for i in range(10)})
+    store = mf.PolicyStore(prefix)
+    assert [r.epoch for r in store.select(n=2, metric="score").records] == [9, 8]
+    fs.rm(f"{prefix}model_0009.mfmt")  # deleted by another tool: the selection is redone from a listing
+    assert [r.epoch for r in store.select(n=2, metric="score").records] == [8, 7]
+    _fill(fs, prefix, {8: -1.0})  # replaced by another tool with a worse score
+    assert [r.epoch for r in store.select(n=2, metric="score").records] == [7, 6]
+
+
+def test_store_saves_keep_the_index_current(s3: str) -> None:
+    mf.register_model_type("index_linear", lambda attrs, meta, cfg: torch.nn.Linear(2, 2), replace=True)
+    prefix = f"{s3}/saves/"
+    writer, reader = mf.PolicyStore(prefix), mf.PolicyStore(prefix)
+    writer.save(agent=torch.nn.Linear(2, 2), model_type="index_linear", metadata={"epoch": 1, "score": 1.0})
+    assert [r.epoch for r in reader.records()] == [1]  # lists and writes the index
+    for epoch in (2, 3):
+        writer.save(agent=torch.nn.Linear(2, 2), model_type="index_linear", metadata={"epoch": epoch, "score": 0.5})
+    remote_store._memo.clear()
+    before = transport.STATS.snapshot()
+    assert [r.epoch for r in reader.records()] == [3, 2, 1]  # from the index alone
+    assert transport.STATS.snapshot()[0] - before[0] == 1
+
+
+def test_index_writes_are_compare_and_swap(s3: str) -> None:
+    import s3fs
+
+    from mettaformat.remote.index import index_uri, read_remote_index, update_remote_index
+    from mettaformat.remote.transport import put_if_unchanged
+    from mettaformat.remote.uri import filesystem
+
+    prefix = f"{s3}/cas/"
+    _fill(s3fs.S3FileSystem(), prefix, {1: 1.0, 2: 2.0})
+    mf.PolicyStore(prefix).records()  # writes the index
+    fs, path = filesystem(index_uri(prefix))
+    first = read_remote_index(prefix)
+    first.listed_at = 1.0  # other content, so another ETag
+    assert put_if_unchanged(fs, path, index_uri(prefix), first.encode(), first.etag)
+    assert not put_if_unchanged(fs, path, index_uri(prefix), b"lost", first.etag)  # its ETag moved on
+    assert not put_if_unchanged(fs, path, index_uri(prefix), b"lost", None)  # exists already
+    assert read_remote_index(prefix).listed_at == 1.0
+    update_remote_index(prefix, remove=["model_0001.mfmt"])  # re-reads the current version
+    assert sorted(read_remote_index(prefix).entries) == ["model_0002.mfmt"]
 
 
 def test_store_save_and_load_over_s3(s3: str) -> None:

@@ -1,8 +1,9 @@
 """The PolicyStore's listing, records, loads and deletes for a bucket or HTTP-listable prefix.
 
 A listing gives every object's size and ETag, so a record costs exactly one range request (the
-header); records are read ``IN_FLIGHT`` at a time and remembered per URI + ETag, so selecting
-again costs only the listing. Loading and deleting are pinned to the ETag that was listed: a
+header); records are read ``IN_FLIGHT`` at a time and remembered per URI + ETag, and kept in the
+prefix's index object (:mod:`mettaformat.remote.index`), which a recent listing lets a reader
+use without listing again. Loading and deleting are pinned to the ETag that was listed: a
 policy re-saved in between is reported, never silently swapped.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,14 +21,23 @@ from typing import Any, Final
 import torch
 
 from mettaformat.errors import MettaFormatError, RemoteChangedError, RemoteNotFoundError
+from mettaformat.remote.index import (
+    DEFAULT_MAX_AGE_S,
+    RemoteIndex,
+    read_remote_index,
+    record_from_entry,
+    write_listed_index,
+)
 from mettaformat.remote.source import IN_FLIGHT, RemoteSource
-from mettaformat.remote.transport import call, version_tag
+from mettaformat.remote.transport import call, conditional_writes, version_tag
 from mettaformat.remote.uri import filesystem
 from mettaformat.store.record import PolicyRecord, agent_step_of, effective_epoch
 from mettaformat.store.uri import INDEX_FILE_NAME, is_listable_name
 
 __all__ = [
     "RemoteObject",
+    "RemoteScan",
+    "changed_since_listed",
     "delete_remote_records",
     "list_objects",
     "load_remote_record",
@@ -86,7 +97,7 @@ def _list(uri: str) -> tuple[list[RemoteObject], RemoteObject | None, bool]:
     is_prefix = False
     if _GLOB.search(path):
         infos = list(call(lambda: fs.glob(path, detail=True), uri, "listing").values())
-    elif path.endswith("/"):
+    elif path.endswith("/") or uri.endswith("/"):  # a prefix: no metadata request first
         infos, is_prefix = call(lambda: fs.ls(path, detail=True), uri, "listing"), True
     else:
         info = call(lambda: fs.info(path), uri, "listing")
@@ -155,29 +166,48 @@ def read_remote_record(obj: RemoteObject) -> PolicyRecord:
     return record
 
 
-def scan_remote(uri: str, *, use_index: bool = True) -> tuple[list[PolicyRecord], list[tuple[Path, str]]]:
+@dataclass(frozen=True)
+class RemoteScan:
+    records: list[PolicyRecord]
+    unreadable: list[tuple[Path, str]]
+    from_index: bool  # taken from a trusted index without listing: verify what is selected
+
+
+def scan_remote(
+    uri: str, *, use_index: bool = True, max_age_s: float = DEFAULT_MAX_AGE_S, refresh: bool = False
+) -> RemoteScan:
     """Records of every checkpoint at ``uri``, and the unreadable objects.
 
-    Records come from the prefix's index where its entry still has the listed ETag, otherwise
-    from the object's header (read in parallel); with ``use_index`` a stale index is rewritten.
+    A prefix (``.../``) whose index a full listing vouched for less than ``max_age_s`` ago is
+    read from the index alone (one GET; see :mod:`mettaformat.remote.index` for the contract).
+    Otherwise the prefix is listed: index entries count while their ETag matches the listed
+    one, other objects have their header read (in parallel), and the index is written back.
+    ``refresh`` always lists.
     """
-    from mettaformat.remote.index import read_remote_index, record_from_entry, write_remote_index
-
+    index: RemoteIndex | None = None
+    if use_index and uri.endswith("/") and not _GLOB.search(uri):
+        index = read_remote_index(uri)
+        if not refresh and index.trusted(max_age_s):
+            return RemoteScan(index.records(), index.unreadable_objects(), from_index=True)
+    listed_at = time.time()
     objects, index_object, is_prefix = _list(uri)
+    if use_index and index is None and is_prefix and index_object is not None:
+        index = read_remote_index(uri)
+    entries = index.entries if index is not None else {}
+    known_bad = index.unreadable if index is not None else {}
     records: list[PolicyRecord] = []
     unreadable: list[tuple[Path, str]] = []
-    prefix = uri if is_prefix else None
-    entries = {}
-    if use_index and prefix is not None and index_object is not None and index_object.size is not None:
-        entries = read_remote_index(prefix, index_object.size, index_object.etag)
+    bad: dict[str, list[str]] = {}
     pending = []
     for obj in objects:
-        known = None
-        raw = entries.get(obj.path.rsplit("/", 1)[-1])
-        if raw is not None and obj.size is not None:
-            known = record_from_entry(raw, obj.uri, obj.path, obj.size, obj.etag)
+        name = obj.path.rsplit("/", 1)[-1]
+        raw = entries.get(name)
+        known = record_from_entry(raw, obj.uri, obj.path, obj.size, obj.etag) if raw and obj.size is not None else None
         if known is not None:
             records.append(known)
+        elif obj.etag is not None and known_bad.get(name, [None])[0] == obj.etag:
+            unreadable.append((Path(obj.path), known_bad[name][1]))  # the same broken version: not read again
+            bad[name] = known_bad[name]
         else:
             pending.append(obj)
 
@@ -190,14 +220,35 @@ def scan_remote(uri: str, *, use_index: bool = True) -> tuple[list[PolicyRecord]
             return (Path(obj.path), str(e))
 
     with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="mettaformat-scan") as pool:
-        for result in pool.map(one, pending):
+        for obj, result in zip(pending, pool.map(one, pending), strict=True):
             if isinstance(result, PolicyRecord):
                 records.append(result)
             elif result is not None:
                 unreadable.append(result)
-    if use_index and prefix is not None and (pending or len(entries) != len(records)):
-        write_remote_index(prefix, records)
-    return records, unreadable
+                if obj.etag is not None:
+                    bad[obj.path.rsplit("/", 1)[-1]] = [obj.etag, result[1]]
+    if index is not None:
+        changed = bool(pending) or len(entries) != len(records) or len(known_bad) != len(bad)
+        if changed or conditional_writes(filesystem(uri)[0]):  # there, a new listing also renews trust
+            write_listed_index(index, records, bad, listed_at)
+    return RemoteScan(records, unreadable, from_index=False)
+
+
+def changed_since_listed(records: list[PolicyRecord]) -> bool:
+    """Whether any record's object is gone or has another ETag now (one HEAD each, in parallel)."""
+
+    def changed(record: PolicyRecord) -> bool:
+        fs, path = filesystem(record.uri)
+        try:
+            info = call(lambda: fs.info(path), record.uri, "checking that it is unchanged")
+        except RemoteNotFoundError:
+            return True
+        return version_tag(info) != record.etag or info.get("size") != record.size
+
+    if not records:
+        return False
+    with ThreadPoolExecutor(min(IN_FLIGHT, len(records)), thread_name_prefix="mettaformat-check") as pool:
+        return any(pool.map(changed, records))
 
 
 def load_remote_record(record: PolicyRecord, device: str | torch.device) -> Any:

@@ -28,7 +28,19 @@ from mettaformat.errors import (
     RemoteTransferError,
 )
 
-__all__ = ["ATTEMPTS", "STATS", "ObjectVersion", "TransferStats", "call", "fetch_range", "stat_object", "translate"]
+__all__ = [
+    "ATTEMPTS",
+    "STATS",
+    "ObjectVersion",
+    "TransferStats",
+    "call",
+    "conditional_writes",
+    "fetch_range",
+    "get_versioned",
+    "put_if_unchanged",
+    "stat_object",
+    "translate",
+]
 
 #: Tries per request (the first included) before a transient failure is reported.
 ATTEMPTS: Final = 4
@@ -84,6 +96,8 @@ def translate(e: BaseException, uri: str, what: str) -> RemoteError | _Transient
         status = _status(cause)
         text = str(cause)
         if status == 412 or "PreconditionFailed" in text or "Precondition Failed" in text:
+            return RemoteChangedError(f"the object changed while it was being read ({what})", uri=uri)
+        if status == 409 and "ConditionalRequestConflict" in text:  # a concurrent conditional write won
             return RemoteChangedError(f"the object changed while it was being read ({what})", uri=uri)
         if status == 404 or isinstance(cause, FileNotFoundError):
             return RemoteNotFoundError(f"no such object ({what})", uri=uri)
@@ -201,3 +215,83 @@ def fetch_range(fs: Any, path: str, uri: str, start: int, end: int, version: Obj
         return data
 
     return call(once, uri, f"bytes {start}-{end - 1}")
+
+
+def _is_s3(fs: Any) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"s3", "s3a"}) and hasattr(fs, "_call_s3")
+
+
+def conditional_writes(fs: Any) -> bool:
+    """Whether :func:`put_if_unchanged` is a real compare-and-swap on this filesystem (S3 only)."""
+    return _is_s3(fs)
+
+
+def get_versioned(fs: Any, path: str, uri: str, max_bytes: int) -> tuple[bytes, str | None] | None:
+    """The whole object and its ETag (one GET on S3), or None when it does not exist.
+
+    Raises:
+        RemoteTransferError: the object is larger than ``max_bytes``.
+        RemoteError: the read failed.
+    """
+    if not _is_s3(fs):
+        try:
+            version = stat_object(fs, path, uri)
+        except RemoteNotFoundError:
+            return None
+        if version.size > max_bytes:
+            raise RemoteTransferError(f"{version.size} bytes, above the {max_bytes}-byte limit", uri=uri)
+        return fetch_range(fs, path, uri, 0, version.size, version) if version.size else b"", version.etag
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+
+    async def get() -> tuple[bytes, str | None]:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        body = resp["Body"]
+        try:
+            if resp.get("ContentLength", 0) > max_bytes:
+                raise RemoteTransferError(f"{resp['ContentLength']} bytes, above the {max_bytes}-byte limit", uri=uri)
+            data: bytes = await body.read()
+        finally:
+            body.close()
+        if len(data) != resp.get("ContentLength", len(data)):
+            raise _Transient(f"reply of {len(data)} of {resp['ContentLength']} bytes")
+        STATS.add(0, len(data))
+        return data, resp.get("ETag")
+
+    try:
+        result: tuple[bytes, str | None] = call(lambda: sync(fs.loop, get), uri, "reading")
+    except RemoteNotFoundError:
+        return None
+    return result
+
+
+def put_if_unchanged(fs: Any, path: str, uri: str, data: bytes, etag: str | None) -> bool:
+    """Write ``data`` only if the object still has ``etag`` (``None``: only if it does not exist).
+
+    Returns False when another writer got there first. Only S3 checks the condition
+    (:func:`conditional_writes`); elsewhere the write is a plain atomic upload.
+    """
+    if not _is_s3(fs):
+        from mettaformat.container.codecs.base import pwrite_all
+        from mettaformat.remote.upload import upload_atomically
+
+        with upload_atomically(uri) as fd:
+            pwrite_all(fd, data, 0)
+        return True
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+    condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+
+    async def put() -> None:
+        await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+
+    try:
+        call(lambda: sync(fs.loop, put), uri, "writing")
+    except RemoteChangedError:
+        return False
+    except RemoteNotFoundError:  # If-Match on an object deleted meanwhile
+        return False
+    return True

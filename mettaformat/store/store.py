@@ -28,6 +28,7 @@ from mettaformat.anyformat import load_any
 from mettaformat.checkpoint_io import write_checkpoint
 from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
 from mettaformat.errors import StoreError
+from mettaformat.remote.index import DEFAULT_MAX_AGE_S
 from mettaformat.remote.uri import fsspec_knows, is_remote_uri, join_uri
 from mettaformat.store.cache import DEFAULT_CACHE_SIZE, PolicyCache
 from mettaformat.store.catalog import RecordCatalog, ScanResult
@@ -49,6 +50,8 @@ __all__ = ["PolicyStore", "PolicyStoreWarning"]
 
 #: The suffix of the files the store writes.
 STORE_SUFFIX: Final = ".mfmt"
+#: Selections larger than this are checked by a full listing rather than one request per object.
+_MAX_CHECKED: Final = 32
 
 CacheKey = tuple[str, int, int, int]
 
@@ -68,6 +71,10 @@ class PolicyStore:
         device: where loaded policies are placed.
         use_index: read and maintain ``<dir>/.mettaformat-index`` (see
             :mod:`mettaformat.store.index`).
+        index_max_age_s: on S3, how long a full listing vouches for a prefix's index: a
+            younger index is used without listing, so objects written or deleted by other
+            tools than a PolicyStore show up within this time, or at once with
+            ``scan(refresh=True)`` (see :mod:`mettaformat.remote.index`). 0 lists every time.
 
     Raises:
         ValueError: ``Cache size must be positive`` when ``cache_size`` <= 0.
@@ -80,6 +87,7 @@ class PolicyStore:
         cache_size: int = DEFAULT_CACHE_SIZE,
         device: str | torch.device = "cpu",
         use_index: bool = True,
+        index_max_age_s: float = DEFAULT_MAX_AGE_S,
     ) -> None:
         self.root: Path | str | None = None
         if root is not None:
@@ -87,6 +95,7 @@ class PolicyStore:
         self.device = torch.device(device)
         self.cache: PolicyCache[CacheKey, MettaAgent] = PolicyCache(cache_size)
         self._catalog = RecordCatalog(use_index=use_index)
+        self.index_max_age_s = index_max_age_s
 
     def __repr__(self) -> str:
         return f"PolicyStore(root={str(self.root) if self.root else None!r}, device={str(self.device)!r})"
@@ -99,22 +108,30 @@ class PolicyStore:
             raise StoreError("no URI given and the PolicyStore has no root")
         return os.fspath(self.root)
 
-    def scan(self, uri: str | os.PathLike[str] | None = None) -> ScanResult:
+    def scan(self, uri: str | os.PathLike[str] | None = None, *, refresh: bool = False) -> ScanResult:
         """Records of every checkpoint ``uri`` names (default: the root), and the unreadable files.
+
+        ``refresh`` lists an object-storage prefix even when its index is recent.
 
         Raises:
             StoreError: an unknown scheme, or a path that does not exist.
         """
-        target = self._uri(uri)
+        return self._scan(self._uri(uri), refresh)[0]
+
+    def _scan(self, target: str, refresh: bool) -> tuple[ScanResult, bool]:
+        """The scan, and whether it came from an object-storage index without a listing."""
         if _object_storage(target):
             from mettaformat.remote.store import scan_remote
 
-            records, unreadable = scan_remote(target, use_index=self._catalog.use_index)
-            return ScanResult(
-                records=tuple(records),
-                unreadable=tuple(Exclusion(path=p, reason="unreadable", detail=d) for p, d in unreadable),
+            scan = scan_remote(
+                target, use_index=self._catalog.use_index, max_age_s=self.index_max_age_s, refresh=refresh
             )
-        return self._catalog.scan(resolve_uri(target))
+            result = ScanResult(
+                records=tuple(scan.records),
+                unreadable=tuple(Exclusion(path=p, reason="unreadable", detail=d) for p, d in scan.unreadable),
+            )
+            return result, scan.from_index
+        return self._catalog.scan(resolve_uri(target)), False
 
     def records(self, uri: str | os.PathLike[str] | None = None) -> list[PolicyRecord]:
         """Records of the readable checkpoints at ``uri``, newest first. Never loads weights.
@@ -146,17 +163,28 @@ class PolicyStore:
         Raises:
             StoreError: an unknown scheme or selector, a missing path, ``n`` below 1.
         """
-        scan = self.scan(uri)
-        return select_records(
-            scan.records,
-            selector=selector,
-            n=n,
-            metric=metric,
-            mode=mode,
-            seed=seed,
-            fallback_to_latest=fallback_to_latest,
-            unreadable=scan.unreadable,
-        )
+        target = self._uri(uri)
+        scan, from_index = self._scan(target, refresh=False)
+
+        def choose(scan: ScanResult) -> Selection:
+            return select_records(
+                scan.records,
+                selector=selector,
+                n=n,
+                metric=metric,
+                mode=mode,
+                seed=seed,
+                fallback_to_latest=fallback_to_latest,
+                unreadable=scan.unreadable,
+            )
+
+        selection = choose(scan)
+        if from_index:  # an index not checked against a listing: the chosen objects must still be there
+            from mettaformat.remote.store import changed_since_listed
+
+            if len(selection.records) > _MAX_CHECKED or changed_since_listed(list(selection.records)):
+                selection = choose(self._scan(target, refresh=True)[0])
+        return selection
 
     # -- loading --------------------------------------------------------------------------------
     def policy(self, uri: str | os.PathLike[str] | None = None) -> MettaAgent:
@@ -331,6 +359,7 @@ class PolicyStore:
         level: int,
         overwrite: bool,
     ) -> PolicyRecord:
+        from mettaformat.remote.index import prefix_of, update_remote_index
         from mettaformat.remote.store import list_objects, object_exists, read_remote_record
 
         if path is not None:
@@ -348,7 +377,10 @@ class PolicyStore:
         ckpt.name = base.name or target.rsplit("/", 1)[-1]
         ckpt.uri = target
         write_checkpoint(ckpt, target, compression=compression, level=level)  # uploaded whole, then visible
-        return read_remote_record(list_objects(target)[0])
+        record = read_remote_record(list_objects(target)[0])
+        if self._catalog.use_index:
+            update_remote_index(prefix_of(target), add=[record])
+        return record
 
     @staticmethod
     def _default_name(metadata: Mapping[str, Any]) -> str:
@@ -414,7 +446,7 @@ class PolicyStore:
         if not temp_grace_s >= 0:  # also rejects NaN
             raise StoreError(f"temp file grace period must be a non-negative number of seconds, not {temp_grace_s}")
         target = self._uri(uri)
-        scan = self.scan(target)
+        scan = self.scan(target, refresh=True)  # deletions are planned from a full listing
         plan = plan_prune(scan.records, policy)
         if scan.records and not plan.kept and not allow_delete_all:
             raise StoreError(
@@ -448,6 +480,10 @@ class PolicyStore:
 
             deleted, not_deleted_remote = delete_remote_records(plan.doomed)
             skipped.extend(SkippedFile(p, why) for p, why in not_deleted_remote)
+            if self._catalog.use_index:
+                from mettaformat.remote.index import remove_from_indexes
+
+                remove_from_indexes(deleted)
         else:
             deleted, not_deleted = delete_records(plan.doomed)
             skipped.extend(not_deleted)
