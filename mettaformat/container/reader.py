@@ -34,7 +34,7 @@ from mettaformat.container.device_load import load_to_device, off_host, transpor
 from mettaformat.container.header import SectionEntry, TensorEntry, parse_index
 from mettaformat.container.layout import checksum
 from mettaformat.container.opened import ContainerFile, names_file
-from mettaformat.container.source import ByteSource
+from mettaformat.container.source import ByteSource, stored_ranges
 from mettaformat.container.stream import check_stream_header
 from mettaformat.container.tree import decode_tree
 from mettaformat.container.verify import (
@@ -205,7 +205,8 @@ class LazyCheckpoint(ContainerFile):
             return self._mapped_tensor(s, entry)
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
         tasks, digest = self._decode_tasks(reader, source, s, entry, out)
-        _run(tasks)
+        with self._src.holding(stored_ranges(reader, entry)):  # remote: all its frames in one request
+            _run(tasks)
         if digest is not None:
             self._check(entry, s, digest(), out)
         return out.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)

@@ -9,6 +9,7 @@ else -- checksums, layout rules, codecs -- stays in the reader and is the same f
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from mettaformat._files import open_regular
 from mettaformat.container.verify import FileIdentity, file_identity, read_and_hash
 from mettaformat.errors import LayoutError, MettaFormatError
 
-__all__ = ["ByteSource", "LocalSource", "open_source"]
+__all__ = ["ByteSource", "LocalSource", "open_source", "stored_ranges"]
 
 
 class ByteSource(Protocol):
@@ -42,6 +43,10 @@ class ByteSource(Protocol):
     def prefetch(self, ranges: list[tuple[int, int]]) -> None:
         """Hint: the ``(start, end)`` ranges will be sliced from :meth:`view` soon."""
 
+    def holding(self, ranges: list[tuple[int, int]]) -> contextlib.AbstractContextManager[None]:
+        """Within the block, :meth:`view` slices of the ranges cost no further request (they are
+        fetched at once, neighbours together, and dropped at the end)."""
+
     def view(self) -> Any:
         """The whole file as a sliceable byte object (``view()[a:b]`` is a memoryview)."""
 
@@ -61,6 +66,12 @@ class ByteSource(Protocol):
         """Read ``target`` at ``offset``; with ``hash_``, the checksum of each ``(begin, end)`` span of it."""
 
     def close(self) -> None: ...
+
+
+def stored_ranges(reader: Any, entry: Any) -> list[tuple[int, int]]:
+    """Where a section reader keeps one tensor's stored bytes (none known: empty)."""
+    stored_range = getattr(reader, "stored_range", None)
+    return [stored_range(entry)] if stored_range is not None else []
 
 
 def open_source(path: str | os.PathLike[str] | ByteSource) -> ByteSource:
@@ -119,6 +130,9 @@ class LocalSource:
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> None:
         pass  # the page cache and the mapping already read ahead
+
+    def holding(self, ranges: list[tuple[int, int]]) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def view(self) -> memoryview:
         if self._fd < 0:

@@ -3,7 +3,8 @@
 Opening costs one metadata request (size and ETag) and one range request sized for a typical
 header (``FIRST_READ``); the reader asks for more only when the header is longer. After that:
 
-- one tensor: its own byte range (raw) or its frames (zstd), straight into the tensor;
+- one tensor: its own byte range (raw) or all its frames in one range (zstd), straight into
+  the tensor or held while they decode;
 - a whole section: the ranges split into ``PIECE``-sized requests, ``IN_FLIGHT`` at a time, each
   written into its place in the destination (neighbouring ranges closer than ``MAX_GAP`` are
   coalesced into one request stream);
@@ -15,8 +16,9 @@ Ranges are served from an optional local :class:`RangeCache` keyed by URI + ETag
 from __future__ import annotations
 
 import bisect
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
@@ -94,8 +96,10 @@ class RemoteSource:
         #: requests sent and bytes received by this source (the cache's hits excluded)
         self.requests = self.bytes_fetched = 0
         self._stats_lock = threading.Lock()
-        self._starts: list[int] = []  # held regions: sorted starts, and their bytes
-        self._held: list[bytes | bytearray] = []
+        # Held regions: sorted starts and their bytes, replaced whole on change (decoding
+        # threads read them while another thread may hold or drop a region).
+        self._regions: tuple[list[int], list[bytes | bytearray]] = ([], [])
+        self._regions_lock = threading.Lock()
         first = min(self.size, first_read)
         if first:
             self._hold(0, self.fetch(0, first))
@@ -135,17 +139,27 @@ class RemoteSource:
             for f in futures:  # on a failure, send no further requests
                 f.cancel()
 
-    # -- held regions (the first read and prefetches) -----------------------------------------
+    # -- held regions (the first read, prefetches, and what a block is holding) ------------------
     def _hold(self, start: int, data: bytes | bytearray) -> None:
-        i = bisect.bisect_left(self._starts, start)
-        self._starts.insert(i, start)
-        self._held.insert(i, data)
+        with self._regions_lock:
+            starts, held = list(self._regions[0]), list(self._regions[1])
+            i = bisect.bisect_left(starts, start)
+            starts.insert(i, start)
+            held.insert(i, data)
+            self._regions = (starts, held)
+
+    def _drop(self, data: bytes | bytearray) -> None:
+        with self._regions_lock:
+            starts, held = self._regions
+            keep = [i for i, h in enumerate(held) if h is not data]
+            self._regions = ([starts[i] for i in keep], [held[i] for i in keep])
 
     def _find(self, start: int, end: int) -> memoryview | None:
-        i = bisect.bisect_right(self._starts, start) - 1
-        if i >= 0 and end <= self._starts[i] + len(self._held[i]):
-            base = self._starts[i]
-            return memoryview(self._held[i])[start - base : end - base]
+        starts, held = self._regions
+        i = bisect.bisect_right(starts, start) - 1
+        if i >= 0 and end <= starts[i] + len(held[i]):
+            base = starts[i]
+            return memoryview(held[i])[start - base : end - base]
         return None
 
     def _check_bounds(self, offset: int, length: int, region: str) -> None:
@@ -166,8 +180,9 @@ class RemoteSource:
         if held is not None:
             target[:] = held
             return
-        i = bisect.bisect_right(self._starts, offset) - 1  # a held prefix (the first read) is not fetched again
-        done = max(0, self._starts[i] + len(self._held[i]) - offset) if i >= 0 else 0
+        starts, held_data = self._regions
+        i = bisect.bisect_right(starts, offset) - 1  # a held prefix (the first read) is not fetched again
+        done = max(0, starts[i] + len(held_data[i]) - offset) if i >= 0 else 0
         prefix = self._find(offset, offset + done) if done else None
         if prefix is not None:
             target[:done] = prefix
@@ -182,6 +197,21 @@ class RemoteSource:
                 buffer = bytearray(end - start)
                 self._fetch_into(memoryview(buffer), start)
                 self._hold(start, buffer)
+
+    @contextlib.contextmanager
+    def holding(self, ranges: list[tuple[int, int]]) -> Iterator[None]:
+        fetched = []
+        try:
+            for start, end in coalesce(ranges):
+                if self._find(start, end) is None:
+                    buffer = bytearray(end - start)
+                    self._fetch_into(memoryview(buffer), start)
+                    self._hold(start, buffer)
+                    fetched.append(buffer)
+            yield
+        finally:
+            for buffer in fetched:
+                self._drop(buffer)
 
     def view(self) -> _SparseView:
         return _SparseView(self)
@@ -201,7 +231,8 @@ class RemoteSource:
         return len(target), [checksum(target[b:e]) for b, e in spans] if hash_ else []
 
     def close(self) -> None:
-        self._starts, self._held = [], []
+        with self._regions_lock:
+            self._regions = ([], [])
 
 
 class _SparseView:

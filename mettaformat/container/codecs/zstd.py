@@ -257,6 +257,13 @@ class _ZstdSection:
             for first, count in self.tensor_chunks[entry.name]
         ]
 
+    def stored_range(self, entry: TensorEntry) -> tuple[int, int]:
+        """``(start, end)`` of the tensor's frames in the file: one contiguous run."""
+        first, end = self.tensor_frames[entry.name]
+        if end == first:
+            return (0, 0)
+        return self.frames[first][0], self.stored_end(entry)
+
     def stored_end(self, entry: TensorEntry) -> int:
         first, end = self.tensor_frames[entry.name]
         offset, clen, _, _ = self.frames[end - 1] if end > first else self.frames[0]
