@@ -3,13 +3,14 @@
 Modelled on Metta's ``migrate_checkpoints`` (docs/legacy-formats.md 5), with its faults fixed:
 
 * the input is never modified: the output goes beside it (``model_0050.pt`` ->
-  ``model_0050.mfmt``) or under ``dst``; only when ``dst`` is the input itself is it
-  replaced, after a ``<file>.backup`` copy (``backup=True``);
+  ``model_0050.mfmt``) or under ``dst`` (a directory, or an object-storage prefix such as
+  ``s3://bucket/run/``); only when ``dst`` is the input itself is it replaced, after a
+  ``<file>.backup`` copy (``backup=True``);
 * every era is migrated (the old tool converted era-A records only), with the registered
   schema migrations applied and the source recorded in ``provenance["migrated_from"]``;
 * writes are atomic and verified before they replace anything, so a crash or a bad write
-  leaves the previous state; containers and up-to-date outputs are skipped; every failure is
-  counted with its reason.
+  leaves the previous state (an upload is verified locally first, then published whole);
+  containers and up-to-date outputs are skipped; every failure is counted with its reason.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from mettaformat.constants import Compression
 from mettaformat.errors import MettaFormatError, WriteError
 from mettaformat.legacy.graph import graph_equal, storable_checkpoint
 from mettaformat.migrations import apply_migrations
+from mettaformat.remote.uri import is_remote_uri, join_uri
 
 __all__ = ["LEGACY_SUFFIXES", "MigrationResult", "MigrationSummary", "migrate", "plan_migration"]
 
@@ -42,6 +45,8 @@ MFMT_SUFFIX: Final = ".mfmt"
 BACKUP_SUFFIX: Final = ".backup"
 Status = Literal["migrated", "skipped", "failed"]
 Progress = Callable[["MigrationResult", int, int], None]
+#: An output: a local path, or the URI of an object (``s3://bucket/run/model_0050.mfmt``).
+Output = Path | str
 
 
 @dataclass
@@ -133,14 +138,16 @@ class MigrationSummary:
 
 def plan_migration(
     src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, *, recursive: bool = False
-) -> list[tuple[Path, Path]]:
+) -> list[tuple[Path, Output]]:
     """The ``(input, output)`` pairs :func:`migrate` would process, in order.
 
     Args:
         src: a file, or a directory whose ``*.pt``/``*.pth`` files are taken (sorted; hidden
             temp files and backups are not).
         dst: for a file, the output file or an existing directory; for a directory, the
-            output root (mirroring sub-directories). Default: beside each input.
+            output root (mirroring sub-directories). Default: beside each input. A URI
+            (``s3://bucket/run/``) is an object-storage prefix, or for a file an object
+            name ending in ``.mfmt``.
         recursive: descend into sub-directories (symlinked directories are not followed).
 
     Returns:
@@ -150,6 +157,10 @@ def plan_migration(
         FileNotFoundError: ``src`` is neither a file nor a directory.
     """
     root = Path(src)
+    remote = dst is not None and is_remote_uri(os.fspath(dst))
+    if root.is_file() and remote:
+        text = os.fspath(dst)  # type: ignore[arg-type]
+        return [(root, text if text.endswith(MFMT_SUFFIX) else join_uri(text, root.with_suffix(MFMT_SUFFIX).name))]
     if root.is_file():
         out = Path(dst) if dst is not None else root.with_suffix(MFMT_SUFFIX)
         if dst is not None and out.is_dir():
@@ -165,6 +176,9 @@ def plan_migration(
             for f in sorted(files)
             if Path(f).suffix.lower() in LEGACY_SUFFIXES and not f.startswith(".") and not is_temp_file(f)
         ]
+    if remote:
+        prefix = os.fspath(dst)  # type: ignore[arg-type]
+        return [(p, join_uri(prefix, p.relative_to(root).with_suffix(MFMT_SUFFIX).as_posix())) for p in found]
     out_root = Path(dst) if dst is not None else root
     return [(p, (out_root / p.relative_to(root)).with_suffix(MFMT_SUFFIX)) for p in found]
 
@@ -200,9 +214,9 @@ def migrate(
     """
     pairs = plan_migration(src, dst, recursive=recursive)
     summary = MigrationSummary(dry_run=dry_run)
-    claimed: dict[Path, Path] = {}
+    claimed: dict[Output, Path] = {}
     for i, (inp, out) in enumerate(pairs):
-        other = claimed.setdefault(out.resolve(), inp)
+        other = claimed.setdefault(out if isinstance(out, str) else out.resolve(), inp)
         if other != inp:
             result = MigrationResult(os.fspath(inp), os.fspath(out), "failed", f"output collides with {other}'s")
         else:
@@ -213,16 +227,18 @@ def migrate(
     return summary
 
 
-def _migrate_file(inp: Path, out: Path, *, backup: bool, dry_run: bool, compression: Compression) -> MigrationResult:
+def _migrate_file(
+    inp: Path, out: Output, *, backup: bool, dry_run: bool, compression: Compression
+) -> MigrationResult:
     result = MigrationResult(os.fspath(inp), os.fspath(out), "failed")
-    in_place = out.exists() and os.path.samefile(inp, out)
+    in_place = isinstance(out, Path) and out.exists() and os.path.samefile(inp, out)
     try:
-        if not backup:  # in place is only ever done after a backup
+        if isinstance(out, Path) and not backup:  # in place is only ever done after a backup
             refuse_overwriting_input(out, inp, command="migrate --no-backup")
         if sniff_format(inp) == "mettaformat":
             return _skip(result, "already a mettaformat container")
         if not in_place and _up_to_date(inp, out):
-            return _skip(result, f"{out.name} is up to date")
+            return _skip(result, f"{_name(out)} is up to date")
         ckpt = load_any(inp, migrate=False)
         result.shape = ckpt.provenance.get("shape")
         result.migrations = apply_migrations(ckpt, warn=False)
@@ -235,7 +251,8 @@ def _migrate_file(inp: Path, out: Path, *, backup: bool, dry_run: bool, compress
         if dry_run:
             result.status = "migrated"
             return result
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(out, Path):
+            out.parent.mkdir(parents=True, exist_ok=True)
         if in_place and backup:
             result.backup = os.fspath(_backup(inp))
         _write_verified(storable_checkpoint(ckpt), dict(ckpt.tensors), out, compression)
@@ -252,11 +269,24 @@ def _skip(result: MigrationResult, reason: str) -> MigrationResult:
     return result
 
 
-def _up_to_date(inp: Path, out: Path) -> bool:
-    if not out.is_file():
-        return False
+def _name(out: Output) -> str:
+    return out.rsplit("/", 1)[-1] if isinstance(out, str) else out.name
+
+
+def _up_to_date(inp: Path, out: Output) -> bool:
     try:
-        return out.stat().st_mtime >= inp.stat().st_mtime and sniff_format(out) == "mettaformat"
+        if isinstance(out, str):
+            from mettaformat.remote.store import modified_ns
+
+            written = modified_ns(out)
+            if written is None:
+                return False
+            newer = written // 10**9 >= inp.stat().st_mtime_ns // 10**9  # object stores keep whole seconds
+        elif out.is_file():
+            newer = out.stat().st_mtime_ns >= inp.stat().st_mtime_ns
+        else:
+            return False
+        return newer and sniff_format(out) == "mettaformat"
     except MettaFormatError:
         return False  # a damaged or foreign file at the output path is replaced
 
@@ -288,16 +318,31 @@ def _backup(inp: Path) -> Path:
     return target
 
 
-def _write_verified(ckpt: Any, tensors: dict[str, torch.Tensor], out: Path, compression: Compression) -> None:
-    """Write beside ``out``, read it back and compare, then rename over ``out``."""
+def _write_verified(ckpt: Any, tensors: dict[str, torch.Tensor], out: Output, compression: Compression) -> None:
+    """Write beside ``out`` (or locally, for a URI), read it back and compare, then rename over
+    ``out`` (or upload it, visible only once complete)."""
+    if isinstance(out, str):
+        with tempfile.TemporaryDirectory(prefix="mettaformat-migrate-") as tmp:
+            staged = Path(tmp) / _name(out)
+            _write_and_compare(ckpt, tensors, staged, out, compression)
+            from mettaformat.remote.upload import upload_file
+
+            upload_file(staged, out)
+        return
     staged = _staging(out)
     try:
-        write_checkpoint(ckpt, staged, compression=compression, durable=True)
-        back = read_checkpoint(staged, lazy=False)
-        # Byte equality: a NaN weight must not fail the check, a flipped bit must.
-        if list(back.tensors) != list(tensors) or not all(graph_equal(back.tensors[k], t) for k, t in tensors.items()):
-            raise WriteError(f"{out}: the written state dict does not read back equal")
+        _write_and_compare(ckpt, tensors, staged, out, compression)
         os.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)
     fsync_dir(out.parent)
+
+
+def _write_and_compare(
+    ckpt: Any, tensors: dict[str, torch.Tensor], staged: Path, out: Output, compression: Compression
+) -> None:
+    write_checkpoint(ckpt, staged, compression=compression, durable=True)
+    back = read_checkpoint(staged, lazy=False)
+    # Byte equality: a NaN weight must not fail the check, a flipped bit must.
+    if list(back.tensors) != list(tensors) or not all(graph_equal(back.tensors[k], t) for k, t in tensors.items()):
+        raise WriteError(f"{out}: the written state dict does not read back equal")

@@ -456,3 +456,62 @@ def test_cache_shared_by_concurrent_writers(tmp_path: Path) -> None:
     caches[0].evict()
     assert caches[0].size() <= 64 << 10
     assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- migrating and converting to a URI ----------------------------------------------------------------
+def _legacy(path: Path, epoch: int) -> Path:
+    torch.save({"model_state_dict": {"w": torch.full((3,), float(epoch))}, "metadata": {"epoch": epoch},
+                "checkpoint_format_version": 2}, path)
+    return path
+
+
+def test_migrate_to_a_prefix(s3: str, tmp_path: Path) -> None:
+    from mettaformat.migrate import migrate
+
+    (tmp_path / "sub").mkdir()
+    _legacy(tmp_path / "model_0001.pt", 1)
+    _legacy(tmp_path / "sub" / "model_0002.pt", 2)
+    summary = migrate(tmp_path, f"{s3}/migrated/", recursive=True)
+    assert summary.migrated == 2 and summary.ok
+    assert [r.dst for r in summary.results] == [f"{s3}/migrated/model_0001.mfmt", f"{s3}/migrated/sub/model_0002.mfmt"]
+    ckpt = mf.load_any(f"{s3}/migrated/sub/model_0002.mfmt")
+    assert torch.equal(ckpt.tensors["w"], torch.full((3,), 2.0)) and ckpt.metadata["epoch"] == 2
+    assert ckpt.provenance["migrated_from"]["path"] == str(tmp_path / "sub" / "model_0002.pt")
+    again = migrate(tmp_path, f"{s3}/migrated/", recursive=True)  # the uploads are newer than the inputs
+    assert [r.status for r in again.results] == ["skipped", "skipped"]
+    one = migrate(tmp_path / "model_0001.pt", f"{s3}/renamed/first.mfmt")
+    assert one.results[0].dst == f"{s3}/renamed/first.mfmt" and one.ok
+
+
+def test_failed_migrate_or_convert_upload_leaves_nothing_visible(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import s3fs
+
+    from mettaformat.convert import convert
+    from mettaformat.migrate import migrate
+
+    src = _legacy(tmp_path / "model_0003.pt", 3)
+    fs = s3fs.S3FileSystem()
+
+    def broken_upload(lpath: str, rpath: str, **kwargs: object) -> None:
+        raise ConnectionResetError("connection reset by peer")
+
+    from mettaformat.remote.uri import filesystem
+
+    monkeypatch.setattr(filesystem(f"{s3}/broken/x.mfmt")[0], "put_file", broken_upload)  # the shared instance
+    result = migrate(src, f"{s3}/broken/").results[0]
+    assert result.status == "failed" and "broken/model_0003.mfmt" in result.reason
+    with pytest.raises(RemoteError, match=r"broken/converted\.mfmt"):
+        convert(src, f"{s3}/broken/converted.mfmt")
+    monkeypatch.undo()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{s3}/broken/") or fs.ls(f"{s3}/broken/") == []  # no object, no temp key
+
+
+def test_cli_migrates_to_a_uri(s3: str, tmp_path: Path) -> None:
+    from mettaformat.cli.main import main
+
+    _legacy(tmp_path / "model_0004.pt", 4)
+    assert main(["migrate", str(tmp_path), f"{s3}/cli-migrated/"]) == 0
+    assert mf.load_any(f"{s3}/cli-migrated/model_0004.mfmt").metadata["epoch"] == 4

@@ -41,6 +41,7 @@ __all__ = [
     "delete_remote_records",
     "list_objects",
     "load_remote_record",
+    "modified_ns",
     "object_exists",
     "scan_remote",
 ]
@@ -77,6 +78,16 @@ def object_exists(uri: str) -> bool:
     except RemoteNotFoundError:
         return False
     return True
+
+
+def modified_ns(uri: str) -> int | None:
+    """When the object at ``uri`` was last written (ns since the epoch), or None if there is none."""
+    fs, path = filesystem(uri)
+    try:
+        info = call(lambda: fs.info(path), uri, "checking when it was written")
+    except RemoteNotFoundError:
+        return None
+    return _mtime_ns(info) if info.get("type") == "file" else None
 
 
 def list_objects(uri: str) -> list[RemoteObject]:

@@ -20,7 +20,7 @@ from mettaformat.errors import RemoteError
 from mettaformat.remote.transport import call
 from mettaformat.remote.uri import filesystem
 
-__all__ = ["delete_object", "upload_atomically"]
+__all__ = ["delete_object", "upload_atomically", "upload_file"]
 
 #: Stores whose uploads are atomic at the final key.
 _ATOMIC_PUT: Final = frozenset({"s3", "s3a", "gs", "gcs"})
@@ -49,6 +49,14 @@ def upload_atomically(uri: str) -> Iterator[int]:
         _publish(fs, path, local, uri)
     finally:
         os.unlink(local)
+
+
+def upload_file(local: str | os.PathLike[str], uri: str) -> None:
+    """Upload a finished local file to ``uri``, visible only once complete (as :func:`upload_atomically`)."""
+    fs, path = filesystem(uri)
+    if _protocols(fs) & {"http", "https"}:
+        raise RemoteError("http(s) URLs are read-only; save to s3://, gs:// or a path", uri=uri)
+    _publish(fs, path, os.fspath(local), uri)
 
 
 def _publish(fs: Any, path: str, local: str, uri: str) -> None:
