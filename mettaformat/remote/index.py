@@ -36,7 +36,7 @@ from mettaformat.remote.transport import conditional_writes, get_versioned, put_
 from mettaformat.remote.uri import filesystem, join_uri
 from mettaformat.store.index import MAX_INDEX_BYTES, _parse_entry, round_trips
 from mettaformat.store.record import PolicyRecord
-from mettaformat.store.uri import INDEX_FILE_NAME
+from mettaformat.store.uri import INDEX_FILE_NAME, is_listable_name
 
 __all__ = [
     "DEFAULT_MAX_AGE_S",
@@ -89,16 +89,19 @@ class RemoteIndex:
     def records(self) -> list[PolicyRecord]:
         """The records of its entries, named as under its prefix."""
         out = []
+        base = filesystem(self.prefix)[1].rstrip("/")
         for name, raw in self.entries.items():
-            uri = join_uri(self.prefix, name)
             size, etag = raw.get("size"), raw.get("etag")
-            record = record_from_entry(raw, uri, filesystem(uri)[1], size, etag) if isinstance(size, int) else None
+            if not isinstance(size, int) or "/" in name or not is_listable_name(name):
+                continue
+            record = record_from_entry(raw, join_uri(self.prefix, name), f"{base}/{name}", size, etag)
             if record is not None and isinstance(etag, str):
                 out.append(record)
         return sorted(out, key=lambda r: r.uri)
 
     def unreadable_objects(self) -> list[tuple[Path, str]]:
-        return [(Path(filesystem(join_uri(self.prefix, n))[1]), why) for n, (_, why) in sorted(self.unreadable.items())]
+        base = filesystem(self.prefix)[1].rstrip("/")
+        return [(Path(f"{base}/{n}"), why) for n, (_, why) in sorted(self.unreadable.items())]
 
     def encode(self) -> bytes:
         return encode_msgpack(

@@ -29,7 +29,7 @@ from mettaformat.remote.index import (
     write_listed_index,
 )
 from mettaformat.remote.source import IN_FLIGHT, RemoteSource
-from mettaformat.remote.transport import call, conditional_writes, version_tag
+from mettaformat.remote.transport import call, conditional_writes, fresh_info, version_tag
 from mettaformat.remote.uri import filesystem
 from mettaformat.store.record import PolicyRecord, agent_step_of, effective_epoch
 from mettaformat.store.uri import INDEX_FILE_NAME, is_listable_name
@@ -74,7 +74,7 @@ def object_exists(uri: str) -> bool:
     """Whether an object exists at ``uri`` (one metadata request)."""
     fs, path = filesystem(uri)
     try:
-        call(lambda: fs.info(path), uri, "checking whether it exists")
+        fresh_info(fs, path, uri, "checking whether it exists")
     except RemoteNotFoundError:
         return False
     return True
@@ -84,7 +84,7 @@ def modified_ns(uri: str) -> int | None:
     """When the object at ``uri`` was last written (ns since the epoch), or None if there is none."""
     fs, path = filesystem(uri)
     try:
-        info = call(lambda: fs.info(path), uri, "checking when it was written")
+        info = fresh_info(fs, path, uri, "checking when it was written")
     except RemoteNotFoundError:
         return None
     return _mtime_ns(info) if info.get("type") == "file" else None
@@ -251,7 +251,7 @@ def changed_since_listed(records: list[PolicyRecord]) -> bool:
     def changed(record: PolicyRecord) -> bool:
         fs, path = filesystem(record.uri)
         try:
-            info = call(lambda: fs.info(path), record.uri, "checking that it is unchanged")
+            info = fresh_info(fs, path, record.uri, "checking that it is unchanged")
         except RemoteNotFoundError:
             return True
         return version_tag(info) != record.etag or info.get("size") != record.size
@@ -288,7 +288,7 @@ def delete_remote_records(records: list[PolicyRecord]) -> tuple[list[PolicyRecor
     for record in records:
         fs, path = filesystem(record.uri)
         try:
-            info = call(lambda: fs.info(path), record.uri, "checking before delete")  # noqa: B023
+            info = fresh_info(fs, path, record.uri, "checking before delete")
             if record.etag is not None and version_tag(info) != record.etag:
                 raise RemoteChangedError("changed since it was listed", uri=record.uri)
             call(lambda: fs.rm_file(path), record.uri, "deleting")  # noqa: B023

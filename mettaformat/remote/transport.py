@@ -36,6 +36,7 @@ __all__ = [
     "call",
     "conditional_writes",
     "fetch_range",
+    "fresh_info",
     "get_versioned",
     "put_if_unchanged",
     "stat_object",
@@ -153,9 +154,17 @@ def call(fn: Callable[[], T], uri: str, what: str) -> T:
     raise RemoteTransferError(f"{what} failed after {ATTEMPTS} attempts: {last}", uri=uri)
 
 
+def fresh_info(fs: Any, path: str, uri: str, what: str) -> dict[str, Any]:
+    """The object's metadata from the server now: fsspec answers ``info`` from an earlier
+    listing when it has one, which would hide a change made since by another process."""
+    fs.invalidate_cache(path)
+    info: dict[str, Any] = call(lambda: fs.info(path), uri, what)
+    return info
+
+
 def stat_object(fs: Any, path: str, uri: str) -> ObjectVersion:
     """Size and ETag (or generation) of the object, from one metadata request."""
-    info = call(lambda: fs.info(path), uri, "reading its size")
+    info = fresh_info(fs, path, uri, "reading its size")
     if info.get("type") == "directory":
         raise RemoteNotFoundError("is a directory, not an object", uri=uri)
     size = info.get("size")
