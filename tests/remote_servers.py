@@ -222,16 +222,20 @@ def moto_s3(bucket: str = "policies", *, own_process: bool = False) -> Iterator[
         yield f"s3://{bucket}"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_environment(saved)
         if own_process:
             server.terminate()
             server.wait(10)
         else:
             server.stop()
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 _S3_ENV = (
@@ -265,11 +269,7 @@ def gcs_emulator(bucket: str = "policies") -> Iterator[str]:
         yield f"gs://{bucket}"
     finally:
         gcsfs.GCSFileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_environment(saved)
         server.stop()
 
 
