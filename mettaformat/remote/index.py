@@ -14,6 +14,8 @@ The contract, where the backend has conditional writes (S3):
   (``aws s3 cp``, ``save_file`` to a URI) show up when the index is older than that, when a
   selected checkpoint turns out missing or replaced (the selection is then redone from a full
   listing), or on ``scan(refresh=True)``.
+- ``listed_at`` is the lister's clock, compared with the reader's: machines whose clocks differ
+  by ``d`` stretch that window by ``d`` (NTP keeps ``d`` well under a second).
 - An older index is reconciled with a full listing (entries count only while their ETag matches
   the listed one; anything else has its header read by range) and written back conditionally.
 
