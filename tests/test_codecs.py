@@ -3,6 +3,7 @@ and the zstd byte-plane filters (every dtype and level round-trips; the frame ta
 
 from __future__ import annotations
 
+import itertools
 import struct
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ from mettaformat.container.codecs.zstd import FILTER_FLOAT_PLANES, FILTER_NONE, 
 from mettaformat.container.header import SectionEntry, TensorEntry
 from mettaformat.container.layout import checksum
 from mettaformat.container.stream import StreamPlan
-from mettaformat.errors import LayoutError, UnknownCodecError, WriteError
+from mettaformat.errors import CodecError, LayoutError, UnknownCodecError, WriteError
 from tests import craft
 
 
@@ -273,3 +275,95 @@ def test_large_frames_round_trip_without_keeping_their_scratch() -> None:
     assert torch.equal(mettaformat.load(data)["t"], t)
     assert len(planes.scratch(planes._SCRATCH_KEEP + 1)) == planes._SCRATCH_KEEP + 1
     assert all(len(b) <= planes._SCRATCH_KEEP for b in getattr(planes._local, "buffers", {}).values())
+
+
+# -- fast paths against plain references ----------------------------------------------------------
+def _reference_planes(data: np.ndarray, width: int, float_bits: bool) -> np.ndarray:
+    """Byte planes by byte-strided copies, the sign moved bit by bit: the rule, written plainly."""
+    planes = data.reshape(-1, width).T.copy()
+    if float_bits:
+        hi, lo = planes[width - 1].copy(), planes[width - 2].copy()
+        planes[width - 1] = (hi << 1) | (lo >> 7)
+        planes[width - 2] = (lo & 0x7F) | (hi & 0x80)
+    return planes
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+@pytest.mark.parametrize("n", [1, 3, (1 << 16) - 1, (1 << 16) + 5, 150_001])
+def test_split_and_join_match_the_byte_by_byte_rule(width: int, n: int) -> None:
+    from mettaformat.container.codecs.planes import join_planes, split_planes
+
+    rng = np.random.default_rng(n + width)
+    data = rng.integers(0, 256, n * width, dtype=np.uint8)
+    for float_bits in (False, True):
+        source = torch.from_numpy(data.copy())
+        planes = split_planes(source, width, float_bits).copy()
+        want = _reference_planes(data, width, float_bits)
+        assert np.array_equal(planes, want) and np.array_equal(source.numpy(), data)
+        # each plane in uneven pieces (as a stored frame's raw blocks arrive), joined back
+        cuts = sorted({0, n, *rng.integers(0, n + 1, 3).tolist()})
+        pieces = [[plane[a:b] for a, b in itertools.pairwise(cuts)] for plane in want]
+        out = torch.empty(n * width, dtype=torch.uint8)
+        join_planes(pieces, out, width, float_bits)
+        assert np.array_equal(out.numpy(), data), float_bits
+
+
+def test_join_refuses_pieces_that_do_not_fill_the_plane() -> None:
+    from mettaformat.container.codecs.planes import join_planes
+
+    plane = np.zeros(8, dtype=np.uint8)
+    with pytest.raises(ValueError, match="7 bytes, not 8"):
+        join_planes([[plane], [plane[:7]]], torch.empty(16, dtype=torch.uint8), 2, False)
+
+
+def _section_of(frames: list[bytes], raw: int, dtype: str, flt: int) -> tuple[Any, memoryview, TensorEntry]:
+    """A one-tensor zstd section reader over ``frames`` (a plane group), as the fuzz target builds it."""
+    from mettaformat.container.codecs.zstd import _ZstdSection
+
+    head = craft.zstd_frame(bytes(64))
+    nbytes = raw * len(frames)
+    entry = TensorEntry(name="t", dtype=dtype, shape=(nbytes // len(frames),), begin=0, end=nbytes, checksum=0)
+    table = struct.pack("<QII", len(head), 64, 0) + b"".join(struct.pack("<QII", len(f), raw, flt) for f in frames)
+    section = SectionEntry.from_entries(
+        name="s", offset=0, length=len(head) + sum(map(len, frames)), codec="zstd", configuration={},
+        stream_length=64 + nbytes, stream_header_length=64, stream_header_checksum=0, tensors=(entry,), aliases={},
+        order=("t",), frames=table)
+    return _ZstdSection(section), memoryview(head + b"".join(frames)), entry
+
+
+def test_stored_frames_read_in_place_agree_with_zstd() -> None:
+    """A plane in a frame of raw blocks is read where it lies; the result equals zstd's decompression."""
+    import zstandard
+
+    from mettaformat.container.codecs.zstd_frames import stored_frame
+
+    rng = np.random.default_rng(7)
+    raw = 300_000  # three raw blocks and a part
+    planes = [rng.integers(0, 256, raw, dtype=np.uint8) for _ in range(4)]
+    planes[3][:] = rng.integers(120, 124, raw)  # an exponent-like plane that compresses
+    frames = [stored_frame(p.data) for p in planes[:3]] + [craft.zstd_frame(planes[3].tobytes())]
+    reader, source, entry = _section_of(frames, raw, "F32", FILTER_FLOAT_PLANES)
+    out = torch.empty(entry.nbytes, dtype=torch.uint8)
+    for task in reader.decode_tasks(source, entry, out):
+        task()
+    decoded = [np.frombuffer(zstandard.ZstdDecompressor().decompress(f), dtype=np.uint8) for f in frames]
+    want = np.stack(decoded, axis=1)
+    hi, lo = want[:, 3].copy(), want[:, 2].copy()
+    want[:, 3], want[:, 2] = (lo & 0x80) | (hi >> 1), (lo & 0x7F) | (hi << 7)
+    assert np.array_equal(out.numpy(), want.reshape(-1))
+
+
+def test_a_stored_frame_is_checked_like_any_other() -> None:
+    from mettaformat.container.codecs.zstd_frames import stored_frame
+
+    good = stored_frame(bytes(range(256)) * 1024)
+    flipped = bytearray(good)
+    flipped[100] ^= 1
+    bad_sum = bytearray(good)
+    bad_sum[-1] ^= 0xFF  # the content checksum itself
+    for frame in (bytes(flipped), bytes(bad_sum)):
+        reader, source, entry = _section_of([frame, good], 256 * 1024, "I16", FILTER_PLANES)
+        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+        with pytest.raises(CodecError, match="checksum mismatch"):
+            for task in reader.decode_tasks(source, entry, out):
+                task()

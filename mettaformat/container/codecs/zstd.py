@@ -35,7 +35,13 @@ from mettaformat.container.codecs.planes import (
     split_planes,
 )
 from mettaformat.container.codecs.shuffle import unshuffle
-from mettaformat.container.codecs.zstd_frames import MIN_FRAME, decompressor, frame_length, min_frame_length
+from mettaformat.container.codecs.zstd_frames import (
+    MIN_FRAME,
+    check_stored,
+    decompressor,
+    min_frame_length,
+    walk_frame,
+)
 from mettaformat.container.header import SectionEntry, TensorEntry
 from mettaformat.container.layout import checksum
 from mettaformat.container.stream import StreamPlan
@@ -208,13 +214,26 @@ class _ZstdSection:
         if index != len(frames):
             raise LayoutError(f"{len(frames) - index} frames belong to no tensor", region=region)
 
-    def _decode(self, source: memoryview, i: int, out: torch.Tensor | np.ndarray) -> None:
-        """Decompress frame ``i`` into ``out`` (exactly its raw length)."""
+    def _frame(self, source: memoryview, i: int) -> tuple[memoryview, list[memoryview] | None]:
+        """Frame ``i``, checked to end where the table says, and its raw blocks if it is a stored frame."""
         offset, clen, rlen, _ = self.frames[i]
         region = f"section {self.section.name!r} frame {i}"
         frame = source[offset : offset + clen]
-        if frame_length(frame, rlen, region) != clen:
+        length, stored = walk_frame(frame, rlen, region)
+        if length != clen:
             raise CodecError("data after the end of the zstd frame", region=region, offset=offset)
+        if stored is not None:
+            check_stored(frame, stored, rlen, region)
+        return frame, stored
+
+    def _decode(self, source: memoryview, i: int, out: torch.Tensor | np.ndarray) -> None:
+        """Decompress frame ``i`` into ``out`` (exactly its raw length)."""
+        frame, _ = self._frame(source, i)
+        self._decompress(frame, i, out)
+
+    def _decompress(self, frame: memoryview, i: int, out: torch.Tensor | np.ndarray) -> None:
+        offset, _, rlen, _ = self.frames[i]
+        region = f"section {self.section.name!r} frame {i}"
         target = writable_bytes(out) if isinstance(out, torch.Tensor) else out.data.cast("B")
         try:
             reader = decompressor().stream_reader(frame, read_across_frames=False)
@@ -227,20 +246,28 @@ class _ZstdSection:
                 f"frame decoded to {got}{'+' if extra else ''} bytes, expected {rlen}", region=region, offset=offset
             )
 
+    def _plane(self, source: memoryview, i: int, row: np.ndarray) -> list[np.ndarray]:
+        """The content of frame ``i`` as pieces: a stored frame's raw blocks where they lie in
+        ``source`` (checked, not copied), any other frame decompressed into ``row``."""
+        frame, stored = self._frame(source, i)
+        if stored is not None:
+            return [np.frombuffer(piece, dtype=np.uint8) for piece in stored]
+        self._decompress(frame, i, row)
+        return [row]
+
     def _decode_chunk(self, source: memoryview, first: int, count: int, out: torch.Tensor, width: int) -> None:
         flt, rlen = self.frames[first][3], self.frames[first][2]
         if flt == FILTER_NONE:
             self._decode(source, first, out)
             return
-        if flt == FILTER_SHUFFLE:
-            planes = torch.empty(rlen, dtype=torch.uint8)
-            self._decode(source, first, planes)
-            unshuffle(planes, out, width)
+        if flt == FILTER_SHUFFLE:  # one frame holding all planes in turn (written before format 3.2)
+            shuffled = scratch(rlen).reshape(width, rlen // width)
+            self._decode(source, first, shuffled.reshape(-1))
+            unshuffle(torch.from_numpy(shuffled.reshape(-1)), out, width)
             return
         buffer = scratch(count * rlen).reshape(count, rlen)
-        for k in range(count):
-            self._decode(source, first + k, buffer[k])
-        join_planes(buffer, out, width, flt == FILTER_FLOAT_PLANES)
+        planes = [self._plane(source, first + k, buffer[k]) for k in range(count)]
+        join_planes(planes, out, width, flt == FILTER_FLOAT_PLANES)
 
     def stream_header(self, source: memoryview) -> bytes:
         out = torch.empty(self.section.stream_header_length, dtype=torch.uint8)

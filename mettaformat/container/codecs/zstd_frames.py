@@ -21,7 +21,16 @@ import zstandard
 from mettaformat.constants import MAX_ZSTD_WINDOW
 from mettaformat.errors import CodecError
 
-__all__ = ["MIN_FRAME", "compressor", "decompressor", "frame_length", "min_frame_length", "stored_frame"]
+__all__ = [
+    "MIN_FRAME",
+    "check_stored",
+    "compressor",
+    "decompressor",
+    "frame_length",
+    "min_frame_length",
+    "stored_frame",
+    "walk_frame",
+]
 
 _ZSTD_MAGIC: Final = 0xFD2FB528
 #: Smallest possible frame: magic, descriptor, 1-byte content size, one block header, checksum.
@@ -86,8 +95,9 @@ def min_frame_length(raw_length: int) -> int:
     return 4 + 1 + 1 + 4 + 4 * -(-raw_length // _BLOCK_MAX)
 
 
-def frame_length(data: memoryview, expected_size: int, region: str) -> int:
-    """Walk a zstd frame's header and blocks; return its total length.
+def walk_frame(data: memoryview, expected_size: int, region: str) -> tuple[int, list[memoryview] | None]:
+    """Walk a zstd frame's header and blocks: its total length and, when every block is raw (a
+    stored frame), the blocks' payloads, which are its content.
 
     Raises:
         CodecError: not a zstd frame, a dictionary or an oversized window is required, no
@@ -126,6 +136,7 @@ def frame_length(data: memoryview, expected_size: int, region: str) -> int:
     if content != expected_size:
         raise CodecError(f"zstd frame declares {content} bytes, the index {expected_size}", region=region)
     pos += fcs_size
+    raw: list[memoryview] | None = []
     while True:
         if pos + 3 > n:
             raise CodecError("zstd frame truncated in a block header", region=region)
@@ -133,10 +144,36 @@ def frame_length(data: memoryview, expected_size: int, region: str) -> int:
         last, kind, size = block & 1, (block >> 1) & 3, block >> 3
         if kind == 3 or size > _BLOCK_MAX:
             raise CodecError("invalid zstd block header", region=region)
+        if kind == 0 and raw is not None:
+            raw.append(data[pos + 3 : pos + 3 + size])
+        elif kind:
+            raw = None
         pos += 3 + (1 if kind == 1 else size)
         if last:
             break
     pos += 4  # content checksum
     if pos > n:
         raise CodecError("zstd frame truncated", region=region)
-    return pos
+    return pos, raw
+
+
+def frame_length(data: memoryview, expected_size: int, region: str) -> int:
+    """The total length of the zstd frame at the start of ``data``; raises as :func:`walk_frame`."""
+    return walk_frame(data, expected_size, region)[0]
+
+
+def check_stored(frame: memoryview, pieces: list[memoryview], expected_size: int, region: str) -> None:
+    """Check the raw blocks ``pieces`` of ``frame`` (from :func:`walk_frame`) as a zstd decoder would:
+    they hold ``expected_size`` bytes and match the frame's content checksum.
+
+    Raises:
+        CodecError: naming which check failed.
+    """
+    got = sum(len(p) for p in pieces)
+    if got != expected_size:
+        raise CodecError(f"frame decoded to {got} bytes, expected {expected_size}", region=region)
+    digest = xxhash.xxh64()
+    for piece in pieces:
+        digest.update(piece)
+    if digest.intdigest() & 0xFFFFFFFF != int.from_bytes(frame[-4:], "little"):
+        raise CodecError("zstd: content checksum mismatch", region=region)
