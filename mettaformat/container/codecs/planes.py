@@ -86,9 +86,10 @@ def scratch(nbytes: int, slot: int = 0) -> np.ndarray:
     return buf[:nbytes]
 
 
-#: Elements per pass of split and join: the pieces of one block (64 KiB per plane at most) stay in
-#: the core's cache between the passes that build or take apart its words.
-_BLOCK: Final = 1 << 16
+#: Elements per pass of split and join: the pieces of one block (128 KiB per plane at most) stay
+#: in the core's cache between the passes that build or take apart its words, and a stored frame's
+#: raw blocks (128 KiB each) are joined without being cut.
+_BLOCK: Final = 1 << 17
 _WORD: Final = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
