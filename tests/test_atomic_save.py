@@ -1,8 +1,11 @@
-"""Atomic saves: fsyncs only with ``durable``, and large old versions swapped out and deleted in
-the background instead of inside the rename."""
+"""Atomic saves: fsyncs (and early writeback) only with ``durable``, and large old versions swapped
+out and deleted in the background instead of inside the rename."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
 import time
 from pathlib import Path
@@ -13,6 +16,8 @@ import torch
 import mettaformat
 from mettaformat import _atomic
 from mettaformat._atomic import TEMP_SUFFIX
+from mettaformat.container.writer import write_container
+from mettaformat.errors import WriteError
 
 
 def _big(value: float) -> dict[str, torch.Tensor]:
@@ -83,3 +88,60 @@ def test_a_symlinked_target_is_replaced_by_the_file_not_followed(tmp_path: Path)
     assert not link.is_symlink()
     assert bool((mettaformat.load_file(real_file)["w"] == 1.0).all())
     assert bool((mettaformat.load_file(link)["w"] == 2.0).all())
+
+
+def test_a_durable_write_starts_writeback_while_the_file_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(_atomic, "_sync_file_range", lambda fd, offset, nbytes, flags: calls.append((fd, flags)) or 0)
+    monkeypatch.setattr(_atomic, "_WRITEBACK_PERIOD_S", 0.001)
+    with _atomic.atomic_fd(tmp_path / "plain.mfmt") as fd:
+        os.write(fd, b"x")
+        time.sleep(0.05)
+    assert calls == []  # only durable writes ask for early writeback
+    with _atomic.atomic_fd(tmp_path / "durable.mfmt", durable=True) as fd:
+        os.write(fd, b"x")
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.005)
+        written_fd = fd
+    seen = len(calls)
+    time.sleep(0.05)
+    assert seen > 0 and len(calls) == seen  # it stopped with the block, before the descriptor was closed
+    assert set(calls) == {(written_fd, _atomic._SYNC_FILE_RANGE_WRITE)}
+    assert (tmp_path / "durable.mfmt").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(("code", "fails"), [(errno.EIO, True), (errno.EINVAL, False)])
+def test_a_write_error_seen_during_early_writeback_fails_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, fails: bool
+) -> None:
+    path = tmp_path / "a.mfmt"
+    mettaformat.save_file({"w": torch.ones(4)}, path)
+
+    def refuse(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(_atomic, "_sync_file_range", refuse)
+    monkeypatch.setattr(_atomic, "_WRITEBACK_PERIOD_S", 0.001)
+    expectation = pytest.raises(WriteError, match=os.strerror(code)) if fails else contextlib.nullcontext()
+    with expectation:
+        with _atomic.atomic_fd(path, durable=True) as fd:
+            os.write(fd, b"not a container")
+            time.sleep(0.05)
+    if fails:  # the previous version is untouched; an unsupported file system just skips the hint
+        assert bool((mettaformat.load_file(path)["w"] == 1.0).all())
+    else:
+        assert path.read_bytes() == b"not a container"
+    assert _no_leftovers(tmp_path)
+
+
+def test_sync_dir_false_leaves_the_directory_to_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(_atomic, "fsync_dir", synced.append)
+    write_container(tmp_path / "a.mfmt", {"model": {"w": torch.ones(2)}}, durable=True, sync_dir=False)
+    assert synced == []
+    mettaformat.save_file({"w": torch.ones(2)}, tmp_path / "b.mfmt", durable=True)
+    assert synced == [tmp_path]

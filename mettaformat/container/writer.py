@@ -117,6 +117,7 @@ def write_container(
     level: int | str | None = None,
     durable: bool = False,
     base: str | os.PathLike[str] | LazyCheckpoint | None = None,
+    sync_dir: bool = True,
 ) -> None:
     """Write a container with several sections and object trees, atomically.
 
@@ -124,6 +125,8 @@ def write_container(
         sections: section name to state dict (``"model"``, ``"legacy"``...).
         trees: tree name to a value; tensors inside a tree are stored in a section of the
             same name under their dotted path (``optimizer`` -> ``state.0.exp_avg``).
+        sync_dir: with ``durable``, also fsync the directory after the rename; ``False`` when the
+            caller syncs it once for several files.
         Others as for :func:`save_file`.
 
     Raises:
@@ -131,7 +134,7 @@ def write_container(
     """
     codec = resolve_codec(compression, level)
     if base is None:
-        with atomic_fd(path, durable=durable) as fd:
+        with atomic_fd(path, durable=durable, sync_dir=sync_dir) as fd:
             _write(fd, sections, metadata, trees, codec)
         return
     if isinstance(codec, RawCodec):
@@ -139,7 +142,7 @@ def write_container(
     with _open_base(base) as base_ckpt:
         all_sections, encoded_trees = _split_trees(sections, trees)
         stored, delta = delta_sections(all_sections, base_ckpt, getattr(codec, "level", None), path)
-        with atomic_fd(path, durable=durable) as fd:
+        with atomic_fd(path, durable=durable, sync_dir=sync_dir) as fd:
             _write(fd, stored, metadata, None, codec, encoded_trees=encoded_trees, delta=delta)
 
 
