@@ -16,10 +16,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import mettaformat
+from mettaformat import _atomic
 from mettaformat.cli.main import main as cli
 from mettaformat.container.layout import checksum
 from mettaformat.container.writer import write_container
 from mettaformat.dcp import INDEX_NAME, MettaLoadPlanner, MettaSavePlanner, MettaStorageReader, MettaStorageWriter
+from mettaformat.dcp import writer as dcp_writer
 from mettaformat.dcp.index import DcpIndex, FileRecord, TensorRecord, read_index, write_index
 from mettaformat.errors import FormatError, IntegrityError, LayoutError, LegacyImportError, MettaFormatError
 from tests.test_dcp_distributed import pickle_findings
@@ -86,6 +88,49 @@ def test_a_new_save_replaces_the_previous_one_and_removes_its_files(tmp_path: Pa
     save(s, tmp_path / "ck")
     assert load(tmp_path / "ck")["step"] == 43
     assert len(os.listdir(tmp_path / "ck")) == 2 and not first & set(os.listdir(tmp_path / "ck")) - {INDEX_NAME}
+
+
+def test_a_durable_save_syncs_the_directory_once_before_and_once_after_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_replace, real_sync = os.replace, _atomic.fsync_dir
+
+    def sync(directory: Path) -> None:
+        events.append("sync directory")
+        real_sync(directory)
+
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(os.path.basename(b)) or real_replace(a, b))
+    monkeypatch.setattr(_atomic, "fsync_dir", sync)
+    monkeypatch.setattr(dcp_writer, "fsync_dir", sync)
+    save(state(), tmp_path / "ck", durable=True)
+    assert [e if e in ("sync directory", INDEX_NAME) else "rank file" for e in events] == [
+        "rank file", "sync directory", INDEX_NAME, "sync directory"]
+    assert equal(load(tmp_path / "ck"), state())
+
+
+def test_large_files_of_the_previous_save_are_deleted_after_the_commit_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save(state(), tmp_path / "ck")
+    first = set(os.listdir(tmp_path / "ck")) - {INDEX_NAME}
+    deferred: list[Any] = []
+
+    class Later:
+        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+            deferred.append(lambda: fn(*args, **kwargs))
+
+    monkeypatch.setattr(_atomic, "_RELEASE_IN_BACKGROUND", 1)  # every file counts as large
+    monkeypatch.setattr(_atomic, "shared_pool", Later)
+    s = state()
+    s["step"] = 43
+    save(s, tmp_path / "ck")
+    assert first <= set(os.listdir(tmp_path / "ck")) and deferred
+    assert load(tmp_path / "ck")["step"] == 43  # the new save is committed while old files remain
+    for delete in deferred:
+        delete()
+    assert len(os.listdir(tmp_path / "ck")) == 2 and not first & set(os.listdir(tmp_path / "ck"))
+    assert load(tmp_path / "ck")["step"] == 43
 
 
 def test_state_that_needs_pickle_is_refused_and_nothing_commits(tmp_path: Path) -> None:

@@ -3,7 +3,11 @@
 Every save gets a fresh id chosen by the coordinator, and each rank writes
 ``__<rank>_<id>.mfmt`` atomically (temp + rename). The files of a previous save are left alone
 until the new index has replaced the old one, so a rank dying mid-save leaves the previous
-checkpoint loadable and the new one invisible. Each container holds the rank's shards in the
+checkpoint loadable and the new one invisible. With ``durable``, each rank fsyncs its file and
+the coordinator syncs the directory once, before the index can name the files, and once after
+the index is in place: one directory sync per save, not one per rank. The previous save's files
+are deleted after the commit, large ones in the background (freeing their blocks is not part of
+writing the new checkpoint). Each container holds the rank's shards in the
 section ``"shards"`` and its non-tensor items in the object tree ``"objects"``; its metadata
 records, per shard, the tensor's name, global shape and the shard's global offsets.
 """
@@ -22,7 +26,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from mettaformat._atomic import TEMP_SUFFIX, is_temp_file
+from mettaformat._atomic import TEMP_SUFFIX, fsync_dir, is_temp_file, remove_file
 from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
 from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.container.tree import encode_tree
@@ -62,7 +66,8 @@ class MettaStorageWriter(StorageWriter):
             may replace it.
         compression: ``"raw"`` (memory-mapped on load) or ``"zstd"``.
         level: zstd level.
-        durable: fsync each file before it is renamed into place.
+        durable: fsync each file before it is renamed into place, and the directory before and
+            after the index is committed, so a finished save survives a power loss.
 
     Example:
         >>> dcp.save(state_dict, storage_writer=MettaStorageWriter("ckpt/step_100"))
@@ -154,6 +159,7 @@ class MettaStorageWriter(StorageWriter):
                 compression=self.compression,
                 level=self.level,
                 durable=self.durable,
+                sync_dir=False,  # the coordinator syncs the directory once, before the commit
             )
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -174,6 +180,8 @@ class MettaStorageWriter(StorageWriter):
                 objects.append(fqn)
         save_id = next(iter(files)).split("_")[-1].removesuffix(".mfmt") if files else uuid.uuid4().hex[:16]
         planner_data = {k: tuple(v) for k, v in metadata.planner_data.items()} if metadata.planner_data else None
+        if self.durable:  # the rank files' names must be on disk before an index can name them
+            fsync_dir(self.path)
         write_index(self.path, DcpIndex(save_id, files, tensors, tuple(objects), planner_data), durable=self.durable)
         _remove_uncommitted(self.path, set(files))
 
@@ -191,7 +199,4 @@ def _remove_uncommitted(directory: Path, keep: set[str]) -> None:
         if name.startswith(".") and is_temp_file(name):  # .<target>.<random>.mfmt-tmp
             name = name[1:].removesuffix(TEMP_SUFFIX).rpartition(".")[0]
         if (is_rank_file(name) and name not in keep) or (name == INDEX_NAME and entry.name != INDEX_NAME):
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
+            remove_file(entry.path)
