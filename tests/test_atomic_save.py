@@ -113,6 +113,20 @@ def test_a_durable_write_starts_writeback_while_the_file_is_written(
     assert (tmp_path / "durable.mfmt").read_bytes() == b"x"
 
 
+def test_early_writeback_stops_when_the_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(_atomic, "_sync_file_range", lambda fd, offset, nbytes, flags: calls.append(fd) or 0)
+    monkeypatch.setattr(_atomic, "_WRITEBACK_PERIOD_S", 0.001)
+    with pytest.raises(WriteError, match="disk full"):
+        with _atomic.atomic_fd(tmp_path / "a.mfmt", durable=True):
+            time.sleep(0.02)
+            raise OSError("disk full")
+    seen = len(calls)
+    time.sleep(0.05)
+    assert seen > 0 and len(calls) == seen
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("code", "fails"), [(errno.EIO, True), (errno.EINVAL, False)])
 def test_a_write_error_seen_during_early_writeback_fails_the_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, fails: bool
