@@ -12,25 +12,25 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from mettaformat._torch import tensor_bytes
+from mettaformat._pool import shared_pool
 from mettaformat.container.delta import MAX_CHAIN_DEPTH, base_candidates
-from mettaformat.container.delta_filter import apply_residual
-from mettaformat.container.layout import checksum
+from mettaformat.container.delta_filter import apply_residual_in_place
+from mettaformat.container.verify import is_verified, mark_verified
 from mettaformat.dtypes import dtype_from_tag, itemsize, tag_from_dtype
-from mettaformat.errors import BaseCheckpointError, IntegrityError, MettaFormatError
+from mettaformat.errors import BaseCheckpointError, IntegrityError, MettaFormatError, naming_file
 
 if TYPE_CHECKING:
     from mettaformat.container.header import SectionEntry, TensorEntry
     from mettaformat.container.reader import LazyCheckpoint
 
-__all__ = ["base_section", "chain", "chain_depth", "delta_names", "open_base", "rebuild"]
+__all__ = ["base_tensors", "chain", "chain_depth", "delta_names", "open_base", "rebuild", "saved_tensors"]
 
 _opening = threading.local()
 
@@ -101,36 +101,108 @@ def chain_depth(ckpt: LazyCheckpoint) -> int:
     return len(chain(ckpt)) - 1
 
 
-def base_section(ckpt: LazyCheckpoint, section: str) -> dict[str, torch.Tensor]:
-    """Every tensor of ``section`` of the base of ``ckpt``, decoded at once on all cores."""
-    assert ckpt.base is not None
-    try:
-        return ckpt.base.load_section(section)
-    except MettaFormatError as e:
-        raise BaseCheckpointError(f"base {ckpt.base.path}: section {section!r} cannot be read: {e}",
-                                  base=str(ckpt.base.path)) from e
-
-
-def rebuild(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry, stored: torch.Tensor,
-            base_tensor: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor ``entry`` of a delta file from its decoded residual ``stored`` (and the base's tensor when the
-    caller has it), checked against the checksum of the result when the checkpoint verifies."""
-    assert ckpt.header.delta is not None and ckpt.base is not None
-    dtype, digest = ckpt.header.delta.tensors[s.name][entry.name]
+def base_tensors(ckpt: LazyCheckpoint, section: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of ``section`` of the base of ``ckpt`` as saved (rebuilt through its own chain),
+    in memory of their own, decoded at once on all cores; only the tensors the residuals need are read."""
     base = ckpt.base
+    assert base is not None
     try:
-        b = base._read_logical(entry.name, s.name) if base_tensor is None else base_tensor
+        with naming_file(base.path, container=True):
+            if not base._src.mappable:  # one parallel fetch of what the structure checks and codecs slice
+                base._src.prefetch(base._unmapped_ranges())
+            if base.verify:
+                base.verify_structure()
+            s = base.header.section(section)
+            entries = {name: s.index.get(name) if s is not None else None for name in names}
+            missing = [name for name, e in entries.items() if e is None]
+            if s is None or missing:
+                raise BaseCheckpointError(f"base {base.path} has no tensor {missing[0]!r} in section {section!r}",
+                                          base=str(base.path))
+            unique = list({id(e): e for e in entries.values() if e is not None}.values())
+            decoded = saved_tensors(base, s, unique)
+    except BaseCheckpointError:
+        raise
+    except MettaFormatError as e:
+        raise BaseCheckpointError(f"base {base.path}: section {section!r} cannot be read: {e}",
+                                  base=str(base.path)) from e
+    return {name: decoded[e.name] for name, e in entries.items() if e is not None}
+
+
+def _in_thread(fn: Callable[[], dict[str, torch.Tensor]]) -> Callable[[], dict[str, torch.Tensor]]:
+    """Start ``fn`` on a thread of its own (its codec jobs share the pool with the caller's); the returned
+    function waits for it and returns its result or raises its error."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="mettaformat-base", daemon=True)
+    thread.start()
+
+    def result() -> dict[str, torch.Tensor]:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return cast(dict[str, torch.Tensor], box["value"])
+
+    return result
+
+
+def saved_tensors(ckpt: LazyCheckpoint, s: SectionEntry, entries: list[TensorEntry] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The data entries of ``s`` (all, or ``entries``) as saved, each in memory of its own (by data entry name).
+
+    For a delta file the residuals and the base tensors they need decode at the same time on all
+    cores; each residual is then rebuilt in place, block by block, and hashed while in the cache."""
+    chosen = list(s.tensors) if entries is None else entries
+    deltas = delta_names(ckpt, s.name)
+    needed = [e.name for e in chosen if e.name in deltas]
+    bases = _in_thread(lambda: base_tensors(ckpt, s.name, needed)) if needed else None
+    try:
+        out = ckpt._read_copy(s, tuple(chosen)) if ckpt._readers[s.name].zero_copy else ckpt._decode_all(s, chosen)
+    finally:
+        base_of = bases() if bases is not None else {}
+    if needed:
+        rebuilt = shared_pool().map(lambda n: _rebuild_in_place(ckpt, s, s.index.get(n), out[n], base_of[n]), needed)
+        out.update(zip(needed, rebuilt, strict=True))
+    return out
+
+
+def rebuild(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry, stored: torch.Tensor) -> torch.Tensor:
+    """The tensor ``entry`` of a delta file from its decoded residual ``stored`` (kept) and the base's
+    tensor, checked against the checksum of the result when the checkpoint verifies."""
+    base = ckpt.base
+    assert base is not None
+    try:
+        b = base._read_logical(entry.name, s.name)
     except MettaFormatError as e:
         raise BaseCheckpointError(f"base {base.path}: tensor {entry.name!r} cannot be read: {e}",
                                   base=str(base.path)) from e
+    return _rebuild_in_place(ckpt, s, entry, stored.reshape(-1).view(torch.uint8).clone(), b)
+
+
+def _rebuild_in_place(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry, stored: torch.Tensor,
+                      b: torch.Tensor) -> torch.Tensor:
+    """``stored`` (a residual in memory of its own) turned into the tensor ``entry``; the rebuilt bytes are
+    hashed unless this very file's tensor was rebuilt and checked before in this process."""
+    assert ckpt.header.delta is not None and ckpt.base is not None
+    dtype, digest = ckpt.header.delta.tensors[s.name][entry.name]
     if tag_from_dtype(b.dtype) != dtype or tuple(b.shape) != entry.shape:
         raise BaseCheckpointError(
-            f"base {base.path}: tensor {entry.name!r} is {tag_from_dtype(b.dtype)} {list(b.shape)}, the delta "
-            f"needs {dtype} {list(entry.shape)}", base=str(base.path))
-    data = apply_residual(stored.reshape(-1).view(torch.uint8), b.contiguous(), itemsize(dtype))
-    if ckpt.verify and checksum(tensor_bytes(data)) != digest:
-        raise IntegrityError(f"tensor {entry.name!r} rebuilt from base {base.path} does not match its checksum",
-                             region=f"section {s.name!r}")
+            f"base {ckpt.base.path}: tensor {entry.name!r} is {tag_from_dtype(b.dtype)} {list(b.shape)}, the delta "
+            f"needs {dtype} {list(entry.shape)}", base=str(ckpt.base.path))
+    data = stored.reshape(-1).view(torch.uint8)
+    key = (f"{s.name}\x00rebuilt", entry.name)
+    check = ckpt.verify and (not is_verified(ckpt._identity, key) or ckpt._src.identity() != ckpt._identity)
+    got = apply_residual_in_place(data, b, itemsize(dtype), digest=check)
+    if check:
+        if got != digest:
+            raise IntegrityError(f"tensor {entry.name!r} rebuilt from base {ckpt.base.path} does not match its "
+                                 f"checksum", region=f"section {s.name!r}")
+        mark_verified(ckpt._identity, [key])
     return data.view(dtype_from_tag(dtype)).reshape(entry.shape)
 
 

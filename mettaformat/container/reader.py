@@ -28,7 +28,7 @@ import torch
 from mettaformat._pool import shared_pool
 from mettaformat._torch import buffer_tensor, tensor_bytes, writable_bytes
 from mettaformat.constants import PREAMBLE_SIZE
-from mettaformat.container.chain import base_section, delta_names, open_base, rebuild
+from mettaformat.container.chain import delta_names, open_base, rebuild, saved_tensors
 from mettaformat.container.codecs import SectionReader, get_codec
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
 from mettaformat.container.header import SectionEntry, TensorEntry, parse_index
@@ -316,12 +316,8 @@ class LazyCheckpoint(ContainerFile):
             return {}
         target = torch.device(device)
         deltas = delta_names(self, s.name)
-        if deltas:  # residuals and the base decode on all cores, then tensors are rebuilt in parallel
-            out = self._decode_all(s) if not self._readers[s.name].zero_copy else self._read_copy(s)
-            bases = base_section(self, s.name)
-            rebuilt = dict(zip(deltas, shared_pool().map(
-                lambda n: rebuild(self, s, s.index.get(n), out[n], bases.get(n)), deltas), strict=True))
-            out = {name: rebuilt.get(name, t).to(target) for name, t in out.items()}
+        if deltas:  # residuals and the base tensors they need decode together, then rebuild in place
+            out = {name: t.to(target) for name, t in saved_tensors(self, s).items()}
         elif off_host(target) and self._src.mappable:  # straight to the device, never the whole model in host memory
             out = load_to_device(self, s, s.tensors, transport_for(target))
         elif not self._readers[s.name].zero_copy:
@@ -369,15 +365,15 @@ class LazyCheckpoint(ContainerFile):
                 entry.shape, dtype=dtype)
         return out
 
-    def _decode_all(self, s: SectionEntry) -> dict[str, torch.Tensor]:
-        """Decode every frame of a compressed section at once on all cores, straight into the
-        destination tensors; checksums are verified here while workers decode later tensors."""
+    def _decode_all(self, s: SectionEntry, entries: list[TensorEntry] | None = None) -> dict[str, torch.Tensor]:
+        """Decode every frame of a compressed section (or of ``entries``) at once on all cores, straight
+        into the destination tensors; checksums are verified here while workers decode later tensors."""
         source = self._mapped()
         reader = self._readers[s.name]
         out: dict[str, torch.Tensor] = {}
         pool = shared_pool()
         jobs = []
-        for entry in s.tensors:
+        for entry in s.tensors if entries is None else entries:
             buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
             tasks, digest = self._decode_tasks(reader, source, s, entry, buffer)
             jobs.append((entry, buffer, digest, [pool.submit(task) for task in tasks]))
