@@ -1,9 +1,10 @@
 """The writer's side of delta checkpoints: which tensors to store as differences from the base.
 
 The writer decides per tensor by measuring: a tensor whose name, dtype and shape match a base
-tensor is compressed both ways (on evenly spaced samples of large tensors) with the coders of the
-section's codec, and stored as a residual only when that is smaller. New, reshaped or retyped
-tensors, and tensors that changed so much that their residual is no smaller, stay standalone.
+tensor is compressed both ways on a sample (evenly spaced blocks of a large tensor) with the coders
+of the section's codec, and stored as a residual only when that is at least 10% smaller; the
+residual of the whole tensor is computed only then. New, reshaped or retyped tensors, and tensors
+that changed so much that their residual saves little, stay standalone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
+from mettaformat._pool import shared_pool
 from mettaformat._torch import contiguous_cpu, storage_key, tensor_bytes
 from mettaformat.container.codecs.planes import ENTROPY, FLOAT_TAGS, coders_for, encode_plane, split_planes
 from mettaformat.container.delta import MAX_CHAIN_DEPTH, BaseRef, DeltaInfo, stored_tag
@@ -26,42 +28,42 @@ from mettaformat.errors import MettaFormatError, WriteError
 
 __all__ = ["delta_sections"]
 
-#: Bytes of a tensor the writer compresses both ways to choose (evenly spaced blocks of larger tensors).
-_SAMPLE_BLOCK: Final = 64 << 10
+#: The writer measures both ways on evenly spaced blocks of a tensor (all of a small one): compressing
+#: whole tensors twice made a delta save 5-16x slower than a standalone one.
+_SAMPLE_BLOCK: Final = 16 << 10
 _SAMPLE_BLOCKS: Final = 8
-#: The residual must win by this factor: a tie is not worth a dependency on the base.
-_MIN_GAIN: Final = 1.01
+#: The residual must save this much: each tensor stored as one costs a decode of the base tensor and a
+#: rebuild pass at load (about twice a standalone tensor's load), so a few percent is not worth it.
+_MIN_GAIN: Final = 1.10
 
 
-def _sample(data: torch.Tensor, width: int) -> torch.Tensor:
-    """Evenly spaced blocks of a large tensor's bytes (all of a small one)."""
-    n = data.numel()
+def _sample(data: np.ndarray, width: int) -> np.ndarray:
+    """Evenly spaced blocks of a large tensor's bytes (all of a small one), as whole elements."""
+    n = len(data)
     if n <= _SAMPLE_BLOCK * _SAMPLE_BLOCKS:
         return data
     block = _SAMPLE_BLOCK // width * width
     stride = (n - block) // (_SAMPLE_BLOCKS - 1) // width * width
-    return torch.cat([data[i * stride : i * stride + block] for i in range(_SAMPLE_BLOCKS)])
+    return np.concatenate([data[i * stride : i * stride + block] for i in range(_SAMPLE_BLOCKS)])
 
 
-def encoded_size(data: torch.Tensor, width: int, float_bits: bool, level: int | str | None) -> int:
-    """Bytes the plane codec spends on (a sample of) ``data`` (uint8): what the writer compares."""
+def encoded_size(data: np.ndarray, width: int, float_bits: bool, level: int | str | None) -> int:
+    """Bytes the plane codec spends on ``data`` (uint8, whole elements): what the writer compares."""
     coders = coders_for(level) if level is not None else (ENTROPY,)
-    sample = _sample(data, width)
     if width == 1:
-        return len(encode_plane(sample.numpy(), coders))
-    planes = split_planes(sample, width, float_bits)
+        return len(encode_plane(data, coders))
+    planes = split_planes(torch.from_numpy(data), width, float_bits)
     return sum(len(encode_plane(np.ascontiguousarray(planes[i]), coders)) for i in range(width))
 
 
-def better_as_delta(target: torch.Tensor, base: torch.Tensor, dtype: str, level: int | str | None
-                    ) -> torch.Tensor | None:
-    """The residual of ``target`` against ``base`` when it measures smaller than ``target`` alone, else None."""
+def better_as_delta(target: torch.Tensor, base: torch.Tensor, dtype: str, level: int | str | None) -> bool:
+    """Whether ``target`` measures smaller stored as its residual against ``base`` (same dtype and shape,
+    contiguous) than alone, on a sample of both."""
     width = itemsize(dtype)
-    stored = residual(target, base, width)
-    t = target.reshape(-1).view(torch.uint8)
-    if encoded_size(stored, width, False, level) * _MIN_GAIN < encoded_size(t, width, dtype in FLOAT_TAGS, level):
-        return stored
-    return None
+    t = _sample(target.reshape(-1).view(torch.uint8).numpy(), width)
+    b = _sample(base.reshape(-1).view(torch.uint8).numpy(), width)
+    stored = residual(torch.from_numpy(t), torch.from_numpy(b), width).numpy()
+    return encoded_size(stored, width, False, level) * _MIN_GAIN < encoded_size(t, width, dtype in FLOAT_TAGS, level)
 
 
 def base_uri(base_path: Path, target: str | os.PathLike[str] | None) -> str:
@@ -76,28 +78,51 @@ def base_uri(base_path: Path, target: str | os.PathLike[str] | None) -> str:
         return str(absolute)
 
 
-def _decide(t: torch.Tensor, base: Any, name: str, section: str, level: int | str | None
+def _decide(t: torch.Tensor, b: torch.Tensor | None, name: str, level: int | str | None
             ) -> tuple[torch.Tensor, str, int] | None:
-    """(residual, dtype, checksum of ``t``'s bytes) when ``t`` is smaller stored against the base, else None."""
+    """(residual, dtype, checksum of ``t``'s bytes) when ``t`` is smaller stored against the base tensor ``b``,
+    else None."""
     try:
         dtype = tag_from_dtype(t.dtype)
     except MettaFormatError:
         return None  # the stream writer reports the unsupported dtype
     width_tag = stored_tag(dtype)
-    if width_tag is None or t.numel() == 0:
-        return None
-    try:
-        b = base.get_tensor(name, section=section)
-    except MettaFormatError as e:
-        raise WriteError(f"base {base.path}: tensor {name!r} of section {section!r} cannot be read ({e})") from e
-    if b.dtype != t.dtype or tuple(b.shape) != tuple(t.shape):
+    if b is None or width_tag is None or t.numel() == 0 or b.dtype != t.dtype or tuple(b.shape) != tuple(t.shape):
         return None
     target = contiguous_cpu(t, name)
-    res = better_as_delta(target, b.contiguous(), dtype, level)
-    if res is None:
+    b = b.contiguous()
+    if not better_as_delta(target, b, dtype, level):
         return None
     digest = checksum(tensor_bytes(target.reshape(-1).view(torch.uint8)))
+    res = residual(target, b, itemsize(dtype))
     return res.view(dtype_from_tag(width_tag)).reshape(t.shape), dtype, digest
+
+
+def _base_tensors(base: Any, section: str, names: list[str], candidates: Mapping[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """The base's tensors of ``names`` that could take a delta (same dtype and shape), decoded at once."""
+    from mettaformat.container.chain import saved_tensors  # the reader side imports the writer's codecs
+
+    s = base.header.section(section)
+    entries = {}
+    for name in names:
+        entry = s.index.get(name)
+        t = candidates[name]
+        if entry is not None and entry.shape == tuple(t.shape) and entry.dtype == _tag_or_none(t):
+            entries[name] = entry
+    unique = list({id(e): e for e in entries.values()}.values())
+    try:
+        decoded = saved_tensors(base, s, unique) if unique else {}
+    except MettaFormatError as e:
+        raise WriteError(f"base {base.path}: section {section!r} cannot be read ({e})") from e
+    return {name: decoded[e.name] for name, e in entries.items()}
+
+
+def _tag_or_none(t: Any) -> str | None:
+    try:
+        return tag_from_dtype(t.dtype) if isinstance(t, torch.Tensor) else None
+    except MettaFormatError:
+        return None
 
 
 def delta_sections(
@@ -116,19 +141,20 @@ def delta_sections(
     for section, tensors in sections.items():
         base_names = set(base.keys(section)) if section in base.sections else set()
         # Tied names share one decision (one storage, one residual), taken on a name the base has.
-        decided: dict[Any, tuple[torch.Tensor, str, int] | None] = {}
+        firsts: dict[Any, str] = {}
         for name, t in tensors.items():
-            key = storage_key(t) if isinstance(t, torch.Tensor) else None
-            if name in base_names and (key is None or key not in decided):
-                decision = _decide(t, base, name, section, level)
-                if key is not None:
-                    decided[key] = decision
-                elif decision is not None:
-                    decided[("untied", name)] = decision
+            key = storage_key(t) if isinstance(t, torch.Tensor) else ("untied", name)
+            if name in base_names and key not in firsts:
+                firsts[key] = name
+        bases = _base_tensors(base, section, list(firsts.values()), tensors) if firsts else {}
+        jobs = [(tensors[n], bases.get(n), n, level) for n in firsts.values()]
+        decided = dict(zip(firsts, shared_pool().map(lambda job: _decide(*job), jobs), strict=True))
+        jobs.clear()
+        bases.clear()  # the base's tensors are not needed while the residuals are written
         stored: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
-            key = storage_key(t) if isinstance(t, torch.Tensor) else None
-            decision = decided.get(key if key is not None else ("untied", name))
+            key = storage_key(t) if isinstance(t, torch.Tensor) else ("untied", name)
+            decision = decided.get(key)
             if decision is None:
                 stored[name] = t
                 continue
