@@ -66,3 +66,30 @@ def test_inspect_and_validate_show_the_chain(pair: tuple[Path, Path, dict[str, t
     base.write_bytes(bytes(data))
     assert main(["validate", str(delta)]) == 1
     assert str(base) in capsys.readouterr().out
+
+
+def test_materialize_keeps_each_sections_codec(tmp_path: Path) -> None:
+    from mettaformat.container.codecs import RawCodec, ZstdCodec
+    from mettaformat.container.materialize import materialize
+    from mettaformat.container.writer import _write
+
+    g = torch.Generator().manual_seed(4)
+    sections = {"model": {"w": torch.randn(32, 32, generator=g)}, "extra": {"e": torch.randn(100, generator=g)}}
+    codecs = {"model": ZstdCodec(level=5, frame_size=1 << 16), "extra": RawCodec()}
+    with open(tmp_path / "mixed.mfmt", "wb") as f:
+        _write(f.fileno(), sections, {"epoch": 1}, None, codecs, encoded_trees={})
+    nxt = {"w": sections["model"]["w"] + 1e-5 * torch.randn(32, 32, generator=g)}
+    write_container(tmp_path / "d.mfmt", {"model": nxt, "extra": sections["extra"]}, base=tmp_path / "mixed.mfmt",
+                    compression="zstd", level=7)
+    materialize(tmp_path / "mixed.mfmt", tmp_path / "mixed_copy.mfmt")
+    materialize(tmp_path / "d.mfmt", tmp_path / "d_copy.mfmt")
+    for source, copy in (("mixed", "mixed_copy"), ("d", "d_copy")):
+        with mettaformat.open(tmp_path / f"{source}.mfmt") as a, mettaformat.open(tmp_path / f"{copy}.mfmt") as b:
+            assert b.header.delta is None
+            assert [(s.name, s.codec, dict(s.configuration)) for s in a.header.sections] == [
+                (s.name, s.codec, dict(s.configuration)) for s in b.header.sections]
+            for s in a.sections:
+                for name in a.keys(s):
+                    assert torch.equal(a.get_tensor(name, section=s), b.get_tensor(name, section=s))
+    with mettaformat.open(tmp_path / "mixed_copy.mfmt") as b:
+        assert {s.name: s.codec for s in b.header.sections} == {"model": "zstd", "extra": "raw"}

@@ -25,8 +25,8 @@ class MaterializeReport:
 
 
 def materialize(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> MaterializeReport:
-    """Write ``output``: ``source`` with every tensor rebuilt from its bases, metadata and trees kept,
-    compressed with the codec and configuration of ``source``'s first section.
+    """Write ``output``: ``source`` with every tensor rebuilt from its bases, metadata and trees kept, each
+    section compressed with the codec and configuration it has in ``source``.
 
     Raises:
         WriteError: ``output`` is ``source`` or one of its bases (it would destroy what it reads).
@@ -36,9 +36,7 @@ def materialize(source: str | os.PathLike[str], output: str | os.PathLike[str]) 
         bases = [str(c.path) for c in chain(ckpt)[1:]]
         refuse_overwriting_input(output, source, *bases, command="materialize")
         sections = {name: ckpt.load_section(name) for name in ckpt.sections}
-        first = ckpt.header.sections[0] if ckpt.header.sections else None
-        codec = codec_class("zstd" if first is None else first.codec).from_configuration(
-            {} if first is None else dict(first.configuration))
+        codecs = {s.name: codec_class(s.codec).from_configuration(dict(s.configuration)) for s in ckpt.header.sections}
         with atomic_fd(output) as fd:
-            length = _write(fd, sections, ckpt.metadata, None, codec, encoded_trees=dict(ckpt.header.trees))
+            length = _write(fd, sections, ckpt.metadata, None, codecs, encoded_trees=dict(ckpt.header.trees))
     return MaterializeReport(bases, sum(len(s) for s in sections.values()), length)

@@ -208,11 +208,12 @@ def _write(
     sections: Mapping[str, Mapping[str, torch.Tensor]],
     metadata: Mapping[str, Any] | None,
     trees: Mapping[str, Any] | None,
-    codec: Codec,
+    codec: Codec | Mapping[str, Codec],
     *,
     encoded_trees: dict[str, Any] | None = None,
     delta: DeltaInfo | None = None,
 ) -> int:
+    """Write a container to ``fd``; ``codec`` is one codec for every section, or one per section name."""
     if encoded_trees is None:
         all_sections, encoded_trees = _split_trees(sections, trees)
     else:  # trees already split (a delta's residuals replace some of their tensors)
@@ -222,12 +223,12 @@ def _write(
     except ValueError as e:
         raise WriteError(f"metadata: {e}") from e
     plans = {name: plan_stream(tensors) for name, tensors in all_sections.items()}
+    codecs = {name: codec[name] if isinstance(codec, Mapping) else codec for name in plans}
     if delta is not None:  # tied names are aliases of one data entry: the index lists that entry only
         delta = DeltaInfo(delta.base, {
             section: kept for section, names in delta.tensors.items()
             if (kept := {n: v for n, v in names.items() if n not in plans[section].aliases})
         })
-    configuration = codec.configuration()
 
     def section(name: str, plan: StreamPlan, offset: int, length: int, frames: bytes,
                 checksums: Mapping[str, int]) -> SectionEntry:
@@ -235,8 +236,8 @@ def _write(
             name=name,
             offset=offset,
             length=length,
-            codec=codec.name,
-            configuration=configuration,
+            codec=codecs[name].name,
+            configuration=codecs[name].configuration(),
             stream_length=plan.length,
             stream_header_length=len(plan.header),
             stream_header_checksum=checksum(plan.header),
@@ -248,7 +249,7 @@ def _write(
 
     # Every field of the index is fixed-width, so placeholders of maximal width size the header.
     entries = [
-        section(name, plan, _PLACEHOLDER, _PLACEHOLDER, bytes(codec.frame_table_size(plan)), {})
+        section(name, plan, _PLACEHOLDER, _PLACEHOLDER, bytes(codecs[name].frame_table_size(plan)), {})
         for name, plan in plans.items()
     ]
     header = Header(
@@ -265,10 +266,11 @@ def _write(
     pool = shared_pool()
     for entry in entries:
         plan = plans[entry.name]
-        result = codec.write(fd, position, plan, pool)
+        codec_here = codecs[entry.name]
+        result = codec_here.write(fd, position, plan, pool)
         if len(result.frames) != len(entry.frames):
             raise WriteError(
-                f"codec {codec.name!r} wrote a {len(result.frames)}-byte frame table for section {entry.name!r} "
+                f"codec {codec_here.name!r} wrote a {len(result.frames)}-byte frame table for section {entry.name!r} "
                 f"after declaring {len(entry.frames)} bytes (frame_table_size)"
             )
         written.append(section(entry.name, plan, position, result.length, result.frames, result.checksums))
