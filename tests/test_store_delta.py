@@ -13,7 +13,7 @@ from mettaformat import MettaAgent
 from mettaformat.container import delta_write
 from mettaformat.container.delta import declared_base
 from mettaformat.errors import StoreError
-from mettaformat.store import LatestN, PolicyStore
+from mettaformat.store import LatestN, PolicyStore, PolicyStoreWarning
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int) -> None:
@@ -87,3 +87,26 @@ def test_save_for_training_with_base_keeps_optimizer_state_exact(tmp_path: Path,
             assert torch.equal(training.optimizer["state"][key][name], value), (key, name)
     agent.save(tmp_path / "c.mfmt", base=tmp_path / "a.mfmt")
     assert declared_base(tmp_path / "c.mfmt") == tmp_path / "a.mfmt"
+
+
+def test_damaged_base_gives_a_full_save_with_a_warning(tmp_path: Path) -> None:
+    model = _model()
+    store = PolicyStore(tmp_path)
+    store.save(agent=MettaAgent(model, model_type="delta_test"), metadata={"epoch": 0})  # raw: bytes at known places
+    with mettaformat.open(tmp_path / "model_0000.mfmt") as ckpt:
+        s = ckpt.header.section("model")
+        assert s is not None
+        entry = s.index.get("0.weight")  # a tensor the next save stores as a residual against it
+        assert entry is not None
+        where = s.offset + s.stream_header_length + entry.begin
+    data = bytearray((tmp_path / "model_0000.mfmt").read_bytes())
+    data[where] ^= 0xFF
+    (tmp_path / "model_0000.mfmt").write_bytes(bytes(data))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-5)
+    with pytest.warns(PolicyStoreWarning, match="saved as a full checkpoint.*model_0000.mfmt"):
+        record = store.save(agent=MettaAgent(model, model_type="delta_test"), metadata={"epoch": 1}, delta=True)
+    assert declared_base(record.path) is None
+    loaded = mettaformat.load_file(record.path)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

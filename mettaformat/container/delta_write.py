@@ -114,7 +114,7 @@ def _base_tensors(base: Any, section: str, names: list[str], candidates: Mapping
     try:
         decoded = saved_tensors(base, s, unique) if unique else {}
     except MettaFormatError as e:
-        raise WriteError(f"base {base.path}: section {section!r} cannot be read ({e})") from e
+        raise WriteError(f"base {base.path}: section {section!r} cannot be read ({e})", region="base") from e
     return {name: decoded[e.name] for name, e in entries.items()}
 
 

@@ -156,7 +156,7 @@ def _open_base(base: str | os.PathLike[str] | LazyCheckpoint) -> Iterator[LazyCh
     try:
         ckpt = LazyCheckpoint(base)
     except (MettaFormatError, OSError) as e:
-        raise WriteError(f"base {os.fspath(base)} cannot be opened: {e}") from e
+        raise WriteError(f"base {os.fspath(base)} cannot be opened: {e}", region="base") from e
     with ckpt:
         yield ckpt
 

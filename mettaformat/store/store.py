@@ -27,7 +27,7 @@ from mettaformat.agent import MettaAgent
 from mettaformat.anyformat import load_any
 from mettaformat.checkpoint_io import write_checkpoint
 from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
-from mettaformat.errors import StoreError
+from mettaformat.errors import StoreError, WriteError
 from mettaformat.remote.index import DEFAULT_MAX_AGE_S
 from mettaformat.remote.uri import fsspec_knows, is_remote_uri, join_uri
 from mettaformat.store.cache import DEFAULT_CACHE_SIZE, PolicyCache
@@ -301,6 +301,7 @@ class PolicyStore:
                 checkpoint of the same run in the target's folder (zstd; a full checkpoint when there is
                 none). ``"auto"``: the same, unless fewer than half of the tensor bytes match that
                 checkpoint's by name, dtype and shape. Retention never deletes a base a kept file needs.
+                A base that is missing, changed or damaged gives a full save and a ``PolicyStoreWarning``.
             full_every: with ``delta``, every ``full_every``-th save of a run is a full checkpoint,
                 which starts a new base (``1``: always full).
 
@@ -335,7 +336,14 @@ class PolicyStore:
         ckpt.uri = target.resolve().as_uri()
         records = self.scan(target.parent).records if delta else []
         delta_base = choose_base(records, target, merged, ckpt.tensors, delta, full_every)
-        write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable, base=delta_base)
+        try:
+            write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable, base=delta_base)
+        except WriteError as e:
+            if delta_base is None or e.region != "base":
+                raise
+            warnings.warn(f"{target}: saved as a full checkpoint, its delta base cannot be used: {e}",
+                          PolicyStoreWarning, stacklevel=2)
+            write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable)
         # Crash leftovers are cleaned by the next save (threat model WR5); young ones may be live writes.
         clean_temp_files(target.parent, grace_s=DEFAULT_TEMP_GRACE_S)
         # Read back from the header (and indexed): the record then equals what a later listing
