@@ -93,3 +93,18 @@ def test_materialize_keeps_each_sections_codec(tmp_path: Path) -> None:
                     assert torch.equal(a.get_tensor(name, section=s), b.get_tensor(name, section=s))
     with mettaformat.open(tmp_path / "mixed_copy.mfmt") as b:
         assert {s.name: s.codec for s in b.header.sections} == {"model": "zstd", "extra": "raw"}
+
+
+def test_ls_shows_each_files_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 64, generator=g)
+    mettaformat.save_file({"w": w}, tmp_path / "model_0000.mfmt", metadata={"epoch": 0}, compression="zstd")
+    mettaformat.save_file({"w": w + 1e-5}, tmp_path / "model_0001.mfmt", metadata={"epoch": 1},
+                          base=tmp_path / "model_0000.mfmt")
+    assert main(["ls", str(tmp_path), "--json", "--no-index"]) == 0
+    listed = {c["name"]: c["base"] for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert listed == {"model_0000.mfmt": None, "model_0001.mfmt": str(tmp_path / "model_0000.mfmt")}
+    assert main(["ls", str(tmp_path), "--no-index"]) == 0
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]
+            if line.startswith("model_")}
+    assert rows == {"model_0000.mfmt": "-", "model_0001.mfmt": "model_0000.mfmt"}

@@ -44,6 +44,7 @@ def test_store_saves_deltas_against_the_latest_full_checkpoint(tmp_path: Path) -
     bases = {e: declared_base(tmp_path / f"model_{e:04d}.mfmt") for e in range(6)}
     assert {e: b.name if b else None for e, b in bases.items()} == {
         0: None, 1: "model_0000.mfmt", 2: "model_0000.mfmt", 3: None, 4: "model_0003.mfmt", 5: "model_0003.mfmt"}
+    assert {r.name: r.base for r in store.records()} == {f"model_{e:04d}.mfmt": b for e, b in bases.items()}
     for epoch, state in saved.items():
         loaded = mettaformat.load_file(tmp_path / f"model_{epoch:04d}.mfmt")
         assert all(torch.equal(loaded[k], v) for k, v in state.items())

@@ -1,4 +1,5 @@
-"""``mettaformat ls DIR``: the checkpoints of a directory (or glob), from headers and the index.
+"""``mettaformat ls DIR``: the checkpoints of a directory (or glob), from headers and the index; a
+``base`` column, shown when some file is a delta, names the checkpoint each one is rebuilt from.
 
 Exit codes: 0 listed; 1 some files could not be read (they are named on stderr / in the JSON).
 """
@@ -31,6 +32,14 @@ def _metric_text(record: PolicyRecord, metric: str) -> str:
     if value is not None:
         return f"{value:.6g}"
     return "nan" if reason == "nan_metric" else "-"
+
+
+def _base_text(record: PolicyRecord, *, full: bool = False) -> str | None:
+    """The checkpoint a delta file needs (its name when it lies in the same folder), None for a full one."""
+    base = record.base
+    if base is None:
+        return None
+    return str(base) if full or base.parent != record.path.parent else base.name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
                         "mtime_ns": r.mtime_ns,
                         "format": r.format,
                         "model_type": r.model_type,
+                        "base": _base_text(r, full=True),
                         "metadata": dict(r.metadata),
                     }
                     for r in rows
@@ -74,11 +84,14 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     else:
+        bases = [_base_text(r) for r in rows]
+        shown_base = any(b is not None for b in bases)  # the column appears when some file is a delta
         print(
             table(
-                ["name", "epoch", "step", metric, "size"],
-                [[r.name, r.epoch, r.agent_step, _metric_text(r, metric), human_bytes(r.size)] for r in rows],
-                align="lrrrr",
+                ["name", "epoch", "step", metric, "size"] + (["base"] if shown_base else []),
+                [[r.name, r.epoch, r.agent_step, _metric_text(r, metric), human_bytes(r.size)]
+                 + ([b or "-"] if shown_base else []) for r, b in zip(rows, bases, strict=True)],
+                align="lrrrrl" if shown_base else "lrrrr",
             )
         )
         shown = f"{len(rows)} of {len(scan.records)}" if len(rows) != len(scan.records) else f"{len(rows)}"

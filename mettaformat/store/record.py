@@ -97,6 +97,16 @@ class PolicyRecord:
     def signature(self) -> FileSignature:
         return FileSignature(mtime_ns=self.mtime_ns, size=self.size, ino=self.ino)
 
+    @property
+    def base(self) -> Path | None:
+        """The checkpoint this one is stored as a delta of, read from its header now (None: a full
+        checkpoint, another format, or a file in object storage)."""
+        if self.format != "mettaformat" or self.etag is not None:
+            return None
+        from mettaformat.container.delta import declared_base
+
+        return declared_base(self.path)
+
 
 def as_int(value: Any) -> int | None:
     if isinstance(value, bool):
