@@ -101,14 +101,17 @@ def _decide(t: torch.Tensor, b: torch.Tensor | None, name: str, level: int | str
 def _base_tensors(base: Any, section: str, names: list[str], candidates: Mapping[str, torch.Tensor]
                   ) -> dict[str, torch.Tensor]:
     """The base's tensors of ``names`` that could take a delta (same dtype and shape), decoded at once."""
-    from mettaformat.container.chain import saved_tensors  # the reader side imports the writer's codecs
+    from mettaformat.container.chain import delta_names, saved_tensors  # the reader imports the writer's codecs
 
     s = base.header.section(section)
+    as_saved = delta_names(base, section)  # a base that is a delta stores some tensors as unsigned residuals
     entries = {}
     for name in names:
         entry = s.index.get(name)
         t = candidates[name]
-        if entry is not None and entry.shape == tuple(t.shape) and entry.dtype == _tag_or_none(t):
+        if entry is None or entry.shape != tuple(t.shape):
+            continue
+        if as_saved.get(entry.name, (entry.dtype,))[0] == _tag_or_none(t):
             entries[name] = entry
     unique = list({id(e): e for e in entries.values()}.values())
     try:
