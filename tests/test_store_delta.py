@@ -111,3 +111,65 @@ def test_damaged_base_gives_a_full_save_with_a_warning(tmp_path: Path) -> None:
     assert declared_base(record.path) is None
     loaded = mettaformat.load_file(record.path)
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def _chain_of_three(tmp_path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """model_0000 (full) <- model_0001 <- model_0002, each a delta of the one before."""
+    g = torch.Generator().manual_seed(7)
+    states = {0: {"w": torch.randn(64, 64, generator=g), "b": torch.randn(64, generator=g)}}
+    for e in (1, 2):
+        states[e] = {k: v + 1e-5 * torch.randn(v.shape, generator=g) for k, v in states[e - 1].items()}
+    for e, state in states.items():
+        base = tmp_path / f"model_{e - 1:04d}.mfmt" if e else None
+        mettaformat.save_file(state, tmp_path / f"model_{e:04d}.mfmt", metadata={"epoch": e}, compression="zstd",
+                              base=base)
+    assert declared_base(tmp_path / "model_0002.mfmt") == tmp_path / "model_0001.mfmt"
+    with mettaformat.open(tmp_path / "model_0002.mfmt") as ckpt:  # a delta on a delta takes residuals too
+        assert ckpt.header.delta is not None and set(ckpt.header.delta.tensors["model"]) == {"w", "b"}
+    return states
+
+
+def test_prune_can_make_kept_deltas_standalone_and_delete_their_bases(tmp_path: Path) -> None:
+    states = _chain_of_three(tmp_path)
+    store = PolicyStore(tmp_path)
+    plan = store.prune(LatestN(2), materialize_dependants=True, dry_run=True)
+    # each delta is rewritten before its base, which it is still rebuilt from
+    assert list(plan.materialized) == [tmp_path / "model_0002.mfmt", tmp_path / "model_0001.mfmt"]
+    assert declared_base(tmp_path / "model_0002.mfmt") is not None  # a dry run changes nothing
+    report = store.prune(LatestN(2), materialize_dependants=True)
+    assert [r.name for r in report.deleted] == ["model_0000.mfmt"] and not report.skipped
+    assert sorted(p.name for p in tmp_path.glob("*.mfmt")) == ["model_0001.mfmt", "model_0002.mfmt"]
+    for e in (1, 2):
+        assert declared_base(tmp_path / f"model_{e:04d}.mfmt") is None
+        loaded = mettaformat.load_file(tmp_path / f"model_{e:04d}.mfmt")
+        assert all(torch.equal(loaded[k], v) for k, v in states[e].items())
+    assert not list(tmp_path.glob("*.mfmt-tmp"))
+
+
+def test_prune_keeps_the_bases_of_a_delta_it_cannot_make_standalone(tmp_path: Path) -> None:
+    _chain_of_three(tmp_path)
+    with mettaformat.open(tmp_path / "model_0000.mfmt") as ckpt:
+        s = ckpt.header.section("model")
+        assert s is not None
+        middle = (s.offset + s.end) // 2
+    data = bytearray((tmp_path / "model_0000.mfmt").read_bytes())
+    data[middle] ^= 0xFF  # the full base is damaged: nothing on it can be rebuilt
+    (tmp_path / "model_0000.mfmt").write_bytes(bytes(data))
+    report = PolicyStore(tmp_path).prune(LatestN(1), materialize_dependants=True)
+    assert [s.path.name for s in report.skipped] == ["model_0002.mfmt"]
+    assert "cannot be made standalone" in report.skipped[0].reason
+    assert not report.deleted and not report.materialized
+    assert declared_base(tmp_path / "model_0002.mfmt") == tmp_path / "model_0001.mfmt"
+
+
+def test_prune_cli_materialize_dependants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from mettaformat.cli.main import main
+
+    _chain_of_three(tmp_path)
+    assert main(["prune", str(tmp_path), "--keep-last", "1", "--materialize-dependants", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["materialized"] == [str(tmp_path / "model_0002.mfmt")]
+    assert sorted(Path(d["path"]).name for d in out["deleted"]) == ["model_0000.mfmt", "model_0001.mfmt"]
+    assert declared_base(tmp_path / "model_0002.mfmt") is None

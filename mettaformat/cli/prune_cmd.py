@@ -2,10 +2,11 @@
 
 A checkpoint survives when any rule keeps it (``--keep-last``, ``--keep-best``,
 ``--every-n-epochs``). Rules count per run (a folder may hold several), and copies of one
-checkpoint in several formats count once. On a terminal the plan is shown and confirmed before
-anything is deleted (``--yes`` skips the question). Temp files of crashed saves older than ``--temp-grace`` seconds are
-removed too. Exit codes: 0 done; 1 some files were left alone (unreadable, changed meanwhile,
-or not deletable); 2 usage error.
+checkpoint in several formats count once. A base a kept delta checkpoint needs is kept, unless
+``--materialize-dependants`` rewrites that delta as a standalone file first. On a terminal the
+plan is shown and confirmed before anything is deleted (``--yes`` skips the question). Temp
+files of crashed saves older than ``--temp-grace`` seconds are removed too. Exit codes: 0 done;
+1 some files were left alone (unreadable, changed meanwhile, or not deletable); 2 usage error.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def add_parser(sub: Any) -> None:
         help=f"remove temp files older than this (default {DEFAULT_TEMP_GRACE_S:.0f})",
     )
     p.add_argument("--allow-delete-all", action="store_true", help="permit deleting every checkpoint")
+    p.add_argument("--materialize-dependants", action="store_true",
+                   help="rewrite kept delta checkpoints as standalone files so that their bases can be deleted "
+                        "(default: such bases are kept)")
     p.add_argument("--dry-run", action="store_true", help="report only; delete nothing")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         temp_grace_s=args.temp_grace,
         allow_delete_all=args.allow_delete_all,
         confirm=confirm if interactive else None,
+        materialize_dependants=args.materialize_dependants,
     )
     if args.json:
         emit_json({"uri": args.dir, **report.to_dict()})
@@ -115,6 +120,8 @@ def _print_report(report: PruneReport) -> None:
     rows += [[verb, report.runs.get(r.path, ""), r.name, r.epoch, ""] for r in report.deleted]
     if rows:
         print(table(["action", "run", "name", "epoch", "kept by"], rows, align="lllr"))
+    for path in report.materialized:
+        print(f"{'would make' if report.dry_run else 'made'} standalone {sanitize(str(path))}")
     freed = human_bytes(report.bytes_freed)
     print(f"{report.policy}: kept {len(report.kept)}, {verb} {len(report.deleted)} ({freed})")
     for path in report.temp_files_removed:

@@ -1,4 +1,4 @@
-"""Which checkpoint a delta save stands on.
+"""Which checkpoint a delta save stands on, and which kept deltas a prune makes standalone.
 
 Every delta of a run is written against the run's latest full checkpoint, so a chain is one base
 deep and deleting a delta never breaks another; after ``full_every - 1`` deltas the next save is
@@ -7,6 +7,7 @@ full again, which bounds how many files a base carries and how much a damaged ba
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,14 +16,15 @@ from typing import Any, Literal, cast
 
 import torch
 
-from mettaformat.container.delta import declared_base
+from mettaformat._atomic import TEMP_SUFFIX
+from mettaformat.container.delta import declared_base, declared_chain
 from mettaformat.dtypes import tag_from_dtype
 from mettaformat.errors import MettaFormatError, StoreError
 from mettaformat.store.record import PolicyRecord
 from mettaformat.store.runs import run_label
 from mettaformat.store.selectors import latest_first
 
-__all__ = ["DeltaMode", "choose_base", "check_delta_options"]
+__all__ = ["DeltaMode", "check_delta_options", "choose_base", "dependants", "make_standalone"]
 
 DeltaMode = bool | Literal["auto"]
 
@@ -78,3 +80,43 @@ def _mostly_shared(base: Path, tensors: Mapping[str, torch.Tensor]) -> bool:
         if entry is not None and entry.shape == tuple(t.shape) and entry.dtype == tag_from_dtype(t.dtype):
             shared += size
     return total > 0 and 2 * shared >= total
+
+
+def dependants(kept: Sequence[PolicyRecord], doomed: Sequence[PolicyRecord]) -> list[Path]:
+    """The kept delta files whose chain of bases reaches a doomed file: they must become standalone
+    before it is deleted. Each comes before its own bases (materializing a base changes its identity,
+    which a delta on it still being rebuilt from would no longer accept)."""
+    gone = {os.path.realpath(r.path) for r in doomed}
+    chains = {r.path: declared_chain(r.path) for r in kept if r.format == "mettaformat"}
+    needed = [p for p, c in chains.items() if any(os.path.realpath(b) in gone for b in c)]
+    return sorted(needed, key=lambda p: -len(chains[p]))
+
+
+def make_standalone(paths: Sequence[Path], doomed: Sequence[PolicyRecord]
+                    ) -> tuple[list[Path], set[Path], list[tuple[Path, str]]]:
+    """Rewrite each of ``paths`` (in order) as a standalone checkpoint in place, atomically.
+
+    Returns:
+        (made standalone, doomed paths that must now be kept because a file that needs them could not
+        be made standalone, (path, why) for each such file).
+    """
+    from mettaformat.container.materialize import materialize
+
+    made: list[Path] = []
+    rescued: set[Path] = set()
+    failed: list[tuple[Path, str]] = []
+    by_real = {os.path.realpath(r.path): r.path for r in doomed}
+    for path in paths:
+        temp = path.with_name(f".{path.name}.standalone{TEMP_SUFFIX}")
+        try:
+            materialize(path, temp)
+            os.replace(temp, path)
+        except (MettaFormatError, OSError) as e:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            chain = [by_real[r] for b in declared_chain(path) if (r := os.path.realpath(b)) in by_real]
+            rescued.update(chain)
+            failed.append((path, f"left as a delta, its bases are kept: it cannot be made standalone ({e})"))
+            continue
+        made.append(path)
+    return made, rescued, failed

@@ -63,6 +63,8 @@ class PruneReport:
         temp_files_removed: crash leftovers removed (or that would be).
         runs: for each checkpoint, the run whose retention decided its fate
             (see :mod:`mettaformat.store.runs`).
+        materialized: kept delta checkpoints rewritten as standalone files (that would be, in a dry
+            run) so that their bases could be deleted (``materialize_dependants``).
     """
 
     policy: str
@@ -73,11 +75,13 @@ class PruneReport:
     skipped: tuple[SkippedFile, ...] = ()
     temp_files_removed: tuple[Path, ...] = ()
     runs: Mapping[Path, str] = field(default_factory=dict)
+    materialized: tuple[Path, ...] = ()
 
     def __str__(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
         lines = [f"{self.policy}: kept {len(self.kept)}, {verb} {len(self.deleted)} ({self.bytes_freed} bytes)"]
         lines += [f"  keep {r.path} ({', '.join(self.kept_by.get(r.path, ()))})" for r in self.kept]
+        lines += [f"  {'would make' if self.dry_run else 'made'} standalone {p}" for p in self.materialized]
         lines += [f"  {verb} {r.path}" for r in self.deleted]
         temp_verb = "would remove" if self.dry_run else "removed"
         lines += [f"  {temp_verb} temp file {p}" for p in self.temp_files_removed]
@@ -109,6 +113,7 @@ class PruneReport:
             ],
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
             "temp_files_removed": [str(p) for p in self.temp_files_removed],
+            "materialized": [str(p) for p in self.materialized],
             "bytes_freed": self.bytes_freed,
         }
 
@@ -123,8 +128,10 @@ class PrunePlan:
     runs: dict[Path, str]
 
 
-def plan_prune(records: Sequence[PolicyRecord], policy: RetentionPolicy) -> PrunePlan:
-    """Apply ``policy`` to each run separately; copies of one checkpoint share its fate.
+def plan_prune(records: Sequence[PolicyRecord], policy: RetentionPolicy, *, keep_bases: bool = True) -> PrunePlan:
+    """Apply ``policy`` to each run separately; copies of one checkpoint share its fate. With
+    ``keep_bases`` every base a kept delta checkpoint needs is kept too (otherwise the caller makes
+    those deltas standalone first).
 
     See :mod:`mettaformat.store.runs` for how runs and copies are recognised.
     """
@@ -142,7 +149,8 @@ def plan_prune(records: Sequence[PolicyRecord], policy: RetentionPolicy) -> Prun
                     reasons.setdefault(f.path, []).append(repr(leaf))
         # The union, by definition; leaves() only explains it.
         kept_paths.update(f.path for path in policy.keep(representatives) for f in copies[path])
-    _keep_bases(records, kept_paths, reasons)
+    if keep_bases:
+        _keep_bases(records, kept_paths, reasons)
     ordered = latest_first(records)
     return PrunePlan(
         kept=[r for r in ordered if r.path in kept_paths],

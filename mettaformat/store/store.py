@@ -32,7 +32,7 @@ from mettaformat.remote.index import DEFAULT_MAX_AGE_S
 from mettaformat.remote.uri import fsspec_knows, is_remote_uri, join_uri
 from mettaformat.store.cache import DEFAULT_CACHE_SIZE, PolicyCache
 from mettaformat.store.catalog import RecordCatalog, ScanResult
-from mettaformat.store.deltas import DeltaMode, check_delta_options, choose_base
+from mettaformat.store.deltas import DeltaMode, check_delta_options, choose_base, dependants, make_standalone
 from mettaformat.store.maintenance import (
     DEFAULT_TEMP_GRACE_S,
     PruneReport,
@@ -423,6 +423,7 @@ class PolicyStore:
         temp_grace_s: float = DEFAULT_TEMP_GRACE_S,
         allow_delete_all: bool = False,
         confirm: Callable[[PruneReport], bool] | None = None,
+        materialize_dependants: bool = False,
     ) -> PruneReport:
         """Delete the checkpoints ``policy`` does not keep, and crash-leftover temp files.
 
@@ -439,6 +440,9 @@ class PolicyStore:
             allow_delete_all: permit a prune that keeps no checkpoint at all.
             confirm: called with the plan (a dry-run report) before anything is deleted;
                 nothing is deleted unless it returns True. The CLI asks on a terminal.
+            materialize_dependants: a kept delta checkpoint whose base the policy does not keep is
+                rewritten as a standalone file first, and the base deleted (default: the base is
+                kept). One that cannot be rewritten keeps its bases and is reported as skipped.
 
         Returns:
             A :class:`PruneReport` (the plan itself, marked ``dry_run``, when ``confirm``
@@ -455,7 +459,9 @@ class PolicyStore:
             raise StoreError(f"temp file grace period must be a non-negative number of seconds, not {temp_grace_s}")
         target = self._uri(uri)
         scan = self.scan(target, refresh=True)  # deletions are planned from a full listing
-        plan = plan_prune(scan.records, policy)
+        local = not _object_storage(target)  # objects in a bucket are not rewritten in place: their bases stay
+        plan = plan_prune(scan.records, policy, keep_bases=not (materialize_dependants and local))
+        to_materialize = dependants(plan.kept, plan.doomed) if materialize_dependants and local else []
         if scan.records and not plan.kept and not allow_delete_all:
             raise StoreError(
                 f"{policy!r} keeps none of the {len(scan.records)} checkpoints at {target}; "
@@ -464,10 +470,11 @@ class PolicyStore:
         skipped = [SkippedFile(e.path, f"unreadable: {e.detail}") for e in scan.unreadable]
         directories = sorted(self._directories(target, scan))
 
-        def report(deleted: list[PolicyRecord], temps: list[Path], dry: bool) -> PruneReport:
+        def report(deleted: list[PolicyRecord], temps: list[Path], dry: bool, made: list[Path]) -> PruneReport:
             return PruneReport(
                 policy=repr(policy),
                 dry_run=dry,
+                materialized=tuple(made),
                 kept=tuple(plan.kept),
                 deleted=tuple(deleted),
                 kept_by=plan.kept_by,
@@ -480,7 +487,7 @@ class PolicyStore:
             return [p for d in directories for p in clean_temp_files(d, grace_s=temp_grace_s, dry_run=dry)]
 
         if dry_run or confirm is not None:
-            preview = report(plan.doomed, temp_files(True), True)
+            preview = report(plan.doomed, temp_files(True), True, to_materialize)
             if dry_run or (confirm is not None and not confirm(preview)):
                 return preview
         if _object_storage(target):
@@ -493,10 +500,18 @@ class PolicyStore:
 
                 remove_from_indexes(deleted)
         else:
+            made, rescued, failed = make_standalone(to_materialize, plan.doomed)
+            skipped.extend(SkippedFile(p, why) for p, why in failed)
+            if rescued:  # bases a file that stays a delta still needs
+                plan.kept[:] = latest_first([*plan.kept, *(r for r in plan.doomed if r.path in rescued)])
+                plan.kept_by.update({p: ("base of a kept delta checkpoint",) for p in rescued})
+                plan.doomed[:] = [r for r in plan.doomed if r.path not in rescued]
             deleted, not_deleted = delete_records(plan.doomed)
             skipped.extend(not_deleted)
+            self._forget([*deleted, *(r for r in plan.kept if r.path in set(made))])
+            return report(deleted, temp_files(False), False, made)
         self._forget(deleted)
-        return report(deleted, temp_files(False), False)
+        return report(deleted, temp_files(False), False, [])
 
     def clean_temp_files(
         self,
