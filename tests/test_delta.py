@@ -52,6 +52,19 @@ def test_filter_inverts_every_bit_pattern(dtype: torch.dtype) -> None:
         assert torch.equal(apply_residual(residual(a, base, width), base, width), a)
 
 
+def test_rebuild_in_place_spans_blocks_and_hashes_what_it_wrote() -> None:
+    from mettaformat.container.delta_filter import apply_residual_in_place
+    from mettaformat.container.layout import checksum
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(100_003, generator=g)  # 400 KB: several rebuild blocks and a partial last one
+    target = base + 1e-4 * torch.randn(100_003, generator=g)
+    stored = residual(target, base, 4)
+    digest = apply_residual_in_place(stored, base, 4, digest=True)
+    assert torch.equal(stored.view(torch.float32), target)
+    assert digest == checksum(target.numpy().tobytes())
+
+
 def test_delta_roundtrip_and_per_tensor_choice(tmp_path: Path, model: dict[str, torch.Tensor],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     mettaformat.save_file(model, tmp_path / "base.mfmt", compression="zstd")
