@@ -108,8 +108,7 @@ def base_tensors(ckpt: LazyCheckpoint, section: str, names: list[str]) -> dict[s
     assert base is not None
     try:
         with naming_file(base.path, container=True):
-            if not base._src.mappable:  # one parallel fetch of what the structure checks and codecs slice
-                base._src.prefetch(base._unmapped_ranges())
+            _prefetch(base)
             if base.verify:
                 base.verify_structure()
             s = base.header.section(section)
@@ -162,13 +161,24 @@ def saved_tensors(ckpt: LazyCheckpoint, s: SectionEntry, entries: list[TensorEnt
     needed = [e.name for e in chosen if e.name in deltas]
     bases = _in_thread(lambda: base_tensors(ckpt, s.name, needed)) if needed else None
     try:
-        out = ckpt._read_copy(s, tuple(chosen)) if ckpt._readers[s.name].zero_copy else ckpt._decode_all(s, chosen)
+        out = _decode(ckpt, s, chosen)
     finally:
         base_of = bases() if bases is not None else {}
     if needed:
         rebuilt = shared_pool().map(lambda n: _rebuild_in_place(ckpt, s, s.index.get(n), out[n], base_of[n]), needed)
         out.update(zip(needed, rebuilt, strict=True))
     return out
+
+
+# The reader's whole-section primitives this module builds on.
+def _prefetch(ckpt: LazyCheckpoint) -> None:
+    if not ckpt._src.mappable:  # one parallel fetch of what the structure checks and codecs slice
+        ckpt._src.prefetch(ckpt._unmapped_ranges())
+
+
+def _decode(ckpt: LazyCheckpoint, s: SectionEntry, entries: list[TensorEntry]) -> dict[str, torch.Tensor]:
+    """``entries`` as stored, checked, each in memory of its own."""
+    return ckpt._read_copy(s, tuple(entries)) if ckpt._readers[s.name].zero_copy else ckpt._decode_all(s, entries)
 
 
 def rebuild(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry, stored: torch.Tensor) -> torch.Tensor:
