@@ -146,6 +146,7 @@ def through_pipeline(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Route CPU loads through the pipelined path, with small chunks, and record each transport."""
     made: list[Any] = []
     monkeypatch.setattr("mettaformat.container.reader.off_host", lambda device: True)
+    monkeypatch.setattr("mettaformat.container.section_load.off_host", lambda device: True)
     monkeypatch.setattr("mettaformat.checkpoint_io.off_host", lambda device: True)
     monkeypatch.setattr(device_load, "CHUNK_BYTES", 8192)
 
@@ -155,6 +156,7 @@ def through_pipeline(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         return deferred.transport
 
     monkeypatch.setattr("mettaformat.container.reader.transport_for", transport)
+    monkeypatch.setattr("mettaformat.container.section_load.transport_for", transport)
     return made
 
 

@@ -155,7 +155,7 @@ def test_a_file_verified_once_is_not_hashed_again_until_it_changes(
     hashed: list[int] = []
     real = verify.hash_views
     monkeypatch.setattr(
-        "mettaformat.container.reader.hash_views", lambda views: hashed.append(len(views)) or real(views)
+        "mettaformat.container.section_load.hash_views", lambda views: hashed.append(len(views)) or real(views)
     )
     mettaformat.load_file(path)
     assert hashed == [5]  # tied names share one entry

@@ -1,12 +1,14 @@
 """Lazy, memory-mapped container reader.
 
-Opening (:mod:`mettaformat.container.opened`) reads three small regions: the preamble, the header
-and the trailer tail (a remote
-object reads the tail later, when something needs it, so that opening costs one request).
-Nothing else is read until a tensor is asked for. All I/O goes through a byte source
+Opening (:mod:`mettaformat.container.opened`) reads three small regions: the preamble, the
+header and the trailer tail (a remote object reads the tail later, when something needs it, so
+that opening costs one request). Nothing else is read until a tensor is asked for. All I/O goes through a byte source
 (:mod:`mettaformat.container.source`): a local file, or a remote object read by range. Raw
 sections come back as zero-copy views of a private (copy-on-write) mapping that lives as long
 as any tensor views it; zstd sections decode only the frames of the requested tensor.
+Whole sections load in :mod:`~mettaformat.container.section_load`, the whole-file structure
+check is :mod:`~mettaformat.container.structure`, and slices and lazy state dicts are
+:mod:`~mettaformat.container.lazy_views`.
 
 The file size is checked at open and again before every mapped access, so a file truncated
 under us raises :class:`LayoutError` instead of killing the process with SIGBUS (a hostile
@@ -18,33 +20,27 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, wait
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from mettaformat._pool import shared_pool
-from mettaformat._torch import buffer_tensor, tensor_bytes, writable_bytes
-from mettaformat.constants import PREAMBLE_SIZE
-from mettaformat.container.chain import delta_names, open_base, rebuild, saved_tensors
+from mettaformat._torch import buffer_tensor, tensor_bytes
+from mettaformat.container.chain import delta_names, open_base, rebuild
 from mettaformat.container.codecs import SectionReader, get_codec
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
-from mettaformat.container.header import SectionEntry, TensorEntry, parse_index
+from mettaformat.container.header import SectionEntry, TensorEntry
 from mettaformat.container.layout import checksum
+from mettaformat.container.lazy_views import LazyStateDict, TensorSlice
 from mettaformat.container.opened import ContainerFile, names_file
+from mettaformat.container.section_load import decode_all, load_section, read_copy, run_tasks, unmapped_ranges
 from mettaformat.container.source import ByteSource, stored_ranges
-from mettaformat.container.stream import check_stream_header
+from mettaformat.container.structure import check_structure
 from mettaformat.container.tree import decode_tree
-from mettaformat.container.verify import (
-    OrderedHasher,
-    hash_views,
-    is_verified,
-    mark_verified,
-)
+from mettaformat.container.verify import OrderedHasher, is_verified, mark_verified
 from mettaformat.dtypes import dtype_from_tag
-from mettaformat.errors import IntegrityError, LayoutError, TensorNotFoundError, naming_file
+from mettaformat.errors import IntegrityError, TensorNotFoundError, naming_file
 
 __all__ = ["LazyCheckpoint", "load", "load_file", "open"]
 
@@ -197,7 +193,7 @@ class LazyCheckpoint(ContainerFile):
         reader = self._readers[s.name]
         dtype = dtype_from_tag(entry.dtype)
         if reader.zero_copy and self.copy:
-            return self._read_copy(s, entries=(entry,))[entry.name]
+            return read_copy(self, s, entries=(entry,))[entry.name]
         if reader.zero_copy:
             if self._needs_check(s, entry):
                 view = reader.view(source, entry)
@@ -206,7 +202,7 @@ class LazyCheckpoint(ContainerFile):
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
         tasks, digest = self._decode_tasks(reader, source, s, entry, out)
         with self._src.holding(stored_ranges(reader, entry)):  # remote: all its frames in one request
-            _run(tasks)
+            run_tasks(tasks)
         if digest is not None:
             self._check(entry, s, digest(), out)
         return out.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
@@ -306,101 +302,17 @@ class LazyCheckpoint(ContainerFile):
         ``copy=True`` reads raw sections into fresh memory instead of mapping them (default: as
         the checkpoint was opened).
         """
-        copy = (self.copy if copy is None else copy) or not self._src.mappable
-        s = self.header.section(section)
-        if not self._src.mappable:  # one parallel fetch of what the structure checks and codecs slice
-            self._src.prefetch(self._unmapped_ranges())
-        if self.verify:
-            self.verify_structure()
-        if s is None:
-            return {}
-        target = torch.device(device)
-        deltas = delta_names(self, s.name)
-        if deltas:  # residuals and the base tensors they need decode together, then rebuild in place
-            out = {name: t.to(target) for name, t in saved_tensors(self, s).items()}
-        elif off_host(target) and self._src.mappable:  # straight to the device, never the whole model in host memory
-            out = load_to_device(self, s, s.tensors, transport_for(target))
-        elif not self._readers[s.name].zero_copy:
-            out = self._decode_all(s)
-        elif copy:
-            out = self._read_copy(s)
-        else:
-            out = self._map_all(s)
-        if target.type != "cpu" and not self._src.mappable:  # remote: read to host memory, then move
-            out = {k: v.to(target) for k, v in out.items()}
-        return {name: out[s.aliases.get(name, name)] for name in s.order}
+        return load_section(self, section, device, copy)
 
-    def _map_all(self, s: SectionEntry) -> dict[str, torch.Tensor]:
-        """Every raw tensor as a zero-copy view; checksums are computed on all cores at once."""
-        source = self._mapped()
-        reader = self._readers[s.name]
-        unchecked = [e for e in s.tensors if self._needs_check(s, e)]
-        views = [reader.view(source, e) for e in unchecked]
-        self._check_all(s, unchecked, hash_views(views), views)
-        return {entry.name: self._mapped_tensor(s, entry) for entry in s.tensors}
-
+    # whole-section reads that delta rebuilds use too (see section_load)
     def _read_copy(self, s: SectionEntry, entries: tuple[TensorEntry, ...] | None = None) -> dict[str, torch.Tensor]:
-        """Raw tensors read into one fresh buffer that they view (the whole data region, or just the
-        span of ``entries``), so they do not depend on the file afterwards. Each chunk is hashed as
-        soon as it is read, on all cores: the bytes come from memory once."""
-        chosen = s.tensors if entries is None else entries
-        start = min((e.begin for e in chosen), default=0)
-        data_length = max((e.end for e in chosen), default=0) - start
-        buffer = torch.empty(data_length, dtype=torch.uint8)
-        offset = s.offset + s.stream_header_length + start
-        unchecked = [e for e in chosen if self._needs_check(s, e)]
-        # spans must not overlap: tied names share one entry, so entries are distinct ranges
-        spans = [(e.begin - start, e.end - start) for e in unchecked]
-        done, digests = self._src.read_and_hash(writable_bytes(buffer), offset, spans, hash_=bool(unchecked))
-        if done < data_length:
-            raise LayoutError(
-                f"file ended {data_length - done} bytes early", region=f"section {s.name!r}", offset=offset + done
-            )
-        self._check_all(s, unchecked, digests, [buffer[e.begin - start : e.end - start] for e in unchecked])
-        out: dict[str, torch.Tensor] = {}
-        for entry in chosen:
-            part = buffer[entry.begin - start : entry.end - start]
-            dtype = dtype_from_tag(entry.dtype)
-            out[entry.name] = part.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
-                entry.shape, dtype=dtype)
-        return out
+        return read_copy(self, s, entries)
 
     def _decode_all(self, s: SectionEntry, entries: list[TensorEntry] | None = None) -> dict[str, torch.Tensor]:
-        """Decode every frame of a compressed section (or of ``entries``) at once on all cores, straight
-        into the destination tensors; checksums are verified here while workers decode later tensors."""
-        source = self._mapped()
-        reader = self._readers[s.name]
-        out: dict[str, torch.Tensor] = {}
-        pool = shared_pool()
-        jobs = []
-        for entry in s.tensors if entries is None else entries:
-            buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-            tasks, digest = self._decode_tasks(reader, source, s, entry, buffer)
-            jobs.append((entry, buffer, digest, [pool.submit(task) for task in tasks]))
-        try:
-            for entry, buffer, digest, futures in jobs:
-                for future in futures:
-                    future.result()
-                if digest is not None:
-                    self._check(entry, s, digest(), buffer)
-                dtype = dtype_from_tag(entry.dtype)
-                out[entry.name] = (
-                    buffer.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
-                )
-        except BaseException:
-            _cancel_and_wait([f for *_, futures in jobs for f in futures])
-            raise
-        return out
+        return decode_all(self, s, entries)
 
     def _unmapped_ranges(self) -> list[tuple[int, int]]:
-        """Everything after the header except raw tensor data (which is read straight into tensors)."""
-        ranges, position = [], PREAMBLE_SIZE + self.preamble.header_length
-        for s in sorted(self.header.sections, key=lambda s: s.offset):
-            if self._readers[s.name].zero_copy:
-                ranges.append((position, s.offset + s.stream_header_length))
-                position = s.end
-        ranges.append((position, self.file_size))
-        return [(a, b) for a, b in ranges if b > a]
+        return unmapped_ranges(self)
 
     # -- whole-file checks -------------------------------------------------------------------
     @names_file
@@ -410,105 +322,8 @@ class LazyCheckpoint(ContainerFile):
         Raises:
             LayoutError, IntegrityError, HeaderError: naming the damaged region.
         """
-        source = self._mapped()
-        header_end = PREAMBLE_SIZE + self.preamble.header_length
-        gaps = []
-        position = header_end
-        for s in sorted(self.header.sections, key=lambda s: s.offset):
-            gaps.append((position, s.offset))
-            position = s.end
-        gaps.append((position, self.tail.index_offset))
-        for start, end in gaps:
-            if any(source[start:end]):
-                raise IntegrityError("non-zero bytes in padding", region="padding", offset=start)
-        index = bytes(source[self.tail.index_offset : self.tail.index_offset + self.tail.index_length])
-        self.tail.verify_index(index)
-        if parse_index(index).index_key() != self.header.index_key():
-            raise IntegrityError(
-                "trailer index differs from the header's", region="trailer index", offset=self.tail.index_offset
-            )
-        for s in self.header.sections:
-            stream_header = self._readers[s.name].stream_header(source)
-            if checksum(stream_header) != s.stream_header_checksum:
-                raise IntegrityError(
-                    "safetensors header checksum mismatch", region=f"section {s.name!r}", offset=s.offset
-                )
-            check_stream_header(s, stream_header)
+        check_structure(self)
 
-
-def _run(tasks: list[Callable[[], None]]) -> None:
-    """Run decode jobs, in parallel when a tensor spans several frames."""
-    if len(tasks) < 2:
-        for task in tasks:
-            task()
-        return
-    futures = [shared_pool().submit(task) for task in tasks]
-    try:
-        for future in futures:
-            future.result()
-    except BaseException:
-        _cancel_and_wait(futures)
-        raise
-
-
-def _cancel_and_wait(futures: list[Future[None]]) -> None:
-    """After a failed decode: drop the jobs not started and wait for the running ones, which read
-    the file's mapping. Raising earlier would let them touch it after the caller has moved on (a
-    file truncated then kills the process with SIGBUS)."""
-    for future in futures:
-        future.cancel()
-    wait(futures)
-
-
-class TensorSlice:
-    """Returned by :meth:`LazyCheckpoint.get_slice`; index it like a tensor."""
-
-    def __init__(self, ckpt: LazyCheckpoint, section: SectionEntry, entry: TensorEntry) -> None:
-        self._ckpt, self._section, self._entry = ckpt, section, entry
-
-    def get_shape(self) -> list[int]:
-        return list(self._entry.shape)
-
-    def get_dtype(self) -> str:
-        return self._entry.dtype
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        ckpt = self._ckpt
-        if ckpt._readers[self._section.name].zero_copy and ckpt._src.mappable:
-            # Indexing a mapped view touches only the pages of the selected elements.
-            source = ckpt._mapped()
-            full = buffer_tensor(
-                ckpt._src.owner(),
-                self._section.offset + self._section.stream_header_length + self._entry.begin,
-                self._entry.nbytes,
-                dtype_from_tag(self._entry.dtype),
-                self._entry.shape,
-            )
-            del source
-            return full[index].to(ckpt._device)
-        return ckpt.get_tensor(self._entry.name, section=self._section.name)[index]
-
-
-class LazyStateDict(Mapping[str, torch.Tensor]):
-    """A read-only mapping that reads tensors on first access."""
-
-    def __init__(self, ckpt: LazyCheckpoint, section: str) -> None:
-        self._ckpt, self._section = ckpt, section
-        self._names = ckpt.keys(section)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise TensorNotFoundError(name, region=f"section {self._section!r}")
-        return self._ckpt.get_tensor(name, section=self._section)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
 
 
 def _max_byte(data: Any) -> int:

@@ -1,0 +1,165 @@
+"""Whole-section loads: every tensor of a section at once, on all cores.
+
+Raw sections map zero-copy (checksums computed on all cores) or are read into one fresh buffer
+with each chunk hashed as it lands; zstd sections decode every frame at once straight into the
+destination tensors; delta sections rebuild their tensors from the base in parallel; tensors
+for an accelerator go there without the whole model passing through host memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING
+
+import torch
+
+from mettaformat._pool import shared_pool
+from mettaformat._torch import writable_bytes
+from mettaformat.constants import PREAMBLE_SIZE
+from mettaformat.container.chain import delta_names, saved_tensors
+from mettaformat.container.device_load import load_to_device, off_host, transport_for
+from mettaformat.container.header import SectionEntry, TensorEntry
+from mettaformat.container.verify import hash_views
+from mettaformat.dtypes import dtype_from_tag
+from mettaformat.errors import LayoutError
+
+if TYPE_CHECKING:
+    from mettaformat.container.reader import LazyCheckpoint
+
+__all__ = ["decode_all", "load_section", "read_copy", "run_tasks", "unmapped_ranges"]
+
+
+def load_section(
+    ckpt: LazyCheckpoint, section: str, device: str | torch.device, copy: bool | None
+) -> dict[str, torch.Tensor]:
+    """See :meth:`LazyCheckpoint.load_section` (the caller names the file in errors)."""
+    src = ckpt._src
+    copy = (ckpt.copy if copy is None else copy) or not src.mappable
+    s = ckpt.header.section(section)
+    if not src.mappable:  # one parallel fetch of what the structure checks and codecs slice
+        src.prefetch(unmapped_ranges(ckpt))
+    if ckpt.verify:
+        ckpt.verify_structure()
+    if s is None:
+        return {}
+    target = torch.device(device)
+    zero_copy = ckpt._readers[s.name].zero_copy
+    deltas = delta_names(ckpt, s.name)
+    if deltas:  # residuals and the base tensors they need decode together, then rebuild in place
+        out = {name: t.to(target) for name, t in saved_tensors(ckpt, s).items()}
+    elif off_host(target) and src.mappable:  # straight to the device, never the whole model in host memory
+        out = load_to_device(ckpt, s, s.tensors, transport_for(target))
+    elif not zero_copy:
+        out = decode_all(ckpt, s)
+    elif copy:
+        out = read_copy(ckpt, s)
+    else:
+        out = _map_all(ckpt, s)
+    if target.type != "cpu" and not src.mappable:  # remote: read to host memory, then move
+        out = {k: v.to(target) for k, v in out.items()}
+    return {name: out[s.aliases.get(name, name)] for name in s.order}
+
+
+def _map_all(ckpt: LazyCheckpoint, s: SectionEntry) -> dict[str, torch.Tensor]:
+    """Every raw tensor as a zero-copy view; checksums are computed on all cores at once."""
+    source = ckpt._mapped()
+    reader = ckpt._readers[s.name]
+    unchecked = [e for e in s.tensors if ckpt._needs_check(s, e)]
+    views = [reader.view(source, e) for e in unchecked]
+    ckpt._check_all(s, unchecked, hash_views(views), views)
+    return {entry.name: ckpt._mapped_tensor(s, entry) for entry in s.tensors}
+
+
+def read_copy(
+    ckpt: LazyCheckpoint, s: SectionEntry, entries: tuple[TensorEntry, ...] | None = None
+) -> dict[str, torch.Tensor]:
+    """Raw tensors read into one fresh buffer that they view (the whole data region, or just the
+    span of ``entries``), so they do not depend on the file afterwards. Each chunk is hashed as
+    soon as it is read, on all cores: the bytes come from memory once."""
+    chosen = s.tensors if entries is None else entries
+    start = min((e.begin for e in chosen), default=0)
+    data_length = max((e.end for e in chosen), default=0) - start
+    buffer = torch.empty(data_length, dtype=torch.uint8)
+    offset = s.offset + s.stream_header_length + start
+    unchecked = [e for e in chosen if ckpt._needs_check(s, e)]
+    # spans must not overlap: tied names share one entry, so entries are distinct ranges
+    spans = [(e.begin - start, e.end - start) for e in unchecked]
+    done, digests = ckpt._src.read_and_hash(writable_bytes(buffer), offset, spans, hash_=bool(unchecked))
+    if done < data_length:
+        raise LayoutError(
+            f"file ended {data_length - done} bytes early", region=f"section {s.name!r}", offset=offset + done
+        )
+    ckpt._check_all(s, unchecked, digests, [buffer[e.begin - start : e.end - start] for e in unchecked])
+    out: dict[str, torch.Tensor] = {}
+    for entry in chosen:
+        part = buffer[entry.begin - start : entry.end - start]
+        dtype = dtype_from_tag(entry.dtype)
+        out[entry.name] = part.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
+            entry.shape, dtype=dtype)
+    return out
+
+
+def decode_all(
+    ckpt: LazyCheckpoint, s: SectionEntry, entries: list[TensorEntry] | None = None
+) -> dict[str, torch.Tensor]:
+    """Decode every frame of a compressed section (or of ``entries``) at once on all cores, straight
+    into the destination tensors; checksums are verified here while workers decode later tensors."""
+    source = ckpt._mapped()
+    reader = ckpt._readers[s.name]
+    out: dict[str, torch.Tensor] = {}
+    pool = shared_pool()
+    jobs = []
+    for entry in s.tensors if entries is None else entries:
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        tasks, digest = ckpt._decode_tasks(reader, source, s, entry, buffer)
+        jobs.append((entry, buffer, digest, [pool.submit(task) for task in tasks]))
+    try:
+        for entry, buffer, digest, futures in jobs:
+            for future in futures:
+                future.result()
+            if digest is not None:
+                ckpt._check(entry, s, digest(), buffer)
+            dtype = dtype_from_tag(entry.dtype)
+            out[entry.name] = (
+                buffer.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
+            )
+    except BaseException:
+        _cancel_and_wait([f for *_, futures in jobs for f in futures])
+        raise
+    return out
+
+
+def unmapped_ranges(ckpt: LazyCheckpoint) -> list[tuple[int, int]]:
+    """Everything after the header except raw tensor data (which is read straight into tensors)."""
+    ranges, position = [], PREAMBLE_SIZE + ckpt.preamble.header_length
+    for s in sorted(ckpt.header.sections, key=lambda s: s.offset):
+        if ckpt._readers[s.name].zero_copy:
+            ranges.append((position, s.offset + s.stream_header_length))
+            position = s.end
+    ranges.append((position, ckpt.file_size))
+    return [(a, b) for a, b in ranges if b > a]
+
+
+def run_tasks(tasks: list[Callable[[], None]]) -> None:
+    """Run decode jobs, in parallel when a tensor spans several frames."""
+    if len(tasks) < 2:
+        for task in tasks:
+            task()
+        return
+    futures = [shared_pool().submit(task) for task in tasks]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        _cancel_and_wait(futures)
+        raise
+
+
+def _cancel_and_wait(futures: list[Future[None]]) -> None:
+    """After a failed decode: drop the jobs not started and wait for the running ones, which read
+    the file's mapping. Raising earlier would let them touch it after the caller has moved on (a
+    file truncated then kills the process with SIGBUS)."""
+    for future in futures:
+        future.cancel()
+    wait(futures)
