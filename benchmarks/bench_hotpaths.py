@@ -296,26 +296,30 @@ def report(doc: dict[str, Any]) -> str:
           "" if r["ratio"] is None else f"{r['ratio']:.2f}",
           "" if r["ratio_from_min"] is None else f"{r['ratio_from_min']:.2f}", r["goal"],
           {True: "yes", False: "no", None: ""}[r["met"]]] for r in doc["rows"]]))
-    h = doc["hashing"]
-    lines += ["", f"Hashing {h['bytes'] >> 20} MiB (xxhash {h['xxhash']}): one thread {h['gbps']['1 thread']:.1f} GB/s, "
+    h = doc.get("hashing")
+    lines += [] if h is None else ["", f"Hashing {h['bytes'] >> 20} MiB (xxhash {h['xxhash']}): one thread {h['gbps']['1 thread']:.1f} GB/s, "
               f"two threads {h['gbps']['2 threads']:.1f} GB/s, memcpy {h['gbps']['memcpy']:.1f} GB/s. While one "
               f"{h['hash_call_ms']:.0f} ms hash ran, a thread sleeping 0.5 ms at a time ran "
               f"{h['other_thread_ticks_during_hash']} times: the binding {'releases' if h['gil_released'] else 'holds'} the GIL, so what limits two "
               "threads is memory bandwidth (and the other processes on the machine), not the interpreter."]
-    lines += ["", "## Growth with the number of tensors (ms, median (min); peer: safetensors)", ""]
-    lines.append(markdown_table(
-        ["tensors", "save", "save_file", "open + one tensor", "safe_open + one", "load_file", "safetensors load_file"],
-        [[g["tensors"], _ms(g["save"]["ours"]), _ms(g["save"]["theirs"]), _ms(g["open_one"]["ours"]),
-          _ms(g["open_one"]["theirs"]), _ms(g["load"]["ours"]), _ms(g["load"]["theirs"])]
-         for g in doc["growth_tensors"]]))
-    lines += ["", "## Growth with size (ms, median (min); 200 fp32 tensors; load + touch every byte)", ""]
-    lines.append(markdown_table(
-        ["size", "save", "save_file", "load+touch verify", "load+touch no verify", "safetensors load+touch"],
-        [[f"{g['bytes'] >> 20} MiB", _ms(g["save"]["ours"]), _ms(g["save"]["theirs"]), _ms(g["load_touch"]["ours"]),
-          _ms(g["load_touch"]["ours no verify"]), _ms(g["load_touch"]["theirs"])] for g in doc["growth_sizes"]]))
+    if "growth_tensors" in doc:
+        lines += ["", "## Growth with the number of tensors (ms, median (min); peer: safetensors)", ""]
+        lines.append(markdown_table(
+            ["tensors", "save", "save_file", "open + one tensor", "safe_open + one", "load_file", "safetensors load_file"],
+            [[g["tensors"], _ms(g["save"]["ours"]), _ms(g["save"]["theirs"]), _ms(g["open_one"]["ours"]),
+              _ms(g["open_one"]["theirs"]), _ms(g["load"]["ours"]), _ms(g["load"]["theirs"])]
+             for g in doc["growth_tensors"]]))
+        lines += ["", "## Growth with size (ms, median (min); 200 fp32 tensors; load + touch every byte)", ""]
+        lines.append(markdown_table(
+            ["size", "save", "save_file", "load+touch verify", "load+touch no verify", "safetensors load+touch"],
+            [[f"{g['bytes'] >> 20} MiB", _ms(g["save"]["ours"]), _ms(g["save"]["theirs"]), _ms(g["load_touch"]["ours"]),
+              _ms(g["load_touch"]["ours no verify"]), _ms(g["load_touch"]["theirs"])] for g in doc["growth_sizes"]]))
     lines += ["", f"Load average {doc['loadavg_start']} at the start, {doc['loadavg_end']} at the end "
               "(other processes share these cores; the ratios are what carries over)."]
     return "\n".join(lines)
+
+
+PARTS = ("lazy", "verify", "save", "legacy", "store", "hashing", "growth")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, help="also write the results as JSON")
     ap.add_argument("--dir", type=Path, default=Path("/tmp"), help="where the files are written")
     ap.add_argument("--repeat", type=int, default=None, help="rounds per row (default 5; --quick 3)")
+    ap.add_argument("--rows", default=",".join(PARTS),
+                    help=f"comma-separated parts to measure (default all: {','.join(PARTS)})")
     return ap
 
 
@@ -334,24 +340,33 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.dir / "mf-hotpaths"
     workdir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"environment": environment(workdir), "quick": args.quick, "loadavg_start": os.getloadavg()}
+    parts = {p.strip() for p in args.rows.split(",")}
     rows: list[dict[str, Any]] = []
-    log("lazy open ...")
-    rows += lazy_open_rows(workdir, [27, 256, 2048], rounds)
-    log("verify ...")
-    rows += verify_rows(workdir, [64 * MiB] if args.quick else [256 * MiB, 1024 * MiB], rounds)
-    log("save ...")
-    rows += save_rows(workdir, [128 * MiB] if args.quick else [512 * MiB, 1024 * MiB], rounds)
-    log("legacy ...")
-    rows += legacy_rows(rounds)
-    log("store ...")
-    rows += store_rows(workdir, 300 if args.quick else 1000, rounds)
+    if "lazy" in parts:
+        log("lazy open ...")
+        rows += lazy_open_rows(workdir, [27, 256, 2048], rounds)
+    if "verify" in parts:
+        log("verify ...")
+        rows += verify_rows(workdir, [64 * MiB] if args.quick else [256 * MiB, 1024 * MiB], rounds)
+    if "save" in parts:
+        log("save ...")
+        rows += save_rows(workdir, [128 * MiB] if args.quick else [512 * MiB, 1024 * MiB], rounds)
+    if "legacy" in parts:
+        log("legacy ...")
+        rows += legacy_rows(rounds)
+    if "store" in parts:
+        log("store ...")
+        rows += store_rows(workdir, 300 if args.quick else 1000, rounds)
     doc["rows"] = rows
-    log("hashing ...")
-    doc["hashing"] = hashing(64 * MiB if args.quick else 256 * MiB, rounds)
-    log("growth ...")
-    doc["growth_tensors"] = growth_tensors(workdir, [27, 256, 2048] if args.quick else [27, 256, 2048, 16384], rounds)
-    doc["growth_sizes"] = growth_sizes(
-        workdir, [10 * MiB, 100 * MiB] if args.quick else [10 * MiB, 100 * MiB, 256 * MiB, 1024 * MiB], rounds)
+    if "hashing" in parts:
+        log("hashing ...")
+        doc["hashing"] = hashing(64 * MiB if args.quick else 256 * MiB, rounds)
+    if "growth" in parts:
+        log("growth ...")
+        doc["growth_tensors"] = growth_tensors(
+            workdir, [27, 256, 2048] if args.quick else [27, 256, 2048, 16384], rounds)
+        doc["growth_sizes"] = growth_sizes(
+            workdir, [10 * MiB, 100 * MiB] if args.quick else [10 * MiB, 100 * MiB, 256 * MiB, 1024 * MiB], rounds)
     doc["loadavg_end"] = os.getloadavg()
     doc["targets"] = [{"area": "hotpaths", "target": r["measure"], "dataset": r["case"],
                        "value": r["ratio"] if r["ratio"] is not None else r["ours_ms"] / 1e3,
