@@ -196,14 +196,14 @@ def list_local(path: Path) -> list[Path]:
             if _is_regular_no_follow(m) and not is_temp_file(m) and os.path.basename(m) != INDEX_FILE_NAME
         ]
     if stat.S_ISDIR(st.st_mode):
-        out: list[Path] = []
+        names: list[str] = []
         with os.scandir(text) as entries:
             for entry in entries:
                 # is_file(follow_symlinks=False) is False for links, FIFOs and devices.
                 if is_listable_name(entry.name) and entry.is_file(follow_symlinks=False):
-                    out.append(Path(os.path.abspath(entry.path)))
-        out.sort()
-        return out
+                    names.append(entry.name)
+        directory = Path(os.path.abspath(text))
+        return [directory / name for name in sorted(names)]  # sorting strs, not Paths: same order, faster
     if stat.S_ISREG(st.st_mode):
         if is_temp_file(text):
             raise StoreError(f"{text} is an incomplete checkpoint (a write in progress or left by a crash)")
