@@ -21,13 +21,14 @@ import torch
 from mettaformat.checkpoint import Checkpoint, TrainingState
 from mettaformat.constants import MFMT_VERSION_MAJOR, ZSTD_DEFAULT_LEVEL, Compression
 from mettaformat.container.device_load import off_host
+from mettaformat.container.layout import Preamble
 from mettaformat.container.opened import CHECKPOINT_KEY, split_metadata
 from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.container.writer import write_container
 from mettaformat.errors import WriteError
 from mettaformat.fields import check_checkpoint, check_training
 
-__all__ = ["CHECKPOINT_KEY", "read_checkpoint", "split_metadata", "write_checkpoint"]
+__all__ = ["CHECKPOINT_KEY", "checkpoint_fields", "read_checkpoint", "split_metadata", "write_checkpoint"]
 
 _TRAINING_TREES: Final = ("optimizer", "scheduler", "trainer_state", "rng")
 
@@ -94,6 +95,35 @@ def _or_empty(value: Any) -> Any:
     return {} if value is None else value
 
 
+def checkpoint_fields(metadata: dict[str, Any], preamble: Preamble) -> Checkpoint:
+    """A :class:`Checkpoint` without tensors from a container's decoded metadata (user metadata and
+    the checkpoint's own fields, type-checked).
+
+    Raises:
+        HeaderError: a field of the wrong type.
+    """
+    user, own = split_metadata(metadata)
+    ckpt = check_checkpoint(
+        Checkpoint(
+            model_type=own.get("model_type"),
+            name=own.get("name"),
+            uri=own.get("uri"),
+            metadata=user,
+            agent_attributes=_or_empty(own.get("agent_attributes")),
+            versions=_or_empty(own.get("versions")),
+            provenance=_or_empty(own.get("provenance")),
+        )
+    )
+    if own.get("config") is not None:
+        check_checkpoint(Checkpoint(provenance={"config": own["config"]}))
+    ckpt.versions.setdefault("checkpoint_format", preamble.major)
+    ckpt.provenance.setdefault("source_format", "mettaformat")
+    ckpt.provenance["container_version"] = f"{preamble.major}.{preamble.minor}"
+    if own.get("config") is not None:
+        ckpt.provenance["config"] = own["config"]
+    return ckpt
+
+
 def read_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -116,27 +146,8 @@ def read_checkpoint(
     # nothing depends on the file afterwards.
     reader = LazyCheckpoint(path, verify=verify, copy=not lazy)
     try:
-        user, own = split_metadata(reader.metadata)
-        ckpt = check_checkpoint(
-            Checkpoint(
-                model_type=own.get("model_type"),
-                name=own.get("name"),
-                uri=own.get("uri"),
-                metadata=user,
-                agent_attributes=_or_empty(own.get("agent_attributes")),
-                versions=_or_empty(own.get("versions")),
-                provenance=_or_empty(own.get("provenance")),
-            )
-        )
-        if own.get("config") is not None:
-            check_checkpoint(Checkpoint(provenance={"config": own["config"]}))
-        ckpt.versions.setdefault("checkpoint_format", reader.preamble.major)
-        ckpt.provenance.setdefault("source_format", "mettaformat")
-        ckpt.provenance["container_version"] = f"{reader.preamble.major}.{reader.preamble.minor}"
-        if own.get("config") is not None:
-            ckpt.provenance["config"] = own["config"]
+        ckpt = checkpoint_fields(reader.metadata, reader.preamble)
         if not with_tensors:
-            ckpt.tensors = {}
             return ckpt
         reader.to(device)
         # off the host, the whole section goes through one pipelined transfer

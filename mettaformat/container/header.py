@@ -38,7 +38,7 @@ from mettaformat.container.tensor_index import (
 from mettaformat.errors import HeaderError, LimitExceededError, UnsupportedVersionError
 
 __all__ = ["COLUMNAR_INDEX", "Header", "SectionEntry", "TensorEntry", "decode_msgpack", "encode_msgpack",
-           "parse_header", "parse_index"]
+           "parse_header", "parse_header_metadata", "parse_index"]
 
 #: The extension a 3.1 writer lists in ``must_understand``: a 3.0 reader cannot read a columnar
 #: index and must say so instead of misreading the file.
@@ -302,6 +302,24 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _checked_top(data: bytes | memoryview) -> tuple[_Fields, list[str]]:
+    """The decoded header map and its ``must_understand`` list, checked before any other field."""
+    f = _Fields(decode_msgpack(data, region="header"), "header", "header")
+    must = f.get("must_understand", list, required=False, default=[])
+    for i, m in enumerate(must):
+        if type(m) is not str:
+            raise f.err(f"must_understand[{i}]", f"expected str, found {type(m).__name__}")
+    unknown = [m for m in must if m not in KNOWN_EXTENSIONS]
+    if unknown:
+        raise UnsupportedVersionError(
+            f"file requires extensions this reader lacks: {unknown}",
+            found=unknown,
+            supported=sorted(KNOWN_EXTENSIONS),
+            region="header",
+        )
+    return f, must
+
+
 def parse_header(data: bytes | memoryview) -> Header:
     """Decode and validate the header bytes (after their checksum was verified).
 
@@ -311,24 +329,25 @@ def parse_header(data: bytes | memoryview) -> Header:
         HeaderError, LimitExceededError, LayoutError, UnsupportedVersionError.
     """
     with _gc_paused():
-        f = _Fields(decode_msgpack(data, region="header"), "header", "header")
-        must = f.get("must_understand", list, required=False, default=[])
-        for i, m in enumerate(must):
-            if type(m) is not str:
-                raise f.err(f"must_understand[{i}]", f"expected str, found {type(m).__name__}")
-        unknown = [m for m in must if m not in KNOWN_EXTENSIONS]
-        if unknown:
-            raise UnsupportedVersionError(
-                f"file requires extensions this reader lacks: {unknown}",
-                found=unknown,
-                supported=sorted(KNOWN_EXTENSIONS),
-                region="header",
-            )
+        f, must = _checked_top(data)
         file_length, algorithm, sections = _parse_sections(f, None)
         trees = f.get("trees", dict, required=False, default={})
         delta = _parse_delta(f, sections, DELTA_EXTENSION in must)
         return Header(file_length=file_length, checksum=algorithm, sections=sections, metadata=f.d.get("metadata"),
                       trees=trees, delta=delta)
+
+
+def parse_header_metadata(data: bytes | memoryview) -> tuple[int, Any]:
+    """(file length, metadata in tagged form) of the header bytes, leaving the sections unread: what
+    listing checkpoints by their metadata needs. The msgpack and ``must_understand`` rules hold as in
+    :func:`parse_header`; reading tensors always goes through :func:`parse_header`.
+
+    Raises:
+        HeaderError, UnsupportedVersionError.
+    """
+    with _gc_paused():
+        f, _ = _checked_top(data)
+        return f.uint("file_length"), f.d.get("metadata")
 
 
 def _parse_delta(f: _Fields, sections: tuple[SectionEntry, ...], required: bool) -> DeltaInfo | None:

@@ -18,13 +18,13 @@ from types import TracebackType
 from typing import Any, Final
 
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
-from mettaformat.container.header import parse_header
+from mettaformat.container.header import parse_header, parse_header_metadata
 from mettaformat.container.layout import Preamble, TrailerTail, checksum
 from mettaformat.container.source import ByteSource, open_source
 from mettaformat.container.tree import decode_tree
 from mettaformat.errors import HeaderError, IntegrityError, LayoutError, naming_file
 
-__all__ = ["CHECKPOINT_KEY", "MAX_PADDING", "ContainerFile", "names_file", "split_metadata"]
+__all__ = ["CHECKPOINT_KEY", "MAX_PADDING", "ContainerFile", "names_file", "read_metadata", "split_metadata"]
 
 #: Zero padding allowed between regions (alignment plus the header's reserved space).
 MAX_PADDING: Final = 1 << 20
@@ -79,13 +79,9 @@ class ContainerFile:
         if self._src.has(size - TRAILER_TAIL_SIZE, TRAILER_TAIL_SIZE):
             self._tail = TrailerTail.unpack(self._pread(TRAILER_TAIL_SIZE, size - TRAILER_TAIL_SIZE, "trailer"), size)
         header_bytes = self._pread(preamble.header_length, PREAMBLE_SIZE, "header")
-        if checksum(header_bytes) != preamble.header_checksum:
-            raise IntegrityError("header checksum mismatch", region="header", offset=PREAMBLE_SIZE)
+        _check_header_checksum(preamble, header_bytes)
         self.header = parse_header(header_bytes)
-        if self.header.file_length != size:
-            raise LayoutError(
-                f"header says the file has {self.header.file_length} bytes, it has {size}", region="header"
-            )
+        _check_file_length(self.header.file_length, size)
         self._check_regions(PREAMBLE_SIZE + preamble.header_length)
         if preamble.minor > MFMT_VERSION_MINOR:
             warnings.warn(
@@ -143,8 +139,7 @@ class ContainerFile:
     @names_file
     def metadata(self) -> dict[str, Any]:
         """The checkpoint metadata (a decoded object tree)."""
-        value = decode_tree(self.header.metadata, path="header.metadata")
-        return value if isinstance(value, dict) else {}
+        return _decoded_metadata(self.header.metadata)
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -158,6 +153,43 @@ class ContainerFile:
     @property
     def tree_names(self) -> tuple[str, ...]:
         return tuple(self.header.trees)
+
+
+def _check_header_checksum(preamble: Preamble, header: bytes) -> None:
+    if checksum(header) != preamble.header_checksum:
+        raise IntegrityError("header checksum mismatch", region="header", offset=PREAMBLE_SIZE)
+
+
+def _check_file_length(declared: int, size: int) -> None:
+    if declared != size:
+        raise LayoutError(f"header says the file has {declared} bytes, it has {size}", region="header")
+
+
+def _decoded_metadata(tagged: Any) -> dict[str, Any]:
+    value = decode_tree(tagged, path="header.metadata")
+    return value if isinstance(value, dict) else {}
+
+
+def read_metadata(fd: int, size: int, head: bytes) -> tuple[Preamble, dict[str, Any]]:
+    """The preamble and decoded metadata of the container open at ``fd`` (``size`` bytes; ``head``:
+    its first bytes, already read), from the preamble and header alone. The header checksum, its
+    msgpack rules and the file length are checked; the sections and their tensor index are not read
+    (listing checkpoints by metadata needs neither; reading tensors opens a :class:`ContainerFile`).
+
+    Raises:
+        LayoutError, IntegrityError, HeaderError: the file is not a valid container header.
+    """
+    preamble = Preamble.unpack(head[:PREAMBLE_SIZE], size)
+    end = PREAMBLE_SIZE + preamble.header_length
+    header = head[PREAMBLE_SIZE:end]
+    if len(header) < preamble.header_length:
+        header = os.pread(fd, preamble.header_length, PREAMBLE_SIZE)
+        if len(header) != preamble.header_length:
+            raise LayoutError(f"file ended inside the {preamble.header_length}-byte header", region="header")
+    _check_header_checksum(preamble, header)
+    file_length, tagged = parse_header_metadata(header)
+    _check_file_length(file_length, size)
+    return preamble, _decoded_metadata(tagged)
 
 
 def split_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,9 +1,10 @@
 """Reading :class:`PolicyRecord` values: header-only for containers, indexed for everything.
 
-A container's metadata sits in its header, so a record costs one open and three small reads
-(``read_checkpoint(path, with_tensors=False)``). A legacy ``.pt`` file keeps its metadata inside
-the pickle, which must be imported whole; the per-directory index (:mod:`.index`) and an
-in-process memo make that a one-time cost per file version.
+A container's metadata sits in its header, so a record costs one open and usually one read of
+the file's first bytes (the preamble and the header; the tensor index is not checked). A legacy
+``.pt`` file keeps its metadata inside the pickle, which must be imported whole; the
+per-directory index (:mod:`.index`) and an in-process memo make that a one-time cost per file
+version. Headers not in the page cache are read several at once.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from mettaformat.anyformat import load_any, sniff_format
-from mettaformat.checkpoint_io import read_checkpoint
-from mettaformat.errors import MettaFormatError, StoreError
+from mettaformat._files import open_regular
+from mettaformat.anyformat import load_any
+from mettaformat.checkpoint import Checkpoint
+from mettaformat.checkpoint_io import checkpoint_fields
+from mettaformat.container.opened import read_metadata
+from mettaformat.errors import MettaFormatError, StoreError, naming_file
 from mettaformat.migrations import apply_migrations
+from mettaformat.signatures import format_of
 from mettaformat.store.index import IndexEntry, read_index, update_index
 from mettaformat.store.record import FileSignature, PolicyRecord, agent_step_of, effective_epoch, stat_signature
 from mettaformat.store.selectors import Exclusion
@@ -36,6 +41,9 @@ _MEMO_LIMIT: Final = 200_000
 #: Header reads in flight during a scan, and the number of unread files worth starting them for.
 _CONCURRENT_READS: Final = 8
 _CONCURRENT_MIN: Final = 16
+#: Bytes read at once from the start of a file: the signature, the preamble and a typical header.
+_HEAD_BYTES: Final = 16 << 10
+_SNIFF_BYTES: Final = 64
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +69,8 @@ def read_record(path: Path, signature: FileSignature) -> PolicyRecord:
         FormatError, LegacyImportError, IntegrityError: the file is not a readable checkpoint.
         OSError: it cannot be opened.
     """
-    fmt = sniff_format(path)
-    if fmt == "mettaformat":
-        ckpt = read_checkpoint(path, with_tensors=False)
-    else:
+    fmt, ckpt = _read_header(path)
+    if ckpt is None:
         ckpt = load_any(path, migrate=False)
     # The epoch comes from the metadata as stored: migrations fill in default counters, which
     # would hide that the file never recorded its epoch.
@@ -86,6 +92,41 @@ def read_record(path: Path, signature: FileSignature) -> PolicyRecord:
         format=fmt,
         model_type=ckpt.model_type,
     )
+
+
+def _read_header(path: Path) -> tuple[str, Checkpoint | None]:
+    """The format of ``path`` and, for a container, its checkpoint fields: one open and usually one
+    read (the first bytes hold the preamble and the header; the tensor index is not checked)."""
+    fd, st = open_regular(path)
+    try:
+        head = os.pread(fd, _HEAD_BYTES, 0)
+        fmt = format_of(head[:_SNIFF_BYTES], st.st_size, path)
+        if fmt != "mettaformat":
+            return fmt, None
+        with naming_file(path, container=True):
+            preamble, metadata = read_metadata(fd, st.st_size, head)
+            return fmt, checkpoint_fields(metadata, preamble)
+    finally:
+        os.close(fd)
+
+
+def _head_cached(path: Path) -> bool:
+    """True when the first bytes of ``path`` are in the page cache (reading them will not wait on the
+    device); False when not, or when it cannot be told."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False  # the read proper reports why
+    try:
+        want = min(_HEAD_BYTES, os.fstat(fd).st_size)
+        return os.preadv(fd, [bytearray(want)], 0, nowait) == want
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a file system that cannot tell
+        return False
+    finally:
+        os.close(fd)
 
 
 class RecordCatalog:
@@ -167,8 +208,18 @@ class RecordCatalog:
 
         if len(missing) < _CONCURRENT_MIN:
             return [read(item) for item in missing]
+        # Threads only pay where a read waits on the device: decoding headers holds the GIL, so
+        # files whose first bytes are in the page cache are read here, one after the other.
+        done, waiting = [], []
+        for item in missing:
+            if _head_cached(item[0]):
+                done.append(read(item))
+            else:
+                waiting.append(item)
+        if len(waiting) < _CONCURRENT_MIN:
+            return done + [read(item) for item in waiting]
         with ThreadPoolExecutor(_CONCURRENT_READS, thread_name_prefix="mettaformat-scan") as pool:
-            return list(pool.map(read, missing))
+            return done + list(pool.map(read, waiting))
 
     def _cached(
         self, path: Path, signature: FileSignature, indexes: dict[Path, dict[str, IndexEntry]]
