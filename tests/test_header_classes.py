@@ -227,9 +227,13 @@ def _section(form: dict[str, Any], data_length: int) -> bytes:
 
 def _outcome(data: bytes) -> Any:
     try:
-        return parse_index(data).index_key()
+        header = parse_index(data)
     except MettaFormatError as e:
         return type(e).__name__
+    for s in header.sections:  # the entries built from whole columns are those built one by one
+        one_by_one = (s.index.entry(i) for i in range(len(s.index.columns.names)))
+        assert s.index.tensors == tuple(sorted(one_by_one, key=lambda e: (e.begin, e.end)))
+    return header.index_key()
 
 
 def test_columnar_and_per_entry_forms_agree() -> None:

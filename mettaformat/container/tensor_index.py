@@ -232,8 +232,17 @@ class TensorIndex:
 
     @functools.cached_property
     def tensors(self) -> tuple[TensorEntry, ...]:
-        numbers = range(len(self.columns.names)) if self._data_order is None else self._data_order.tolist()
-        return tuple(map(self.entry, numbers))
+        """Every data entry, in data order: built from whole columns at once (one conversion per column
+        instead of several per entry)."""
+        c = self.columns
+        n = len(c.names)
+        dims, starts, ranks = c.dims.tolist(), self._starts.tolist(), c.ranks.tolist()
+        offsets = c.offsets.tolist()
+        sums = np.frombuffer(c.checksums, dtype="<u8").tolist() if n else []
+        tags = [CODE_TAGS[code] for code in c.codes.tolist()]
+        numbers = range(n) if self._data_order is None else self._data_order.tolist()
+        return tuple(TensorEntry(c.names[i], tags[i], tuple(dims[starts[i]:starts[i] + ranks[i]]), offsets[2 * i],
+                                 offsets[2 * i + 1], sums[i]) for i in numbers)
 
     @functools.cached_property
     def aliases(self) -> dict[str, str]:
