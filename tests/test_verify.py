@@ -173,6 +173,33 @@ def test_a_file_verified_once_is_not_hashed_again_until_it_changes(
         mettaformat.load_file(path)
 
 
+def test_a_verified_load_checks_the_structure_once_while_the_file_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mettaformat.container import structure
+
+    monkeypatch.setattr(verify, "RACY_WINDOW_NS", 0)
+    path = tmp_path / "m.mfmt"
+    mettaformat.save_file(_state(), path)
+    os.utime(path, (1, 1))  # the write below then surely moves the modification time
+    checked: list[Path] = []
+    real = structure.check_structure
+    monkeypatch.setattr("mettaformat.container.reader.check_structure",
+                        lambda ckpt: checked.append(ckpt.path) or real(ckpt))
+    mettaformat.load_file(path)
+    mettaformat.load_file(path, mmap=False)
+    assert len(checked) == 1
+    with mettaformat.open(path) as f:  # asked for explicitly, it is always checked
+        f.verify_structure()
+    assert len(checked) == 2
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF  # the trailer index, which only the structure check reads
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        mettaformat.load_file(path)
+    assert len(checked) == 3
+
+
 def test_a_file_changed_just_before_its_verification_is_not_remembered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

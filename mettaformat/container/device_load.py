@@ -261,7 +261,7 @@ def load_to_device(
     end = max(e.end for e in entries)
     device_bytes = transport.allocate(end - start)
     reader = ckpt.section_reader(section.name)
-    unchecked = [e for e in entries if ckpt._needs_check(section, e)]
+    unchecked = ckpt._unchecked(section, entries)
     if reader.zero_copy:
         data_offset = section.offset + section.stream_header_length
         if os.fstat(ckpt._fd).st_size != ckpt.file_size:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ from mettaformat.container.section_load import decode_all, load_section, read_co
 from mettaformat.container.source import ByteSource, stored_ranges
 from mettaformat.container.structure import check_structure
 from mettaformat.container.tree import decode_tree
-from mettaformat.container.verify import OrderedHasher, is_verified, mark_verified
+from mettaformat.container.verify import STRUCTURE, OrderedHasher, is_verified, mark_verified
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import IntegrityError, TensorNotFoundError, naming_file
 
@@ -207,10 +207,11 @@ class LazyCheckpoint(ContainerFile):
             self._check(entry, s, digest(), out)
         return out.view(dtype).reshape(entry.shape) if entry.nbytes else torch.empty(entry.shape, dtype=dtype)
 
-    def _mapped_tensor(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
-        """A zero-copy view of a raw tensor (the mapping exists: :meth:`_mapped` was called)."""
+    def _mapped_tensor(self, s: SectionEntry, entry: TensorEntry, owner: Any = None) -> torch.Tensor:
+        """A zero-copy view of a raw tensor (the mapping exists: :meth:`_mapped` was called), in
+        ``owner`` (the mapping, where the caller holds it already)."""
         return buffer_tensor(
-            self._src.owner(),
+            self._src.owner() if owner is None else owner,
             s.offset + s.stream_header_length + entry.begin,
             entry.nbytes,
             dtype_from_tag(entry.dtype),
@@ -218,13 +219,22 @@ class LazyCheckpoint(ContainerFile):
         )
 
     def _needs_check(self, s: SectionEntry, entry: TensorEntry) -> bool:
-        """Verifying, and this tensor of this very file was not verified before in this process
-        (a file changed in place since it was opened is checked again)."""
+        """Verifying, and this tensor of this very file was not verified before in this process."""
+        return bool(self._unchecked(s, (entry,)))
+
+    def _unchecked(self, s: SectionEntry, entries: Sequence[TensorEntry]) -> list[TensorEntry]:
+        """The ``entries`` to verify: all of them unless verified before in this process while the
+        file is unchanged (its identity is read once for all of them)."""
         if not self.verify:
-            return False
-        if not is_verified(self._identity, (s.name, entry.name)):
-            return True
-        return self._src.identity() != self._identity
+            return []
+        if not entries or self._src.identity() != self._identity:
+            return list(entries)
+        return [e for e in entries if not is_verified(self._identity, (s.name, e.name))]
+
+    def _verified_before(self, key: tuple[str, str]) -> bool:
+        """``key`` of this very file was verified before in this process (a file changed in place
+        since it was opened is checked again)."""
+        return is_verified(self._identity, key) and self._src.identity() == self._identity
 
     def _check(self, entry: TensorEntry, s: SectionEntry, digest: int, data: Any = None) -> None:
         """Raise unless ``digest`` is the tensor's checksum and, given its bytes, a BOOL tensor
@@ -323,6 +333,7 @@ class LazyCheckpoint(ContainerFile):
             LayoutError, IntegrityError, HeaderError: naming the damaged region.
         """
         check_structure(self)
+        mark_verified(self._identity, [STRUCTURE])
 
 
 

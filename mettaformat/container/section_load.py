@@ -20,7 +20,7 @@ from mettaformat.constants import PREAMBLE_SIZE
 from mettaformat.container.chain import delta_names, saved_tensors
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
 from mettaformat.container.header import SectionEntry, TensorEntry
-from mettaformat.container.verify import hash_views
+from mettaformat.container.verify import STRUCTURE, hash_views
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import LayoutError
 
@@ -39,7 +39,7 @@ def load_section(
     s = ckpt.header.section(section)
     if not src.mappable:  # one parallel fetch of what the structure checks and codecs slice
         src.prefetch(unmapped_ranges(ckpt))
-    if ckpt.verify:
+    if ckpt.verify and not ckpt._verified_before(STRUCTURE):
         ckpt.verify_structure()
     if s is None:
         return {}
@@ -64,11 +64,12 @@ def load_section(
 def _map_all(ckpt: LazyCheckpoint, s: SectionEntry) -> dict[str, torch.Tensor]:
     """Every raw tensor as a zero-copy view; checksums are computed on all cores at once."""
     source = ckpt._mapped()
+    owner = ckpt._src.owner()
     reader = ckpt._readers[s.name]
-    unchecked = [e for e in s.tensors if ckpt._needs_check(s, e)]
+    unchecked = ckpt._unchecked(s, s.tensors)
     views = [reader.view(source, e) for e in unchecked]
     ckpt._check_all(s, unchecked, hash_views(views), views)
-    return {entry.name: ckpt._mapped_tensor(s, entry) for entry in s.tensors}
+    return {entry.name: ckpt._mapped_tensor(s, entry, owner) for entry in s.tensors}
 
 
 def read_copy(
@@ -82,7 +83,7 @@ def read_copy(
     data_length = max((e.end for e in chosen), default=0) - start
     buffer = torch.empty(data_length, dtype=torch.uint8)
     offset = s.offset + s.stream_header_length + start
-    unchecked = [e for e in chosen if ckpt._needs_check(s, e)]
+    unchecked = ckpt._unchecked(s, chosen)
     # spans must not overlap: tied names share one entry, so entries are distinct ranges
     spans = [(e.begin - start, e.end - start) for e in unchecked]
     done, digests = ckpt._src.read_and_hash(writable_bytes(buffer), offset, spans, hash_=bool(unchecked))

@@ -11,9 +11,10 @@ keep that cost down:
   small enough to stay in the CPU cache and hash each chunk right after it lands; zstd loads
   hash each frame as soon as it is decoded, in order. Each byte then comes from main memory once.
 - **A memo of verified files.** A tensor verified once in this process is not hashed again while
-  its file keeps the same device, inode, size, mtime and ctime. A file modified within the file
-  system's timestamp granularity of being verified could keep its timestamps, so nothing is
-  remembered for a file changed less than :data:`RACY_WINDOW_NS` before it was verified (the
+  its file keeps the same device, inode, size, mtime and ctime; nor is the file's structure
+  (padding, trailer index, embedded safetensors headers) checked again by a verified load. A
+  file modified within the file system's timestamp granularity of being verified could keep its
+  timestamps, so nothing is remembered for a file changed less than :data:`RACY_WINDOW_NS` before it was verified (the
   rule git uses for its index).
 """
 
@@ -32,6 +33,7 @@ from mettaformat._pool import shared_pool, usable_cores
 
 __all__ = [
     "RACY_WINDOW_NS",
+    "STRUCTURE",
     "FileIdentity",
     "OrderedHasher",
     "file_identity",
@@ -44,6 +46,8 @@ __all__ = [
 
 #: A file modified less than this before its verification is not remembered as verified.
 RACY_WINDOW_NS: Final = 2_000_000_000
+#: The memo's key for a file's whole structure (no section has an empty name).
+STRUCTURE: Final = ("", "structure")
 #: Below this many bytes in all, hashing on the calling thread beats a pool round trip.
 _PARALLEL_MIN_BYTES: Final = 4 << 20
 #: Chunk of a fused read-and-hash: small enough to be hashed while still in the CPU cache.
