@@ -14,8 +14,8 @@ keep that cost down:
   its file keeps the same device, inode, size, mtime and ctime; nor is the file's structure
   (padding, trailer index, embedded safetensors headers) checked again by a verified load. A
   file modified within the file system's timestamp granularity of being verified could keep its
-  timestamps, so nothing is remembered for a file changed less than :data:`RACY_WINDOW_NS` before it was verified (the
-  rule git uses for its index).
+  timestamps, so nothing is remembered for a file changed less than :data:`RACY_WINDOW_NS`
+  before it was verified (the rule git uses for its index).
 """
 
 from __future__ import annotations
