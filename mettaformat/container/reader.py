@@ -198,7 +198,7 @@ class LazyCheckpoint(ContainerFile):
             if self._needs_check(s, entry):
                 view = reader.view(source, entry)
                 self._check(entry, s, checksum(view), view)
-            return self._mapped_tensor(s, entry)
+            return self._mapped_tensor(s, entry, source.obj)
         out = torch.empty(entry.nbytes, dtype=torch.uint8)
         tasks, digest = self._decode_tasks(reader, source, s, entry, out)
         with self._src.holding(stored_ranges(reader, entry)):  # remote: all its frames in one request

@@ -99,9 +99,9 @@ class LocalSource:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.name = os.fspath(path)
-        self.path = Path(path)
+        self.path = path if isinstance(path, Path) else Path(path)
         # Non-blocking open, regular files only: a FIFO, device or directory is refused at once.
-        self._fd, st = open_regular(self.path)
+        self._fd, st = open_regular(self.name)
         self.size = st.st_size
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
@@ -156,7 +156,6 @@ class LocalSource:
 
     def identity(self) -> FileIdentity | None:
         return file_identity(os.fstat(self._fd)) if self._fd >= 0 else None
-
     def read_and_hash(
         self, target: memoryview, offset: int, spans: Sequence[tuple[int, int]], *, hash_: bool
     ) -> tuple[int, list[int]]:

@@ -37,6 +37,9 @@ __all__ = ["Columns", "TensorEntry", "TensorIndex", "columns_from_entries", "col
 _ITEMSIZE_BY_CODE: Final = np.array([itemsize(t) if t in DTYPE_TAGS else 0 for t in CODE_TAGS] + [0] * (256 - len(
     CODE_TAGS)), dtype=np.uint64)
 _INT63: Final = 1 << 63
+# The ufuncs' own reductions: ndarray.max() and friends add a Python-level call each, which is most
+# of their cost on the short columns of a typical index.
+_max, _min, _all, _any = np.maximum.reduce, np.minimum.reduce, np.logical_and.reduce, np.logical_or.reduce
 
 
 def _fail(cols: Columns, bad: np.ndarray, field: str, message: Callable[[int], str], region: str) -> None:
@@ -84,17 +87,17 @@ def _sizes(cols: Columns, sizes: np.ndarray, region: str) -> tuple[np.ndarray, n
     ranks = cols.ranks
     if not n:
         return np.zeros(0, np.uint64), np.zeros(1, np.int64)
-    max_rank = int(ranks.max())
+    max_rank = int(_max(ranks))
     if max_rank > MAX_RANK:
         raise LimitExceededError("tensor rank", max_rank, MAX_RANK, region=region)
     starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(ranks, out=starts[1:])
+    np.add.accumulate(ranks, out=starts[1:])
     total = int(starts[-1])
     if total != cols.dims.size:
         raise HeaderError(f"{cols.dims.size} dimensions stored, the ranks need {total}", path=cols.where(0, "dims"),
                           region=region)
     dims = cols.dims
-    max_dim = int(dims.max()) if total else 0
+    max_dim = int(_max(dims)) if total else 0
     if max_dim >= _INT63:
         at = int(np.flatnonzero(dims >= _INT63)[0])
         entry = int(np.searchsorted(starts, at, side="right")) - 1
@@ -110,7 +113,7 @@ def _sizes(cols: Columns, sizes: np.ndarray, region: str) -> tuple[np.ndarray, n
         nbytes = np.multiply.reduceat(ext, head) * sizes  # every product is below the limit
     else:
         nbytes = _bounded_sizes(cols, ext, head, starts, sizes, region)
-    if not ranks.all():
+    if not _all(ranks):
         scalar = ranks == 0
         nbytes[scalar] = sizes[scalar]
     return nbytes, starts
@@ -151,13 +154,13 @@ def validate(cols: Columns, data_length: int, region: str) -> TensorIndex:
                               path=cols.where(0, column), region=region)
     position = _check_names(cols, region)
     sizes = _ITEMSIZE_BY_CODE[cols.codes]
-    if n and not sizes.min():
+    if n and not _min(sizes):
         _fail(cols, sizes == 0, "dtype", lambda i: f"unknown dtype {_tag_text(cols, i)}; this reader knows "
               f"{', '.join(DTYPE_TAGS)}", region)
     nbytes, starts = _sizes(cols, sizes, region)
     begins, ends = cols.offsets[0::2], cols.offsets[1::2]
     # end - begin wraps around for end < begin, to a value no tensor size can equal
-    if n and (int(cols.offsets.max()) >= _INT63 or ((ends - begins != nbytes) | (begins % sizes != 0)).any()):
+    if n and (int(_max(cols.offsets)) >= _INT63 or _any((ends - begins != nbytes) | (begins % sizes != 0))):
         _fail(cols, (begins >= _INT63) | (ends >= _INT63), "offsets",
               lambda i: "expected [begin, end] non-negative integers below 2^63", region)
         _fail(cols, (ends < begins) | (ends - begins != nbytes), "offsets",
@@ -176,7 +179,7 @@ def validate(cols: Columns, data_length: int, region: str) -> TensorIndex:
             np.sort(cols.order), np.arange(total, dtype=cols.order.dtype))):
         raise HeaderError("order is not a permutation of the entries", path=cols.where(0, "order"), region=region)
     # The writer stores data in offset order; only other files need the sort.
-    if n and (begins[0] != 0 or not (begins[1:] == ends[:-1]).all()):
+    if n and (begins[0] != 0 or not _all(begins[1:] == ends[:-1])):
         data_order = np.lexsort((ends, begins))
         _check_coverage(cols, begins[data_order], ends[data_order], data_order, region)
     else:
