@@ -81,7 +81,7 @@ class CudaTransport:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
     def allocate(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -92,7 +92,7 @@ class CudaTransport:
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Any:
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(self.stream)
         return event
 
@@ -373,7 +373,7 @@ def _use_gds(gds: bool | None, transport: Transport) -> bool:
     if gds is False or (gds is None and transport.device.type != "cuda"):
         return False
     try:
-        import kvikio  # noqa: F401
+        import kvikio  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
         if gds:
             raise

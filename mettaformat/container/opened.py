@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 from mettaformat.constants import MFMT_DEFAULT_ALIGNMENT, MFMT_VERSION_MINOR, PREAMBLE_SIZE, TRAILER_TAIL_SIZE
 from mettaformat.container.header import parse_header, parse_header_metadata
@@ -31,12 +31,16 @@ MAX_PADDING: Final = 1 << 20
 #: The reserved metadata key holding the checkpoint's own fields.
 CHECKPOINT_KEY: Final = "mettaformat.checkpoint"
 
+_Self = TypeVar("_Self", bound="ContainerFile")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
-def names_file(method: Callable[..., Any]) -> Callable[..., Any]:
+
+def names_file(method: Callable[Concatenate[_Self, _P], _R]) -> Callable[Concatenate[_Self, _P], _R]:
     """Errors raised while reading an open container name its path (and suggest repair)."""
 
     @functools.wraps(method)
-    def wrapper(self: ContainerFile, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: _Self, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with naming_file(self.path, container=True):
             return method(self, *args, **kwargs)
 
@@ -123,7 +127,7 @@ class ContainerFile:
             self._tail = tail
         return self._tail
 
-    def __enter__(self) -> Any:  # the subclass, for `with LazyCheckpoint(...) as ckpt`
+    def __enter__(self: _Self) -> _Self:  # the subclass, for `with LazyCheckpoint(...) as ckpt`
         return self
 
     def __exit__(

@@ -63,10 +63,10 @@ def _check_names(cols: Columns, region: str) -> dict[str, int]:
     # Whole-list screens in C; only a list that fails one is walked name by name for the culprit.
     if names and (min(map(len, names)) == 0 or max(map(len, names)) * 4 > MAX_NAME_BYTES
                   or "\x00" in "".join(names) or not RESERVED_NAMES.isdisjoint(position)):
-        i = next((i for i, n in enumerate(names) if _bad_name(n)), None)
-        if i is not None:
-            raise HeaderError(f"invalid tensor name {names[i]!r} (empty, NUL, reserved or over {MAX_NAME_BYTES} "
-                              "bytes)", path=cols.where(i, "name"), region=region)
+        bad = next((i for i, n in enumerate(names) if _bad_name(n)), None)
+        if bad is not None:
+            raise HeaderError(f"invalid tensor name {names[bad]!r} (empty, NUL, reserved or over {MAX_NAME_BYTES} "
+                              "bytes)", path=cols.where(bad, "name"), region=region)
     return position
 
 
@@ -134,7 +134,8 @@ def _bounded_sizes(cols: Columns, ext: np.ndarray, head: np.ndarray, starts: np.
                               region=region)
         nonzero[i] = exact
     empty = np.minimum.reduceat(ext, head) == 0
-    return np.where(empty & (cols.ranks > 0), np.uint64(0), nonzero)
+    out: np.ndarray = np.where(empty & (cols.ranks > 0), np.uint64(0), nonzero)
+    return out
 
 
 def validate(cols: Columns, data_length: int, region: str) -> TensorIndex:
