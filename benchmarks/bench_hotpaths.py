@@ -160,23 +160,20 @@ def save_rows(workdir: Path, sizes: list[int], rounds: int) -> list[dict[str, An
 
 
 def legacy_rows(rounds: int) -> list[dict[str, Any]]:
-    from benchmarks.bench_legacy import torch_load_ms
-    from mettaformat.legacy import import_legacy
+    from benchmarks.bench_legacy import round_robin
 
     fixtures = sorted(FIXTURES_METTA.glob("v1_*.pt")) if FIXTURES_METTA.is_dir() else []
     if not fixtures:
         log(f"legacy rows skipped: no Metta fixtures at {FIXTURES_METTA}")
         return []
-    theirs = torch_load_ms(fixtures, rounds)
+    timings = round_robin(fixtures, rounds, None)  # both sides interleaved in one child process
     rows = []
     for path in fixtures:
-        t = interleaved({"import_legacy": lambda p=path: import_legacy(p)}, rounds)
-        mine = t["import_legacy"]
-        other = theirs[str(path)]
-        value = mine["median"] * 1e3 / other["median"]
+        mine, other = timings[str(path)]["import_legacy"], timings[str(path)]["torch.load"]
+        value = mine["median_ms"] / other["median_ms"]
         rows.append({"measure": "legacy v1 import ÷ torch.load(weights_only=False), classes present",
-                     "case": path.name, "ours_ms": mine["median"] * 1e3, "theirs_ms": other["median"],
-                     "ratio": value, "ratio_from_min": mine["min"] * 1e3 / other["min"], "goal": "≤ 1.0",
+                     "case": path.name, "ours_ms": mine["median_ms"], "theirs_ms": other["median_ms"],
+                     "ratio": value, "ratio_from_min": mine["min_ms"] / other["min_ms"], "goal": "≤ 1.0",
                      "met": value <= 1.0})
     return rows
 

@@ -24,6 +24,12 @@ def test_hotpath_pieces_measure_and_report(tmp_path: Path) -> None:
     assert "verify=True ÷ verify=False" in text and "save_file" in text and "GIL" in text
 
 
+@pytest.mark.skipif(not bench_hotpaths.FIXTURES_METTA.is_dir(), reason="the Metta fixtures are not beside the repo")
+def test_legacy_rows_compare_with_torch_load() -> None:
+    rows = bench_hotpaths.legacy_rows(1)
+    assert rows and all(r["ratio"] > 0 and r["theirs_ms"] > 0 for r in rows)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
 def test_gpu_benchmark_says_why_it_is_skipped(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert bench_gpu.main(["--quick", "--json", str(tmp_path / "gpu.json")]) == 0
