@@ -59,6 +59,7 @@ def stream_json(data: bytes) -> None:
     data region as an index would, safetensors 0.8 reads (this format is never more lenient)."""
     import safetensors.torch
 
+    from mettaformat.constants import MAX_TENSOR_BYTES
     from mettaformat.container.stream_json import parse_stream_json
     from mettaformat.dtypes import DTYPE_TAGS, itemsize
 
@@ -68,9 +69,10 @@ def stream_json(data: bytes) -> None:
         return
     position = 0
     for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
-        if t.dtype not in DTYPE_TAGS or t.begin != position or t.end - t.begin != itemsize(t.dtype) * math.prod(
-                t.shape) or t.end > 1 << 20:
-            return  # the index comparison refuses this one (§5.5)
+        size = itemsize(t.dtype) if t.dtype in DTYPE_TAGS else 0
+        if not size or t.begin != position or t.end - t.begin != size * math.prod(t.shape) or t.end > 1 << 20 or (
+                size * math.prod(d or 1 for d in t.shape) > MAX_TENSOR_BYTES):
+            return  # the index comparison refuses this one (§5.5; an empty tensor's other dimensions count too)
         position = t.end
     body = data + b" " * (-(8 + len(data)) % 8)
     safetensors.torch.load(struct.pack("<Q", len(body)) + body + bytes(position))
