@@ -14,7 +14,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -36,7 +35,7 @@ _opening = threading.local()
 
 
 @contextmanager
-def _opening_from(path: Path) -> Iterator[list[str]]:
+def _opening_from(path: str | os.PathLike[str]) -> Iterator[list[str]]:
     stack: list[str] = getattr(_opening, "stack", None) or []
     _opening.stack = stack
     stack.append(os.path.realpath(path))
@@ -158,15 +157,15 @@ def saved_tensors(ckpt: LazyCheckpoint, s: SectionEntry, entries: list[TensorEnt
     cores; each residual is then rebuilt in place, block by block, and hashed while in the cache."""
     chosen = list(s.tensors) if entries is None else entries
     deltas = delta_names(ckpt, s.name)
-    needed = [e.name for e in chosen if e.name in deltas]
-    bases = _in_thread(lambda: base_tensors(ckpt, s.name, needed)) if needed else None
+    needed = [e for e in chosen if e.name in deltas]
+    bases = _in_thread(lambda: base_tensors(ckpt, s.name, [e.name for e in needed])) if needed else None
     try:
         out = _decode(ckpt, s, chosen)
     finally:
         base_of = bases() if bases is not None else {}
     if needed:
-        rebuilt = shared_pool().map(lambda n: _rebuild_in_place(ckpt, s, s.index.get(n), out[n], base_of[n]), needed)
-        out.update(zip(needed, rebuilt, strict=True))
+        rebuilt = shared_pool().map(lambda e: _rebuild_in_place(ckpt, s, e, out[e.name], base_of[e.name]), needed)
+        out.update(zip((e.name for e in needed), rebuilt, strict=True))
     return out
 
 

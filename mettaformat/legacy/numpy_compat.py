@@ -12,7 +12,7 @@ turn them into tensors or Python numbers.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import torch
 
@@ -100,7 +100,7 @@ def is_numpy_array(value: Any) -> bool:
     return _is(value, "ndarray")
 
 
-def is_numpy_scalar(value: Any) -> bool:
+def is_numpy_scalar(value: Any) -> TypeGuard[LegacyObject]:
     """True for a scalar record made by :func:`scalar`."""
     return _is(value, "scalar")
 
