@@ -138,7 +138,7 @@ def test_prune_never_deletes_unreadable_or_changed_files(tmp_path: Path, monkeyp
         write_mfmt(tmp_path, "model_0002.mfmt", {"epoch": 2, "score": 0.95}, seed=9)
         return real(records)
 
-    monkeypatch.setattr("mettaformat.store.store.delete_records", resave_then_delete)
+    monkeypatch.setattr("mettaformat.store.pruning.delete_records", resave_then_delete)
     report = store.prune(LatestN(1))
     skipped = {s.path.name: s.reason for s in report.skipped}
     assert skipped["model_0000.mfmt"].startswith("unreadable")

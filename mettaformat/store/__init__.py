@@ -9,8 +9,9 @@
 - :func:`register_scheme`: plug in a URI scheme (``s3://``...).
 
 Module map: ``store`` (the class), ``catalog`` (reading records), ``index`` (the on-disk index),
-``selectors``, ``retention``, ``maintenance`` (deletion), ``cache``, ``uri``, ``record``,
-``metadata``.
+``selectors``, ``retention``, ``maintenance`` (deletion), ``pruning`` (carrying out a prune),
+``saving`` (what a save writes and where), ``deltas`` (delta bases), ``remote_store`` (object
+storage), ``cache``, ``uri``, ``record``, ``metadata``.
 """
 
 from __future__ import annotations

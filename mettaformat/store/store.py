@@ -18,40 +18,30 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import torch
 from torch import nn
 
 from mettaformat.agent import MettaAgent
 from mettaformat.anyformat import load_any
-from mettaformat.checkpoint_io import write_checkpoint
 from mettaformat.constants import ZSTD_DEFAULT_LEVEL, Compression
-from mettaformat.errors import StoreError, WriteError
+from mettaformat.errors import StoreError
 from mettaformat.remote.index import DEFAULT_MAX_AGE_S
-from mettaformat.remote.uri import fsspec_knows, is_remote_uri, join_uri
+from mettaformat.remote.uri import is_remote_uri
 from mettaformat.store.cache import DEFAULT_CACHE_SIZE, PolicyCache
 from mettaformat.store.catalog import RecordCatalog, ScanResult
-from mettaformat.store.deltas import DeltaMode, check_delta_options, choose_base, dependants, make_standalone
-from mettaformat.store.maintenance import (
-    DEFAULT_TEMP_GRACE_S,
-    PruneReport,
-    SkippedFile,
-    clean_temp_files,
-    delete_records,
-    plan_prune,
-)
-from mettaformat.store.record import PolicyRecord, as_int, stat_signature
+from mettaformat.store.deltas import DeltaMode, check_delta_options, choose_base
+from mettaformat.store.maintenance import DEFAULT_TEMP_GRACE_S, PruneReport, clean_temp_files
+from mettaformat.store.pruning import run_prune
+from mettaformat.store.record import PolicyRecord, stat_signature
+from mettaformat.store.remote_store import is_object_storage, save_remote, scan_object_storage, stale_selection
 from mettaformat.store.retention import RetentionPolicy
-from mettaformat.store.selectors import Exclusion, Mode, Selection, SelectorName, latest_first, select_records
-from mettaformat.store.uri import check_file_name, local_path, registered_schemes, resolve_uri, split_scheme
+from mettaformat.store.saving import as_agent, checkpoint_for, local_target, read_back, write_local
+from mettaformat.store.selectors import Mode, Selection, SelectorName, latest_first, select_records
+from mettaformat.store.uri import local_path, resolve_uri
 
 __all__ = ["PolicyStore", "PolicyStoreWarning"]
-
-#: The suffix of the files the store writes.
-STORE_SUFFIX: Final = ".mfmt"
-#: Selections larger than this are checked by a full listing rather than one request per object.
-_MAX_CHECKED: Final = 32
 
 CacheKey = tuple[str, int, int, int]
 
@@ -120,17 +110,10 @@ class PolicyStore:
 
     def _scan(self, target: str, refresh: bool) -> tuple[ScanResult, bool]:
         """The scan, and whether it came from an object-storage index without a listing."""
-        if _object_storage(target):
-            from mettaformat.remote.store import scan_remote
-
-            scan = scan_remote(
+        if is_object_storage(target):
+            return scan_object_storage(
                 target, use_index=self._catalog.use_index, max_age_s=self.index_max_age_s, refresh=refresh
             )
-            result = ScanResult(
-                records=tuple(scan.records),
-                unreadable=tuple(Exclusion(path=p, reason="unreadable", detail=d) for p, d in scan.unreadable),
-            )
-            return result, scan.from_index
         return self._catalog.scan(resolve_uri(target)), False
 
     def records(self, uri: str | os.PathLike[str] | None = None) -> list[PolicyRecord]:
@@ -179,11 +162,8 @@ class PolicyStore:
             )
 
         selection = choose(scan)
-        if from_index:  # an index not checked against a listing: the chosen objects must still be there
-            from mettaformat.remote.store import changed_since_listed
-
-            if len(selection.records) > _MAX_CHECKED or changed_since_listed(list(selection.records)):
-                selection = choose(self._scan(target, refresh=True)[0])
+        if from_index and stale_selection(selection.records):  # an index not checked against a listing
+            selection = choose(self._scan(target, refresh=True)[0])
         return selection
 
     # -- loading --------------------------------------------------------------------------------
@@ -315,103 +295,27 @@ class PolicyStore:
             WriteError: the metadata cannot be stored, or an I/O error (the old file is kept).
         """
         check_delta_options(delta, full_every)
-        if isinstance(agent, MettaAgent):
-            base = agent
-        elif isinstance(agent, nn.Module):
-            base = MettaAgent(agent, model_type=model_type)
-        else:
-            raise TypeError(f"PolicyStore.save needs agent=<MettaAgent or nn.Module>, got {type(agent).__name__}")
+        base = as_agent(agent, model_type)
         merged = {**base.metadata, **dict(metadata or {})}
         if self._remote(path):
-            return self._save_remote(base, merged, name, path, compression, level, overwrite)
-        target = self._target(name, path, merged)
-        if not overwrite and os.path.lexists(target):
-            raise StoreError(
-                f"{target} already exists; pass overwrite=True to replace it, or another name=", region=str(target)
+            return save_remote(
+                self.root, base, merged, name, path,
+                compression=compression, level=level, overwrite=overwrite, use_index=self._catalog.use_index,
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = base.to_checkpoint()
-        ckpt.metadata = merged
-        ckpt.name = base.name or target.name
-        ckpt.uri = target.resolve().as_uri()
+        target = local_target(self.root, name, path, merged, overwrite=overwrite)
+        ckpt = checkpoint_for(base, merged, target.name, target.resolve().as_uri())
         records = self.scan(target.parent).records if delta else []
         delta_base = choose_base(records, target, merged, ckpt.tensors, delta, full_every)
-        try:
-            write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable, base=delta_base)
-        except WriteError as e:
-            if delta_base is None or e.region != "base":
-                raise
-            warnings.warn(f"{target}: saved as a full checkpoint, its delta base cannot be used: {e}",
+        unusable = write_local(ckpt, target, compression=compression, level=level, durable=durable, base=delta_base)
+        if unusable is not None:
+            warnings.warn(f"{target}: saved as a full checkpoint, its delta base cannot be used: {unusable}",
                           PolicyStoreWarning, stacklevel=2)
-            write_checkpoint(ckpt, target, compression=compression, level=level, durable=durable)
         # Crash leftovers are cleaned by the next save (threat model WR5); young ones may be live writes.
         clean_temp_files(target.parent, grace_s=DEFAULT_TEMP_GRACE_S)
-        # Read back from the header (and indexed): the record then equals what a later listing
-        # returns. Going through the catalog also copes with a concurrent saver replacing the file.
-        scan = self._catalog.scan([Path(os.path.abspath(target))])
-        if not scan.records:
-            detail = scan.unreadable[0].detail if scan.unreadable else "it vanished (deleted by another process?)"
-            raise StoreError(f"saved {target}, but cannot read it back: {detail}", region=str(target))
-        return scan.records[0]
+        return read_back(self._catalog, target)
 
     def _remote(self, path: str | os.PathLike[str] | None) -> bool:
         return is_remote_uri(path) if path is not None else isinstance(self.root, str)
-
-    def _save_remote(
-        self,
-        base: MettaAgent,
-        merged: dict[str, Any],
-        name: str | None,
-        path: str | os.PathLike[str] | None,
-        compression: Compression,
-        level: int,
-        overwrite: bool,
-    ) -> PolicyRecord:
-        from mettaformat.remote.index import prefix_of, update_remote_index
-        from mettaformat.remote.store import list_objects, object_exists, read_remote_record
-
-        if path is not None:
-            target = os.fspath(path)
-            check_file_name(target.rsplit("/", 1)[-1])
-        else:
-            assert isinstance(self.root, str)
-            target = join_uri(self.root, check_file_name(name or self._default_name(merged)))
-        if not target.endswith(STORE_SUFFIX):
-            raise StoreError(f"PolicyStore writes mettaformat containers; {target!r} must end in {STORE_SUFFIX}")
-        if not overwrite and object_exists(target):
-            raise StoreError(f"{target} already exists; pass overwrite=True to replace it, or another name=")
-        ckpt = base.to_checkpoint()
-        ckpt.metadata = merged
-        ckpt.name = base.name or target.rsplit("/", 1)[-1]
-        ckpt.uri = target
-        write_checkpoint(ckpt, target, compression=compression, level=level)  # uploaded whole, then visible
-        record = read_remote_record(list_objects(target)[0])
-        if self._catalog.use_index:
-            update_remote_index(prefix_of(target), add=[record])
-        return record
-
-    @staticmethod
-    def _default_name(metadata: Mapping[str, Any]) -> str:
-        epoch = as_int(metadata.get("epoch"))
-        if epoch is None or epoch < 0:
-            raise StoreError(
-                "cannot name the checkpoint: the metadata has no non-negative integer 'epoch'; pass name= or path="
-            )
-        return f"model_{epoch:04d}{STORE_SUFFIX}"
-
-    def _target(self, name: str | None, path: str | os.PathLike[str] | None, metadata: Mapping[str, Any]) -> Path:
-        if path is not None:
-            target = local_path(path)
-            check_file_name(target.name)
-        else:
-            if self.root is None:
-                raise StoreError("PolicyStore.save needs path=... when the store has no root")
-            if name is None:
-                name = self._default_name(metadata)
-            target = Path(self.root) / check_file_name(name)
-        if target.suffix != STORE_SUFFIX:
-            raise StoreError(f"PolicyStore writes mettaformat containers; {target.name!r} must end in {STORE_SUFFIX}")
-        return target
 
     # -- retention ------------------------------------------------------------------------------
     def prune(
@@ -458,60 +362,18 @@ class PolicyStore:
         if not temp_grace_s >= 0:  # also rejects NaN
             raise StoreError(f"temp file grace period must be a non-negative number of seconds, not {temp_grace_s}")
         target = self._uri(uri)
-        scan = self.scan(target, refresh=True)  # deletions are planned from a full listing
-        local = not _object_storage(target)  # objects in a bucket are not rewritten in place: their bases stay
-        plan = plan_prune(scan.records, policy, keep_bases=not (materialize_dependants and local))
-        to_materialize = dependants(plan.kept, plan.doomed) if materialize_dependants and local else []
-        if scan.records and not plan.kept and not allow_delete_all:
-            raise StoreError(
-                f"{policy!r} keeps none of the {len(scan.records)} checkpoints at {target}; "
-                "pass allow_delete_all=True to delete them all"
-            )
-        skipped = [SkippedFile(e.path, f"unreadable: {e.detail}") for e in scan.unreadable]
-        directories = sorted(self._directories(target, scan))
-
-        def report(deleted: list[PolicyRecord], temps: list[Path], dry: bool, made: list[Path]) -> PruneReport:
-            return PruneReport(
-                policy=repr(policy),
-                dry_run=dry,
-                materialized=tuple(made),
-                kept=tuple(plan.kept),
-                deleted=tuple(deleted),
-                kept_by=plan.kept_by,
-                skipped=tuple(skipped),
-                temp_files_removed=tuple(temps),
-                runs=plan.runs,
-            )
-
-        def temp_files(dry: bool) -> list[Path]:
-            return [p for d in directories for p in clean_temp_files(d, grace_s=temp_grace_s, dry_run=dry)]
-
-        if dry_run or confirm is not None:
-            preview = report(plan.doomed, temp_files(True), True, to_materialize)
-            if dry_run or (confirm is not None and not confirm(preview)):
-                return preview
-        if _object_storage(target):
-            from mettaformat.remote.store import delete_remote_records
-
-            deleted, not_deleted_remote = delete_remote_records(plan.doomed)
-            skipped.extend(SkippedFile(p, why) for p, why in not_deleted_remote)
-            if self._catalog.use_index:
-                from mettaformat.remote.index import remove_from_indexes
-
-                remove_from_indexes(deleted)
-        else:
-            made, rescued, failed = make_standalone(to_materialize, plan.doomed)
-            skipped.extend(SkippedFile(p, why) for p, why in failed)
-            if rescued:  # bases a file that stays a delta still needs
-                plan.kept[:] = latest_first([*plan.kept, *(r for r in plan.doomed if r.path in rescued)])
-                plan.kept_by.update({p: ("base of a kept delta checkpoint",) for p in rescued})
-                plan.doomed[:] = [r for r in plan.doomed if r.path not in rescued]
-            deleted, not_deleted = delete_records(plan.doomed)
-            skipped.extend(not_deleted)
-            self._forget([*deleted, *(r for r in plan.kept if r.path in set(made))])
-            return report(deleted, temp_files(False), False, made)
-        self._forget(deleted)
-        return report(deleted, temp_files(False), False, [])
+        return run_prune(
+            self.scan(target, refresh=True),  # deletions are planned from a full listing
+            target,
+            policy,
+            dry_run=dry_run,
+            temp_grace_s=temp_grace_s,
+            allow_delete_all=allow_delete_all,
+            confirm=confirm,
+            materialize_dependants=materialize_dependants,
+            use_index=self._catalog.use_index,
+            forget=self._forget,
+        )
 
     def clean_temp_files(
         self,
@@ -534,23 +396,6 @@ class PolicyStore:
         for key in self.cache.keys():
             if key[0] in gone:
                 self.cache.pop(key)
-
-    @staticmethod
-    def _directories(target: str, scan: ScanResult) -> set[Path]:
-        scheme, _ = split_scheme(target)
-        if _object_storage(target):
-            return set()  # temp keys: uploads to S3/GCS have none; others are moved into place at once
-        dirs = {r.path.parent for r in scan.records}
-        if scheme in (None, "file"):
-            path = local_path(target)
-            if path.is_dir():
-                dirs.add(Path(os.path.abspath(path)))
-        return dirs
-
-
-def _object_storage(uri: str) -> bool:
-    """A URI listed through fsspec: remote, and no handler registered for its scheme."""
-    return fsspec_knows(uri) and split_scheme(uri)[0] not in registered_schemes()
 
 
 def _nothing_found(uri: str, selection: Selection) -> str:
