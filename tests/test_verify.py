@@ -173,15 +173,22 @@ def test_a_file_verified_once_is_not_hashed_again_until_it_changes(
         mettaformat.load_file(path)
 
 
+def _saved_long_ago(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A saved file whose modification time is far in the past, with no racy window: a later write
+    surely moves its timestamps, so the memo of verified files sees every change."""
+    monkeypatch.setattr(verify, "RACY_WINDOW_NS", 0)
+    path = tmp_path / "m.mfmt"
+    mettaformat.save_file(_state(), path)
+    os.utime(path, (1, 1))
+    return path
+
+
 def test_a_verified_load_checks_the_structure_once_while_the_file_is_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mettaformat.container import structure
 
-    monkeypatch.setattr(verify, "RACY_WINDOW_NS", 0)
-    path = tmp_path / "m.mfmt"
-    mettaformat.save_file(_state(), path)
-    os.utime(path, (1, 1))  # the write below then surely moves the modification time
+    path = _saved_long_ago(tmp_path, monkeypatch)
     checked: list[Path] = []
     real = structure.check_structure
     monkeypatch.setattr("mettaformat.container.reader.check_structure",
@@ -217,10 +224,7 @@ def test_a_file_changed_just_before_its_verification_is_not_remembered(
 def test_a_remembered_file_changed_in_place_while_open_is_checked_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(verify, "RACY_WINDOW_NS", 0)
-    path = tmp_path / "m.mfmt"
-    mettaformat.save_file(_state(), path)
-    os.utime(path, (1, 1))  # the write below then surely moves the modification time
+    path = _saved_long_ago(tmp_path, monkeypatch)
     mettaformat.load_file(path)  # remembered as verified
     with mettaformat.open(path) as f:
         span = craft.parse(path.read_bytes()).tensor_span("b")
