@@ -53,17 +53,17 @@ def compare_formats(weights: dict[str, torch.Tensor], workdir: Path, *, repeat: 
 
     first = next(iter(weights))
     paths = {name: workdir / f"bench{suffix}" for name, suffix in (
-        ("mettaformat raw", ".mfmt"), ("mettaformat zstd-3", ".zstd.mfmt"), ("safetensors", ".safetensors"),
+        ("mettaformat raw", ".mfmt"), ("mettaformat zstd", ".zstd.mfmt"), ("safetensors", ".safetensors"),
         ("torch.save", ".pt"))}
     saves: dict[str, Callable[[], object]] = {
         "mettaformat raw": lambda: mettaformat.save_file(weights, paths["mettaformat raw"]),
-        "mettaformat zstd-3": lambda: mettaformat.save_file(weights, paths["mettaformat zstd-3"], compression="zstd"),
+        "mettaformat zstd": lambda: mettaformat.save_file(weights, paths["mettaformat zstd"], compression="zstd"),
         "safetensors": lambda: safetensors.torch.save_file(weights, paths["safetensors"]),
         "torch.save": lambda: torch.save(weights, paths["torch.save"]),
     }
     loads: dict[str, Callable[[], object]] = {
         "mettaformat raw": lambda: _touch(mettaformat.load_file(paths["mettaformat raw"])),
-        "mettaformat zstd-3": lambda: _touch(mettaformat.load_file(paths["mettaformat zstd-3"])),
+        "mettaformat zstd": lambda: _touch(mettaformat.load_file(paths["mettaformat zstd"])),
         "safetensors": lambda: _touch(safetensors.torch.load_file(paths["safetensors"])),
         "torch.save": lambda: _touch(torch.load(paths["torch.save"], weights_only=True)),
     }
