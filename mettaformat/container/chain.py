@@ -108,8 +108,7 @@ def base_tensors(ckpt: LazyCheckpoint, section: str, names: list[str]) -> dict[s
     try:
         with naming_file(base.path, container=True):
             _prefetch(base)
-            if base.verify:
-                base.verify_structure()
+            base._verify_structure_once()
             s = base.header.section(section)
             entries = {name: s.index.get(name) if s is not None else None for name in names}
             missing = [name for name, e in entries.items() if e is None]

@@ -335,6 +335,12 @@ class LazyCheckpoint(ContainerFile):
         check_structure(self)
         mark_verified(self._identity, [STRUCTURE])
 
+    def _verify_structure_once(self) -> None:
+        """What a verifying load checks of the structure: all of it, unless this very file (unchanged)
+        passed the check before in this process."""
+        if self.verify and not self._verified_before(STRUCTURE):
+            self.verify_structure()
+
 
 
 def _max_byte(data: Any) -> int:

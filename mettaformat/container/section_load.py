@@ -20,7 +20,7 @@ from mettaformat.constants import PREAMBLE_SIZE
 from mettaformat.container.chain import delta_names, saved_tensors
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
 from mettaformat.container.header import SectionEntry, TensorEntry
-from mettaformat.container.verify import STRUCTURE, hash_views
+from mettaformat.container.verify import hash_views
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import LayoutError
 
@@ -39,8 +39,7 @@ def load_section(
     s = ckpt.header.section(section)
     if not src.mappable:  # one parallel fetch of what the structure checks and codecs slice
         src.prefetch(unmapped_ranges(ckpt))
-    if ckpt.verify and not ckpt._verified_before(STRUCTURE):
-        ckpt.verify_structure()
+    ckpt._verify_structure_once()
     if s is None:
         return {}
     target = torch.device(device)
