@@ -103,3 +103,22 @@ def test_numpy_arrays_and_scalars_without_importing_numpy() -> None:
     assert numpy_scalar_value(got["s"]) == 2.5 and numpy_scalar_value(got["i"]) == -3
     with pytest.raises(Exception):  # object arrays are refused by the helper, not executed
         ndarray_to_tensor(unpickle(pickle.dumps(np.array([{"a": 1}], dtype=object), protocol=2))[0])
+
+
+def test_build_drops_instance_state_only_on_an_ordered_dict() -> None:
+    import collections
+
+    from mettaformat.errors import LegacyFormatError
+    from mettaformat.legacy.unpickler import unpickle
+
+    # A state dict's per-module versions ride on the OrderedDict instance; the plain dict drops them.
+    ordered = collections.OrderedDict(w=1)
+    ordered._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
+    value, _ = unpickle(pickle.dumps(ordered, protocol=2))
+    assert value == {"w": 1} and type(value) is dict
+    # A dict that never was an OrderedDict has no instance state: CPython refuses BUILD on it, and so do we.
+    stream = b"\x80\x02}q\x02}q\x00b."
+    with pytest.raises(AttributeError):
+        pickle.loads(stream)
+    with pytest.raises(LegacyFormatError, match="BUILD on a dict"):
+        unpickle(stream)

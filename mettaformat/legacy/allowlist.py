@@ -140,14 +140,16 @@ def _container(kind: type) -> BuiltinFn:
 
 
 def ordered_dict(vm: PickleVM, args: tuple[Any, ...]) -> dict[Any, Any]:
-    """``collections.OrderedDict(*args)`` as a plain dict (the VM inlines the no-argument case)."""
+    """``collections.OrderedDict(*args)`` as a plain dict, remembered as one for ``BUILD``."""
     check_arity(vm, args, "OrderedDict", 0, 1)
-    if not args:
-        return {}
-    items = _iterable(vm, args[0], "OrderedDict")
-    if isinstance(items, (list, tuple)):
-        vm.charge_keys(p[0] for p in items if type(p) is tuple and p)
-    return dict(items)
+    out: dict[Any, Any] = {}
+    if args:
+        items = _iterable(vm, args[0], "OrderedDict")
+        if isinstance(items, (list, tuple)):
+            vm.charge_keys(p[0] for p in items if type(p) is tuple and p)
+        out = dict(items)
+    vm.ordered_dicts.add(id(out))
+    return out
 
 
 def _defaultdict(vm: PickleVM, args: tuple[Any, ...]) -> RecordedDefaultDict:
@@ -335,9 +337,12 @@ def build(vm: PickleVM, obj: Any, state: Any) -> None:
             obj.state.update(state)
         else:
             vm.fail(f"second BUILD on {obj.class_path}")
-    elif isinstance(obj, dict) and (state is None or isinstance(state, dict)):
+    elif isinstance(obj, dict) and (type(obj) is not dict or id(obj) in vm.ordered_dicts) and (
+        state is None or isinstance(state, dict)
+    ):
         # OrderedDict instance attributes, e.g. a state dict's ``_metadata`` (per-module
-        # versions). A plain dict cannot carry them; they are dropped.
+        # versions). A plain dict cannot carry them; they are dropped. A dict that was never an
+        # OrderedDict has no instance state at all: BUILD on it fails, as in CPython.
         vm.charge(len(state or ()))
     else:
         vm.fail(f"BUILD on a {type(obj).__name__}")

@@ -40,6 +40,8 @@ class PickleVM:
         pos: offset just after the last opcode run (after ``STOP`` once :meth:`run` returns).
         limit: offset no argument may be read past: the end of the current ``FRAME``, else ``end``.
         globals_seen: every ``(module, name)`` the stream named, as spelled.
+        ordered_dicts: ids of the plain dicts that stand for ``OrderedDict`` instances (only those
+            may receive, and drop, instance state from ``BUILD``).
         region: the region named in errors (``"data.pkl"``, ``"legacy stream pickle 4"``).
     """
 
@@ -76,6 +78,7 @@ class PickleVM:
         self.offset_base = offset_base
         self.limits = limits
         self.globals_seen: set[tuple[str, str]] = set()
+        self.ordered_dicts: set[int] = set()
         self.op_pos = start
         if self.end - start > limits.max_pickle_bytes:
             raise LegacyLimitError("pickle bytes", self.end - start, limits.max_pickle_bytes, region=region)

@@ -166,7 +166,7 @@ def run_loop(vm: PickleVM) -> None:
                 if type(func) is LegacyObject and func in stubbed:
                     value = _record(func, (), "reduce" if op == REDUCE else "newobj")
                 elif op == REDUCE and type(func) is Builtin and func.fn is ordered_dict:
-                    value = {}
+                    value = ordered_dict(vm, ())
                 else:
                     value = invoke(op, func, ())
                 pos += 1
@@ -256,7 +256,7 @@ def run_loop(vm: PickleVM) -> None:
                 if type(func) is LegacyObject and func in stubbed and type(args) is tuple:
                     value = _record(func, args, "reduce" if op == REDUCE else "newobj")
                 elif op == REDUCE and type(func) is Builtin and type(args) is tuple:
-                    value = {} if not args and func.fn is ordered_dict else func.fn(vm, args)
+                    value = func.fn(vm, args)
                 else:
                     value = invoke(op, func, args)
                 pos += 1
