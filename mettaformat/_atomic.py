@@ -12,6 +12,13 @@ measured here, more than half of a save. Readers see the old file or the new one
 ``durable=True`` promises the new one survives a power loss. A process killed between the swap
 and the deletion leaves the old version under a temp name, cleaned like any leftover.
 
+A write may reuse an existing file the caller no longer needs (``reuse=``): it is renamed to the temp
+name and overwritten in place instead of creating a new one. On file systems that discard freed
+blocks online (ext4 ``discard``), writing fresh blocks and freeing old ones makes the next fsync wait
+for the discards: 256 MiB took 1.6-1.9 s that way here, against 0.3 s overwriting existing blocks.
+The reused file is claimed with a non-blocking exclusive ``flock``; a reader that maps it holds a
+shared one, and then a new file is written instead.
+
 A durable write keeps the disk busy while the file is being written (``sync_file_range``, Linux):
 otherwise the kernel holds every page in memory until the fsync, which then waits for the whole
 file instead of its last few milliseconds.
@@ -31,6 +38,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: files are never reused
+    fcntl = None  # type: ignore[assignment]
+
 from mettaformat._pool import shared_pool
 from mettaformat.errors import MettaFormatError, WriteError
 
@@ -47,13 +59,24 @@ def is_temp_file(path: str | os.PathLike[str]) -> bool:
 
 
 @contextmanager
-def atomic_fd(path: str | os.PathLike[str], *, durable: bool = False, sync_dir: bool = True) -> Iterator[int]:
+def atomic_fd(
+    path: str | os.PathLike[str],
+    *,
+    durable: bool = False,
+    sync_dir: bool = True,
+    reuse: str | os.PathLike[str] | None = None,
+) -> Iterator[int]:
     """Yield a file descriptor whose content replaces ``path`` when the block succeeds.
 
     With ``durable``, the file is fsynced before the rename and the directory after it, so the new
     version survives a power loss; without, the replacement is atomic but not yet on disk.
     ``sync_dir=False`` leaves the directory to the caller, who writes several files into it and
     syncs it once (before anything that names them is committed).
+
+    ``reuse`` names a file in the same directory whose content is no longer needed: when nobody
+    holds a lock on it, it becomes the temp file and the block overwrites it from offset 0 (the
+    caller truncates it to the new length); otherwise, or if it is gone, a new temp file is
+    created. The claim's exclusive lock lasts until the file is closed, after the block.
 
     Raises:
         WriteError: the temp file cannot be created, or an OSError happened while writing,
@@ -69,10 +92,12 @@ def atomic_fd(path: str | os.PathLike[str], *, durable: bool = False, sync_dir: 
         return
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as e:
-        raise WriteError(f"cannot create a temp file beside {target}: {e.strerror}") from e
+    fd = _claim(Path(reuse), tmp) if reuse is not None else -1
+    if fd < 0:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as e:
+            raise WriteError(f"cannot create a temp file beside {target}: {e.strerror}") from e
     try:
         try:
             if durable:
@@ -89,12 +114,35 @@ def atomic_fd(path: str | os.PathLike[str], *, durable: bool = False, sync_dir: 
             os.replace(tmp, target)
     except BaseException as e:
         # Never leave a partial temp file, and never retry an fsync after EIO (fsyncgate).
-        tmp.unlink(missing_ok=True)
+        remove_file(tmp)
         if isinstance(e, MettaFormatError) or not isinstance(e, (OSError, ValueError, RuntimeError)):
             raise
         raise WriteError(f"saving {target} failed: {e}") from e
     if durable and sync_dir:
         fsync_dir(target.parent)
+
+
+def _claim(old: Path, tmp: Path) -> int:
+    """Open ``old`` for overwriting, lock it exclusively and rename it to ``tmp``; -1 (nothing
+    changed) when it is missing, not a regular file, or locked by a reader."""
+    if fcntl is None:
+        return -1
+    try:
+        # O_NONBLOCK: opening a FIFO planted under that name fails instead of waiting for a reader
+        fd = os.open(old, os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st = os.fstat(fd)
+        # still the file under that name (not replaced between open and lock), and an ordinary one
+        if not stat.S_ISREG(st.st_mode) or not os.path.samestat(st, os.lstat(old)):
+            raise OSError(errno.ESTALE, "replaced while being claimed")
+        os.rename(old, tmp)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def remove_file(path: str | os.PathLike[str]) -> None:

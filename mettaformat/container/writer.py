@@ -118,6 +118,7 @@ def write_container(
     durable: bool = False,
     base: str | os.PathLike[str] | LazyCheckpoint | None = None,
     sync_dir: bool = True,
+    reuse: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write a container with several sections and object trees, atomically.
 
@@ -127,6 +128,9 @@ def write_container(
             same name under their dotted path (``optimizer`` -> ``state.0.exp_avg``).
         sync_dir: with ``durable``, also fsync the directory after the rename; ``False`` when the
             caller syncs it once for several files.
+        reuse: an existing file whose content is no longer needed: overwritten in place (and so
+            gone) unless a reader holds a lock on it, then left alone and a new file written
+            (see :func:`mettaformat._atomic.atomic_fd`).
         Others as for :func:`save_file`.
 
     Raises:
@@ -134,7 +138,7 @@ def write_container(
     """
     codec = resolve_codec(compression, level)
     if base is None:
-        with atomic_fd(path, durable=durable, sync_dir=sync_dir) as fd:
+        with atomic_fd(path, durable=durable, sync_dir=sync_dir, reuse=reuse) as fd:
             _write(fd, sections, metadata, trees, codec)
         return
     if isinstance(codec, RawCodec):
@@ -142,7 +146,7 @@ def write_container(
     with _open_base(base) as base_ckpt:
         all_sections, encoded_trees = _split_trees(sections, trees)
         stored, delta = delta_sections(all_sections, base_ckpt, getattr(codec, "level", None), path)
-        with atomic_fd(path, durable=durable, sync_dir=sync_dir) as fd:
+        with atomic_fd(path, durable=durable, sync_dir=sync_dir, reuse=reuse) as fd:
             _write(fd, stored, metadata, None, codec, encoded_trees=encoded_trees, delta=delta)
 
 
@@ -295,5 +299,17 @@ def _write(
     pwrite_all(fd, index + tail.pack(), data_end)
     preamble = Preamble.for_header(header_bytes, FLAG_HAS_TRAILER, MFMT_VERSION_MINOR)
     pwrite_all(fd, preamble.pack() + header_bytes, 0)
+    regions = [(0, PREAMBLE_SIZE + len(header_bytes)), *((s.offset, s.end) for s in written), (data_end, file_length)]
+    _zero_padding(fd, regions)
     os.ftruncate(fd, file_length)
     return file_length
+
+
+def _zero_padding(fd: int, regions: list[tuple[int, int]]) -> None:
+    """Write the zeros between the written ``(start, end)`` regions: ``fd`` may be a reused file
+    whose old bytes would otherwise remain there (in a new file they are holes, read as zeros)."""
+    position = 0
+    for start, end in sorted(regions):
+        if start > position:
+            pwrite_all(fd, bytes(start - position), position)
+        position = max(position, end)
