@@ -81,11 +81,11 @@ def test_round_trip_is_exact_and_pickle_free(tmp_path: Path, compression: str, p
 
 
 def test_a_new_save_replaces_the_previous_one_and_removes_its_files(tmp_path: Path) -> None:
-    save(state(), tmp_path / "ck")
+    save(state(), tmp_path / "ck", keep_previous=False)
     first = set(os.listdir(tmp_path / "ck"))
     s = state()
     s["step"] = 43
-    save(s, tmp_path / "ck")
+    save(s, tmp_path / "ck", keep_previous=False)
     assert load(tmp_path / "ck")["step"] == 43
     assert len(os.listdir(tmp_path / "ck")) == 2 and not first & set(os.listdir(tmp_path / "ck")) - {INDEX_NAME}
 
@@ -124,7 +124,7 @@ def test_large_files_of_the_previous_save_are_deleted_after_the_commit_in_the_ba
     monkeypatch.setattr(_atomic, "shared_pool", Later)
     s = state()
     s["step"] = 43
-    save(s, tmp_path / "ck")
+    save(s, tmp_path / "ck", keep_previous=False)
     assert first <= set(os.listdir(tmp_path / "ck")) and deferred
     assert load(tmp_path / "ck")["step"] == 43  # the new save is committed while old files remain
     for delete in deferred:

@@ -123,9 +123,10 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint_loadable(tmp_path: Path
     assert state["step"] == 1
     for k, v in full.items():
         assert torch.equal(state[k], v), k
-    # the next committed save clears what the dead one left
+    # the next committed save clears what the dead one left, keeping the save it replaces at rest
     (root / ".__1_0123456789abcdef.mfmt.0123456789ab.mfmt-tmp").write_bytes(b"partial")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"w": torch.ones(2)}, storage_writer=mettaformat.dcp.MettaStorageWriter(root), no_dist=True)
-    assert len(os.listdir(root)) == 2
+    newest = mettaformat.dcp.index.read_index(root)
+    assert set(os.listdir(root)) == {mettaformat.dcp.INDEX_NAME, *newest.files, *committed.files}

@@ -18,9 +18,8 @@ import torch
 
 from mettaformat.checkpoint import Checkpoint, TrainingState
 from mettaformat.constants import Compression
-from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.dcp.index import INDEX_NAME, TORCH_METADATA_NAME
-from mettaformat.dcp.reader import ShardRecord, check_coverage, decode_object, read_layout
+from mettaformat.dcp.reader import ShardRecord, check_coverage, decode_object, open_rank_file, read_layout
 from mettaformat.dcp.torch_layout import read_torch_item, read_torch_layout
 from mettaformat.dcp.writer import SHARDS_SECTION, MettaStorageWriter
 from mettaformat.dtypes import dtype_from_tag
@@ -86,7 +85,7 @@ def _read_ours(directory: Path, verify: bool) -> tuple[dict[str, torch.Tensor], 
     for s in shards:
         by_file.setdefault(s.item.file, []).append(s)
     for file, mine in by_file.items():
-        with LazyCheckpoint(directory / file, verify=verify) as ckpt:
+        with open_rank_file(directory, file, verify=verify) as ckpt:
             for s in mine:
                 region = tuple(slice(o, o + n) for o, n in zip(s.offsets, s.sizes, strict=True))
                 tensors[s.fqn][region].copy_(ckpt.get_tensor(s.item.name, section=SHARDS_SECTION))
@@ -104,7 +103,7 @@ def read_objects(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
     index, _, owners = read_layout(directory)
     values: dict[str, Any] = {}
     for file in set(owners.values()):
-        with LazyCheckpoint(directory / file) as ckpt:
+        with open_rank_file(directory, file) as ckpt:
             for fqn in (f for f, owner in owners.items() if owner == file):
                 values[fqn] = decode_object(ckpt, fqn)
     return values, index.planner_data

@@ -36,6 +36,7 @@ __all__ = [
     "TensorRecord",
     "is_rank_file",
     "rank_file_name",
+    "rank_of",
     "read_index",
     "write_index",
 ]
@@ -56,6 +57,12 @@ def rank_file_name(rank: int, save_id: str) -> str:
 
 def is_rank_file(name: str) -> bool:
     return _RANK_FILE.fullmatch(name) is not None
+
+
+def rank_of(name: str) -> int | None:
+    """The rank that wrote the rank file ``name``; None if ``name`` is not a rank file's."""
+    match = _RANK_FILE.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,27 @@ tampered directory fails here with an error naming the file, not later inside to
 Shards are read from memory-mapped containers: each request copies exactly the slice the
 loading rank needs. With ``verify=True`` (the default) a shard's checksum is checked the first
 time any part of it is read, which reads that whole shard once.
+
+A later save may overwrite a superseded rank file in place (see
+:class:`~mettaformat.dcp.MettaStorageWriter`'s ``keep_previous``). Every rank file is therefore
+opened through :func:`open_rank_file`, which holds a shared ``flock`` on it while it is open; a
+writer never overwrites a locked file. A file overwritten before it was opened is not under its
+name any more (each save has its own names), and that is reported, never read torn.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: writers never reuse files there either
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -39,7 +52,7 @@ from mettaformat.dcp.writer import OBJECTS_TREE, SHARDS_SECTION, StoredItem
 from mettaformat.dtypes import dtype_from_tag
 from mettaformat.errors import FormatError, IntegrityError, LayoutError, MettaFormatError
 
-__all__ = ["MettaStorageReader", "ShardRecord", "check_coverage", "decode_object", "read_layout"]
+__all__ = ["MettaStorageReader", "ShardRecord", "check_coverage", "decode_object", "open_rank_file", "read_layout"]
 
 MAX_SHARDS = 1_000_000
 
@@ -51,6 +64,39 @@ class ShardRecord:
 
     def __init__(self, fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...], item: StoredItem) -> None:
         self.fqn, self.offsets, self.sizes, self.item = fqn, offsets, sizes, item
+
+
+@contextmanager
+def open_rank_file(directory: Path, name: str, *, verify: bool = True) -> Iterator[LazyCheckpoint]:
+    """Open the rank file ``name`` of ``directory``, holding a shared lock on it until it is closed.
+
+    Tensors must be copied out before it closes (a later save may then overwrite the file).
+
+    Raises:
+        FormatError: the file is missing, or a newer save has claimed it since the index was read.
+    """
+    path = directory / name
+    replaced = f"{path} was replaced by a newer save while being read; read the checkpoint again"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FormatError(f"{path} is named by the index but missing", region="file") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # a writer is overwriting it
+                raise FormatError(replaced, region="file") from None
+        try:  # locked, the file keeps its name: names are never reused, and a writer renames only unlocked files
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise FormatError(replaced, region="file")
+        with LazyCheckpoint(path, verify=verify) as ckpt:
+            yield ckpt
+    finally:
+        os.close(fd)
 
 
 def read_layout(directory: Path, *, verify: bool = False) -> tuple[DcpIndex, list[ShardRecord], dict[str, str]]:
@@ -67,11 +113,7 @@ def read_layout(directory: Path, *, verify: bool = False) -> tuple[DcpIndex, lis
     objects: dict[str, str] = {}
     for record in index.files.values():
         path = directory / record.name
-        try:
-            ckpt = LazyCheckpoint(path, verify=verify)
-        except FileNotFoundError:
-            raise FormatError(f"{path} is named by the index but missing", region="file") from None
-        with ckpt:
+        with open_rank_file(directory, record.name, verify=verify) as ckpt:
             if ckpt.file_size != record.size or ckpt.preamble.header_checksum != record.header_checksum:
                 raise IntegrityError(f"{path} is not the file the index committed (size or header changed)",
                                      region="file")
@@ -92,13 +134,14 @@ def read_layout(directory: Path, *, verify: bool = False) -> tuple[DcpIndex, lis
 
 
 def decode_object(ckpt: LazyCheckpoint, fqn: str) -> Any:
-    """Decode the non-tensor item ``fqn`` of a rank file (its tensors, if any, are read too)."""
+    """Decode the non-tensor item ``fqn`` of a rank file; tensors in it are copies, so the value
+    stays intact after the file is closed and a later save overwrites it."""
     raw = ckpt.header.trees.get(OBJECTS_TREE)
     if not isinstance(raw, dict) or fqn not in raw:
         raise FormatError(f"{ckpt.path}: no object {fqn!r:.80}", region="trees")
 
     def tensor(section: str, name: str) -> torch.Tensor:
-        return ckpt.get_tensor(name, section=section)
+        return ckpt.get_tensor(name, section=section).clone()
 
     return decode_tree(raw[fqn], tensor, path=f"{ckpt.path}: object {fqn!r}")
 
@@ -238,7 +281,7 @@ class MettaStorageReader(StorageReader):
         for item in plan.items:
             per_file[self._stored(item).file].append(item)
         for file, items in per_file.items():
-            with LazyCheckpoint(self.path / file, verify=self.verify) as ckpt:
+            with open_rank_file(self.path, file, verify=self.verify) as ckpt:
                 for item in items:
                     self._read_item(ckpt, item, planner)
         future: Future[None] = Future()

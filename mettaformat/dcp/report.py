@@ -9,9 +9,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mettaformat.container.reader import LazyCheckpoint
 from mettaformat.dcp.consolidate import directory_bytes, read_dcp
-from mettaformat.dcp.reader import read_layout
+from mettaformat.dcp.reader import open_rank_file, read_layout
 from mettaformat.dtypes import tag_from_dtype
 from mettaformat.errors import MettaFormatError, WriteError
 
@@ -84,7 +83,7 @@ def validate_dcp(path: str | os.PathLike[str], kind: str, deep: bool, report: Va
         return
     index, _, _ = read_layout(directory)
     for name in index.files:
-        with LazyCheckpoint(directory / name, verify=True) as rank_file:
+        with open_rank_file(directory, name) as rank_file:
             try:
                 rank_file.verify_structure()
                 for s in rank_file.header.sections:

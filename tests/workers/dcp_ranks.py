@@ -149,7 +149,7 @@ class DyingWriter(MettaStorageWriter):
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         if dist.get_rank() == 1:
-            save_id = plan.storage_data.split("_")[-1]
+            save_id = plan.storage_data.file.split("_")[-1]
             deadline = time.monotonic() + 30
             while not (self.path / f"__0_{save_id}").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
