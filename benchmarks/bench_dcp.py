@@ -3,10 +3,15 @@
 Two CPU ranks (gloo) each hold the same amount of sharded state (``Shard(0)`` DTensors plus a
 few non-tensor items); every round saves and loads it with both layers, interleaved, in one run.
 Times are the slowest rank's (what a job waits for); the verdict is the median of the per-round
-ratios (each round runs both layers, in alternating order, after one warm-up round); sizes are the whole
-checkpoint directory. A save is timed until ``dcp.save`` returns; mettaformat then still deletes the
-previous save's files in the background, which is waited for (and reported as "save + cleanup")
-before the next measurement starts, so it never slows another layer. ``python -m benchmarks.bench_dcp [--quick] [--mib 256] [--json OUT]``.
+ratios (each round runs both layers, in alternating order, after one warm-up round). Sizes are the
+committed checkpoint (for torch, the whole directory) and, "at rest", everything in the directory:
+mettaformat keeps the previous save's files to overwrite them in place (``keep_previous``);
+``--one-save-at-rest`` adds a layer that does not, and writes new files each time. A save is timed until
+``dcp.save`` returns; mettaformat may then still delete files in the background, which is waited for
+(and reported as "save + cleanup") before the next measurement starts, so it never slows another
+layer. ``--idle S`` waits S seconds before each save, as a training job does between checkpoints (a
+file system's deferred work, such as discarding freed blocks, then lands inside the next save).
+``python -m benchmarks.bench_dcp [--quick] [--mib 256] [--idle S] [--one-save-at-rest] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,19 @@ MiB = 1 << 20
 WORLD = 2
 TARGET = 1.1  # within 1.1x of torch's layer
 
+ONE_SAVE = "mettaformat durable, one save at rest"
+#: (ours, theirs, what the pair compares)
+PAIRS = (
+    ("mettaformat durable", "torch FileSystem", "fsync"),
+    ("mettaformat", "torch FileSystem no fsync", "no fsync"),
+    (ONE_SAVE, "torch FileSystem", "fsync, keep_previous=False"),
+)
+DIRECTORIES = {
+    "mettaformat": "metta", "mettaformat durable": "metta-durable",
+    ONE_SAVE: "metta-durable-one",
+    "torch FileSystem": "torch", "torch FileSystem no fsync": "torch-nosync",
+}
+
 
 def _state(mib_per_rank: int, mesh: Any) -> dict[str, Any]:
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -49,24 +67,28 @@ def _state(mib_per_rank: int, mesh: Any) -> dict[str, Any]:
     return state
 
 
-def _layers(root: Path) -> dict[str, tuple[Any, Any]]:
+def _layers(root: Path, one_save: bool) -> dict[str, tuple[Any, Any]]:
     from mettaformat.dcp import MettaStorageReader, MettaStorageWriter
 
-    def pair(directory: str, writer: Any, reader: Any) -> tuple[Any, Any]:
-        return (lambda: writer(root / directory)), (lambda: reader(root / directory))
+    def pair(name: str, writer: Any, reader: Any) -> tuple[Any, Any]:
+        directory = root / DIRECTORIES[name]
+        return (lambda: writer(directory)), (lambda: reader(directory))
 
     # Same durability on both sides: torch fsyncs each file by default, mettaformat with durable=True.
-    return {
-        "mettaformat durable": pair("metta-durable", partial(MettaStorageWriter, durable=True), MettaStorageReader),
-        "torch FileSystem": pair("torch", dcp.FileSystemWriter, dcp.FileSystemReader),
-        "mettaformat": pair("metta", MettaStorageWriter, MettaStorageReader),
-        "torch FileSystem no fsync": pair("torch-nosync", partial(dcp.FileSystemWriter, sync_files=False),
+    layers = {
+        "mettaformat": pair("mettaformat", MettaStorageWriter, MettaStorageReader),
+        "torch FileSystem no fsync": pair("torch FileSystem no fsync", partial(dcp.FileSystemWriter, sync_files=False),
                                           dcp.FileSystemReader),
+        "mettaformat durable": pair("mettaformat durable", partial(MettaStorageWriter, durable=True),
+                                    MettaStorageReader),
+        "torch FileSystem": pair("torch FileSystem", dcp.FileSystemWriter, dcp.FileSystemReader),
     }
-
-
-#: (ours, theirs, what the pair compares)
-PAIRS = (("mettaformat durable", "torch FileSystem", "fsync"), ("mettaformat", "torch FileSystem no fsync", "no fsync"))
+    if one_save:
+        # First in the order: the blocks it frees are discarded inside whichever save comes next, and
+        # (rounds alternate the order) that is itself or the non-durable layer, never a durable pair.
+        one = pair(ONE_SAVE, partial(MettaStorageWriter, durable=True, keep_previous=False), MettaStorageReader)
+        layers = {ONE_SAVE: one, **layers}
+    return layers
 
 
 def _timed(fn: Any) -> float:
@@ -89,7 +111,19 @@ def _wait_for_background() -> None:
         done.result()
 
 
-def _worker(rank: int, tmp: str, mib: int, rounds: int) -> None:
+def _sizes(directory: Path) -> tuple[int, int]:
+    """(committed checkpoint, everything at rest) in bytes."""
+    from mettaformat.dcp import INDEX_NAME
+    from mettaformat.dcp.index import read_index
+
+    at_rest = sum(p.stat().st_size for p in directory.iterdir())
+    if not (directory / INDEX_NAME).exists():
+        return at_rest, at_rest
+    files = read_index(directory).files
+    return (directory / INDEX_NAME).stat().st_size + sum(f.size for f in files.values()), at_rest
+
+
+def _worker(rank: int, tmp: str, mib: int, rounds: int, idle: float, one_save: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -100,10 +134,13 @@ def _worker(rank: int, tmp: str, mib: int, rounds: int) -> None:
     target = {k: (torch.zeros_like(v) if isinstance(v, DTensor) else type(v)()) for k, v in state.items()}
     target["trainer"] = dict.fromkeys(state["trainer"], 0)
     times: dict[str, dict[str, list[float]]] = {}
-    layers = list(_layers(root).items())
+    layers = list(_layers(root, one_save).items())
     for round_ in range(rounds + 1):  # round 0 warms up both layers and is not counted
         # alternate which layer goes first, so neither always runs on a cache the other warmed
         for name, (writer, reader) in layers if round_ % 2 else layers[::-1]:
+            if idle:
+                dist.barrier()
+                time.sleep(idle)
             save_s = _timed(lambda w=writer: dcp.save(state, storage_writer=w()))
             cleanup_s = _timed(_wait_for_background)
             load_s = _timed(lambda r=reader: dcp.load(target, storage_reader=r()))
@@ -117,24 +154,25 @@ def _worker(rank: int, tmp: str, mib: int, rounds: int) -> None:
                 t["save + cleanup"].append(save_s + cleanup_s)
                 t["load"].append(load_s)
     if rank == 0:
-        sizes = {name: sum(p.stat().st_size for p in (root / d).iterdir())
-                 for name, d in (("mettaformat", "metta"), ("mettaformat durable", "metta-durable"),
-                                 ("torch FileSystem", "torch"), ("torch FileSystem no fsync", "torch-nosync"))}
+        sizes = {name: _sizes(root / DIRECTORIES[name]) for name, _ in layers}
         (root / "result.json").write_text(json.dumps({"times": times, "sizes": sizes}))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run(mib: int, rounds: int, workdir: str | None) -> dict[str, Any]:
+def run(mib: int, rounds: int, workdir: str | None, idle: float = 0.0, one_save: bool = False) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="mf-bench-dcp-", dir=workdir)
     try:
-        mp.spawn(_worker, args=(tmp, mib, rounds), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(tmp, mib, rounds, idle, one_save), nprocs=WORLD, join=True)
         raw = json.loads((Path(tmp) / "result.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     best = {name: {op: min(v) for op, v in ops.items()} for name, ops in raw["times"].items()}
     targets = []
+    idled = f", {idle:g} s idle before each save" if idle else ""
     for ours_name, theirs_name, durability in PAIRS:
+        if ours_name not in raw["times"]:
+            continue
         ours, theirs = raw["times"][ours_name], raw["times"][theirs_name]
         with_cleanup = statistics.median(
             a / b for a, b in zip(ours["save + cleanup"], theirs["save + cleanup"], strict=True))
@@ -149,12 +187,13 @@ def run(mib: int, rounds: int, workdir: str | None) -> dict[str, Any]:
                 "goal": f"<= {TARGET}x", "dataset": f"{WORLD}x{mib} MiB", "value": from_medians,
                 "value_from_min": from_mins, "value_interleaved": interleaved, "met": interleaved <= TARGET,
                 "noisy": len(verdicts) > 1,
-                "detail": f"slowest rank, {rounds} interleaved rounds; sizes {raw['sizes'][ours_name]} vs "
-                          f"{raw['sizes'][theirs_name]} bytes"
+                "detail": f"slowest rank, {rounds} interleaved rounds{idled}; "
+                          f"sizes {raw['sizes'][ours_name][0]} vs {raw['sizes'][theirs_name][0]} bytes, at rest "
+                          f"{raw['sizes'][ours_name][1]} vs {raw['sizes'][theirs_name][1]}"
                           + (f"; save + cleanup {with_cleanup:.2f}x" if op == "save" else ""),
             })
-    return {"mib_per_rank": mib, "rounds": rounds, "times": raw["times"], "best": best, "sizes": raw["sizes"],
-            "targets": targets}
+    return {"mib_per_rank": mib, "rounds": rounds, "idle_s": idle, "times": raw["times"], "best": best,
+            "sizes": raw["sizes"], "targets": targets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,20 +201,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=256, help="sharded state per rank, MiB")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="32 MiB per rank, 2 rounds")
+    ap.add_argument("--idle", type=float, default=0.0, help="seconds to wait before each save")
+    ap.add_argument("--one-save-at-rest", action="store_true",
+                    help="also time MettaStorageWriter(keep_previous=False): new files every save")
     ap.add_argument("--dir", default=None, help="where the checkpoints go (default: the temp directory)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     mib, rounds = (32, 2) if args.quick else (args.mib, args.rounds)
-    doc = run(mib, rounds, args.dir)
+    doc = run(mib, rounds, args.dir, args.idle, args.one_save_at_rest)
     rows = []
     for name, b in doc["best"].items():
         ref = doc["best"]["torch FileSystem" if "durable" in name or name == "torch FileSystem"
                           else "torch FileSystem no fsync"]
-        rows.append([name, f"{doc['sizes'][name] / MiB:.1f} MiB", f"{b['save'] * 1e3:.0f}",
+        committed, at_rest = doc["sizes"][name]
+        rows.append([name, f"{committed / MiB:.1f} MiB", f"{at_rest / MiB:.1f} MiB", f"{b['save'] * 1e3:.0f}",
                      f"{b['save + cleanup'] * 1e3:.0f}", f"{b['load'] * 1e3:.0f}",
                      f"{b['save'] / ref['save']:.2f}x", f"{b['load'] / ref['load']:.2f}x"])
-    print(f"## Distributed checkpoint, {WORLD} ranks x {mib} MiB (Shard(0) DTensors), best of {rounds} rounds\n")
-    print(markdown_table(["layer", "checkpoint size", "save ms", "save + cleanup ms", "load ms",
+    idle = f", {args.idle:g} s idle before each save" if args.idle else ""
+    print(f"## Distributed checkpoint, {WORLD} ranks x {mib} MiB (Shard(0) DTensors), best of {rounds} rounds{idle}\n")
+    print(markdown_table(["layer", "checkpoint size", "at rest", "save ms", "save + cleanup ms", "load ms",
                           "save vs torch (same fsync)", "load vs torch"], rows))
     for t in doc["targets"]:
         print(f"\n{t['target']}: {t['value_interleaved']:.2f}x (goal {t['goal']}: {'met' if t['met'] else 'not met'}; "
