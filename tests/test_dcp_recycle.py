@@ -4,6 +4,7 @@ never a file a reader holds, and a crash while overwriting leaves the committed 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -56,7 +57,9 @@ def test_a_reused_file_gets_exactly_the_bytes_of_a_new_one(tmp_path: Path, compr
     assert (tmp_path / "reused.mfmt").read_bytes() == (tmp_path / "new.mfmt").read_bytes()
 
 
-def test_each_save_overwrites_the_files_of_the_save_before_the_committed_one(tmp_path: Path) -> None:
+def test_each_save_overwrites_the_files_of_the_save_before_the_committed_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ck = tmp_path / "ck"
     names, inodes = [], []
     for n in range(4):
@@ -68,7 +71,13 @@ def test_each_save_overwrites_the_files_of_the_save_before_the_committed_one(tmp
         assert set(os.listdir(ck)) == {INDEX_NAME, *names[-2:]}
     assert len(set(names)) == 4
     assert inodes[2] == inodes[0] and inodes[3] == inodes[1] and inodes[0] != inodes[1]
-    assert cli(["validate", str(ck)]) == 0
+    assert cli(["validate", str(ck)]) == 0  # the earlier save at rest is not damage
+    assert cli(["inspect", str(ck)]) == 0
+    committed = (ck / INDEX_NAME).stat().st_size + (ck / names[-1]).stat().st_size
+    earlier = (ck / names[-2]).stat().st_size
+    assert f"{earlier:,} more bytes in the directory (an earlier save" in capsys.readouterr().out
+    assert cli(["inspect", "--json", str(ck)]) == 0
+    assert json.loads(capsys.readouterr().out)["file_bytes"] == committed  # the checkpoint, not the directory
 
 
 def test_keep_previous_false_keeps_one_save_and_never_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mettaformat.dcp.consolidate import directory_bytes, read_dcp
+from mettaformat.dcp.index import INDEX_NAME
 from mettaformat.dcp.reader import open_rank_file, read_layout
 from mettaformat.dtypes import tag_from_dtype
 from mettaformat.errors import MettaFormatError, WriteError
@@ -40,7 +41,13 @@ def describe_dcp(path: str, kind: str) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for s in shards:
             counts[s.fqn] = counts.get(s.fqn, 0) + 1
-        info["version"] = f"save {index.save_id}, {len(index.files)} rank files"
+        # the checkpoint is what the index names; an earlier save kept for reuse is reported apart
+        committed = (directory / INDEX_NAME).stat().st_size + sum(f.size for f in index.files.values())
+        kept = info["file_bytes"] - committed
+        info["file_bytes"] = committed
+        info["version"] = f"save {index.save_id}, {len(index.files)} rank files" + (
+            f"; {kept:,} more bytes in the directory (an earlier save kept to be overwritten)"
+            if kept > 0 else "")
         info["tensors"] = [
             {"section": "model", "name": fqn, "dtype": t.dtype, "shape": list(t.shape),
              "bytes": _bytes(t.shape, t.dtype), "alias_of": None, "shards": counts.get(fqn, 0)}
