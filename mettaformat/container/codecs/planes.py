@@ -14,6 +14,10 @@ deserves:
   strategy, minimum match 7, a 1 KiB hash table), which leaves Huffman coding of the literals:
   the exponent plane reaches within 2% of its order-0 entropy at several hundred MB/s.
 
+Splitting and joining planes is one pass in C (``_planes.c``, 2-3x numpy's eight passes on one
+core, where the join was two thirds of decode time); where the extension is not built the numpy
+functions below apply the same rule, and the tests hold both to a byte-by-byte reference.
+
 ``benchmarks/bench_codecs.py`` measured the choices (ratio and speed per plane and level).
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Final, Literal
 
 import numpy as np
@@ -29,6 +34,12 @@ import zstandard
 
 from mettaformat.container.codecs.zstd_frames import compressor, stored_frame
 from mettaformat.errors import WriteError
+
+_kernel: ModuleType | None
+try:  # the compiled split and join (_planes.c, built by setup.py); numpy does the same where it is absent
+    from mettaformat.container.codecs import _planes as _kernel
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _kernel = None
 
 __all__ = ["FLOAT_TAGS", "Level", "coders_for", "encode_plane", "join_planes", "scratch", "split_planes"]
 
@@ -86,7 +97,7 @@ def scratch(nbytes: int, slot: int = 0) -> np.ndarray:
     return buf[:nbytes]
 
 
-#: Elements per pass of split and join: the pieces of one block (128 KiB per plane at most) stay
+#: Elements per pass of the numpy split and join: the pieces of one block (128 KiB per plane at most) stay
 #: in the core's cache between the passes that build or take apart its words, and a stored frame's
 #: raw blocks (128 KiB each) are joined without being cut.
 _BLOCK: Final = 1 << 17
@@ -97,13 +108,22 @@ def split_planes(chunk: torch.Tensor, width: int, float_bits: bool) -> np.ndarra
     """``(width, n)`` byte planes of ``chunk`` (uint8, ``n * width`` bytes); with ``float_bits`` the sign
     moves out of the top plane so that it holds exactly the exponent's top 8 bits.
 
-    Whole words are shifted apart block by block (contiguous passes numpy vectorises; byte-strided
-    copies ran at a third of the speed). The result is this thread's scratch buffer: use it before
-    splitting the next chunk.
+    The result is this thread's scratch buffer: use it before splitting the next chunk.
     """
-    words = chunk.numpy().view(_WORD[width])
+    data = chunk.numpy()
+    planes = scratch(len(data)).reshape(width, len(data) // width)
+    if _kernel is None:
+        _split_numpy(data, planes, width, float_bits)
+    else:
+        _kernel.split(data, tuple(planes), float_bits)
+    return planes
+
+
+def _split_numpy(data: np.ndarray, planes: np.ndarray, width: int, float_bits: bool) -> None:
+    """:func:`split_planes` where the kernel is not built. Whole words are shifted apart block by
+    block (contiguous passes numpy vectorises; byte-strided copies ran at a third of the speed)."""
+    words = data.view(_WORD[width])
     n = len(words)
-    planes = scratch(n * width).reshape(width, n)
     plain = width - 2 if float_bits else width
     for start in range(0, n, _BLOCK):
         block = words[start : start + _BLOCK]
@@ -114,20 +134,33 @@ def split_planes(chunk: torch.Tensor, width: int, float_bits: bool) -> np.ndarra
             pair, spare = scratch(2 * m, 1).view(np.uint16), scratch(2 * m, 2).view(np.uint16)
             np.right_shift(block, 8 * plain, out=pair, casting="unsafe")
             _split_float_pair(pair, planes[plain, start : start + m], planes[plain + 1, start : start + m], spare)
-    return planes
 
 
 def join_planes(planes: Sequence[Sequence[np.ndarray]], out: torch.Tensor, width: int, float_bits: bool) -> None:
     """Inverse of :func:`split_planes`: interleave ``planes`` into ``out`` (``width * n`` bytes).
 
     Each plane comes as contiguous uint8 pieces that add up to ``n`` bytes (a decoded frame is one
-    piece; a stored frame's raw blocks are read where they lie in the file, without a copy). Each
-    pair of planes becomes 16-bit halves and the halves are shifted into whole words, block by
-    block: every pass is contiguous, where byte-strided stores ran at half the speed.
+    piece; a stored frame's raw blocks are read where they lie in the file, without a copy); the
+    kernel joins each span that lies inside one piece of every plane.
     """
-    words = out.numpy().view(_WORD[width])
-    n = len(words)
+    words = out.numpy()
+    n = len(words) // width
     cursors = [_Pieces(pieces, n) for pieces in planes]
+    if _kernel is None:
+        _join_numpy(cursors, words.view(_WORD[width]), width, float_bits)
+        return
+    start = 0
+    while start < n:
+        end = min(c.piece_end(start) for c in cursors)
+        _kernel.join(words[start * width : end * width], [c.take(start, end) for c in cursors], float_bits)
+        start = end
+
+
+def _join_numpy(cursors: list[_Pieces], words: np.ndarray, width: int, float_bits: bool) -> None:
+    """:func:`join_planes` where the kernel is not built. Each pair of planes becomes 16-bit halves
+    and the halves are shifted into whole words, block by block: every pass is contiguous, where
+    byte-strided stores ran at half the speed."""
+    n = len(words)
     pairs = width // 2
     start = 0
     while start < n:
