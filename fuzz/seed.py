@@ -75,6 +75,10 @@ def main() -> None:
                 for offset, clen, rlen, flt in getattr(reader, "frames", []):
                     declared = rlen * (4 if flt >= 2 else 1)  # the target builds plane groups of four
                     add("zstd_frame", bytes([flt]) + struct.pack("<I", declared) + data[offset:offset + clen])
+    generator = torch.Generator().manual_seed(0)
+    for first in range(0, 48, 5):  # every width, with and without the float move, at several offsets
+        floats = torch.randn(37, generator=generator).to(torch.float64).view(torch.uint8)
+        add("planes", bytes([first, (7 * first + 3) % 256]) + bytes(floats.numpy()[: 8 * (first % 37 + 1)]))
     torch.manual_seed(0)
     linear = nn.Linear(3, 2)
     shapes: list[object] = [

@@ -132,6 +132,53 @@ def zstd_frame(data: bytes) -> None:
     assert np.array_equal(out.numpy(), want), "decoded bytes differ from zstd's"
 
 
+def reference_planes(data: object, width: int, float_bits: bool) -> object:
+    """Byte planes of ``data`` (uint8 array) by byte-strided copies, the sign moved bit by bit: the rule
+    of the plane filters written plainly, which the split and join (C and numpy) must agree with."""
+    planes = data.reshape(-1, width).T.copy()  # type: ignore[attr-defined]
+    if float_bits:
+        hi, lo = planes[width - 1].copy(), planes[width - 2].copy()
+        planes[width - 1] = (hi << 1) | (lo >> 7)
+        planes[width - 2] = (lo & 0x7F) | (hi & 0x80)
+    return planes
+
+
+def planes(data: bytes) -> None:
+    """Byte-plane split and join, compiled and numpy, with an oracle: both give what the plain rule
+    gives. Byte 0 picks the width (2, 4, 8), the float move (bit 2) and how far off 8-byte alignment
+    the elements and the output lie (bits 3-5); byte 1 where every plane is cut into two pieces."""
+    import numpy as np
+
+    from mettaformat.container.codecs import planes as module
+
+    if len(data) < 2:
+        return
+    width, float_bits, offset = (2, 4, 8)[data[0] % 3], bool(data[0] & 4), (data[0] >> 3) & 7
+    n = (len(data) - 2) // width
+    elements = np.frombuffer(data, dtype=np.uint8)[2 : 2 + n * width]
+    want = reference_planes(elements, width, float_bits)
+    source = np.zeros(n * width + offset, dtype=np.uint8)[offset:]
+    source[:] = elements
+    cut = data[1] % (n + 1)
+    kernels = [module._kernel, None] if module._kernel is not None else [None]
+    for kernel in kernels:
+        if kernel is None:
+            got = np.zeros((width, n), dtype=np.uint8)
+            if n:
+                module._split_numpy(source, got, width, float_bits)
+        else:
+            got = module.split_planes(torch.from_numpy(source), width, float_bits).copy()
+        assert np.array_equal(got, want), f"split (kernel={kernel is not None}) differs from the rule"
+        out = np.zeros(n * width + offset, dtype=np.uint8)[offset:]
+        pieces = [[plane[:cut], plane[cut:]] for plane in got]
+        if kernel is None:
+            module._join_numpy([module._Pieces(p, n) for p in pieces], out.view(module._WORD[width]), width,
+                               float_bits)
+        else:
+            module.join_planes(pieces, torch.from_numpy(out), width, float_bits)
+        assert np.array_equal(out, elements), f"join (kernel={kernel is not None}) differs from the rule"
+
+
 _delta_dir: tempfile.TemporaryDirectory[str] | None = None
 
 
@@ -252,5 +299,5 @@ def torch_zip(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "container": container, "header": header, "stream_json": stream_json, "zstd_frame": zstd_frame,
-    "unpickler": unpickler, "torch_zip": torch_zip, "delta": delta,
+    "unpickler": unpickler, "torch_zip": torch_zip, "delta": delta, "planes": planes,
 }

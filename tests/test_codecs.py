@@ -278,34 +278,62 @@ def test_large_frames_round_trip_without_keeping_their_scratch() -> None:
 
 
 # -- fast paths against plain references ----------------------------------------------------------
-def _reference_planes(data: np.ndarray, width: int, float_bits: bool) -> np.ndarray:
-    """Byte planes by byte-strided copies, the sign moved bit by bit: the rule, written plainly."""
-    planes = data.reshape(-1, width).T.copy()
-    if float_bits:
-        hi, lo = planes[width - 1].copy(), planes[width - 2].copy()
-        planes[width - 1] = (hi << 1) | (lo >> 7)
-        planes[width - 2] = (lo & 0x7F) | (hi & 0x80)
-    return planes
+@pytest.fixture(params=["compiled", "numpy"])
+def plane_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the compiled split and join, then with the numpy form of the same rule."""
+    from mettaformat.container.codecs import planes
+
+    if request.param == "numpy":
+        monkeypatch.setattr(planes, "_kernel", None)
+    elif planes._kernel is None:
+        pytest.skip("the _planes extension is not built (no C compiler at install time)")
+    return str(request.param)
 
 
 @pytest.mark.parametrize("width", [2, 4, 8])
 @pytest.mark.parametrize("n", [1, 3, (1 << 16) - 1, (1 << 16) + 5, 150_001])
-def test_split_and_join_match_the_byte_by_byte_rule(width: int, n: int) -> None:
+def test_split_and_join_match_the_byte_by_byte_rule(width: int, n: int, plane_kernel: str) -> None:
+    from fuzz.targets import reference_planes
     from mettaformat.container.codecs.planes import join_planes, split_planes
 
     rng = np.random.default_rng(n + width)
     data = rng.integers(0, 256, n * width, dtype=np.uint8)
-    for float_bits in (False, True):
-        source = torch.from_numpy(data.copy())
+    for float_bits, offset in itertools.product((False, True), (0, 1, 3)):
+        # elements and output off their natural alignment, as slices of a larger buffer can be
+        source = torch.from_numpy(np.concatenate([np.zeros(offset, np.uint8), data]))[offset:]
         planes = split_planes(source, width, float_bits).copy()
-        want = _reference_planes(data, width, float_bits)
+        want = reference_planes(data, width, float_bits)
         assert np.array_equal(planes, want) and np.array_equal(source.numpy(), data)
         # each plane in uneven pieces (as a stored frame's raw blocks arrive), joined back
         cuts = sorted({0, n, *rng.integers(0, n + 1, 3).tolist()})
         pieces = [[plane[a:b] for a, b in itertools.pairwise(cuts)] for plane in want]
-        out = torch.empty(n * width, dtype=torch.uint8)
+        out = torch.zeros(n * width + offset, dtype=torch.uint8)[offset:]
         join_planes(pieces, out, width, float_bits)
-        assert np.array_equal(out.numpy(), data), float_bits
+        assert np.array_equal(out.numpy(), data), (float_bits, offset)
+
+
+def test_both_kernels_round_trip_every_dtype(plane_kernel: str) -> None:
+    tensors = _all_dtypes(3001)
+    data = mettaformat.save(tensors, compression=ZstdCodec(frame_size=4096))
+    out = mettaformat.load(data)
+    for name, t in tensors.items():
+        assert torch.equal(out[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+
+
+def test_kernel_refuses_buffers_that_do_not_fit() -> None:
+    from mettaformat.container.codecs import planes
+
+    if planes._kernel is None:
+        pytest.skip("the _planes extension is not built (no C compiler at install time)")
+    plane = np.zeros(8, dtype=np.uint8)
+    with pytest.raises(ValueError, match="width must be 2, 4 or 8"):
+        planes._kernel.join(np.zeros(24, np.uint8), [plane] * 3, False)
+    with pytest.raises(ValueError, match="plane 1 holds 7 bytes, not 8"):
+        planes._kernel.join(np.zeros(16, np.uint8), [plane, plane[:7]], False)
+    with pytest.raises(ValueError, match="not whole 4-byte elements"):
+        planes._kernel.split(np.zeros(30, np.uint8), [plane] * 4, False)
+    with pytest.raises((TypeError, BufferError)):  # a read-only destination
+        planes._kernel.join(bytes(16), [plane, plane], False)
 
 
 def test_join_refuses_pieces_that_do_not_fill_the_plane() -> None:
