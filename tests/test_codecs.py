@@ -395,3 +395,17 @@ def test_a_stored_frame_is_checked_like_any_other() -> None:
         with pytest.raises(CodecError, match="checksum mismatch"):
             for task in reader.decode_tasks(source, entry, out):
                 task()
+
+
+def test_large_decode_destinations_are_ordinary_tensors() -> None:
+    from mettaformat._torch import HUGE_PAGE_MIN, fresh_bytes
+
+    out = fresh_bytes(HUGE_PAGE_MIN + 3)
+    assert out.dtype == torch.uint8 and out.numel() == HUGE_PAGE_MIN + 3 and out.is_contiguous()
+    out.fill_(7)
+    weights = out[: HUGE_PAGE_MIN].view(torch.float32).reshape(1024, -1)
+    del out
+    assert int(weights.reshape(-1).view(torch.uint8)[-1]) == 7  # the view keeps the mapping alive
+    t = torch.randn(HUGE_PAGE_MIN // 4 + 5)  # decoded into such a buffer
+    loaded = mettaformat.load(mettaformat.save({"t": t}, compression="zstd"))["t"]
+    assert torch.equal(loaded, t) and torch.equal(loaded.clone().share_memory_(), t)

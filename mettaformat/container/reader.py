@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mettaformat._torch import buffer_tensor, tensor_bytes
+from mettaformat._torch import buffer_tensor, fresh_bytes, tensor_bytes
 from mettaformat.container.chain import delta_names, open_base, rebuild
 from mettaformat.container.codecs import SectionReader, get_codec
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
@@ -199,7 +199,7 @@ class LazyCheckpoint(ContainerFile):
                 view = reader.view(source, entry)
                 self._check(entry, s, checksum(view), view)
             return self._mapped_tensor(s, entry, source.obj)
-        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+        out = fresh_bytes(entry.nbytes)
         tasks, digest = self._decode_tasks(reader, source, s, entry, out)
         with self._src.holding(stored_ranges(reader, entry)):  # remote: all its frames in one request
             run_tasks(tasks)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mettaformat._pool import shared_pool
-from mettaformat._torch import writable_bytes
+from mettaformat._torch import fresh_bytes, writable_bytes
 from mettaformat.constants import PREAMBLE_SIZE
 from mettaformat.container.chain import delta_names, saved_tensors
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
@@ -111,7 +111,7 @@ def decode_all(
     pool = shared_pool()
     jobs = []
     for entry in s.tensors if entries is None else entries:
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        buffer = fresh_bytes(entry.nbytes)
         tasks, digest = ckpt._decode_tasks(reader, source, s, entry, buffer)
         jobs.append((entry, buffer, digest, [pool.submit(task) for task in tasks]))
     try:
