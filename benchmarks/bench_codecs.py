@@ -169,9 +169,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             codec = zipnn_module.ZipNN(method="HUFFMAN", input_format="byte", bytearray_dtype=zipnn["dtype"],
                                        threads=2)
             compressed = bytes(codec.compress(bytearray(blob)))
-            best = max(row["levels"], key=lambda lv: lv["ratio"])["level"] if row["levels"] else DEFAULT_LEVEL
-            row["paired_decode"] = paired_decode(ds, workdir, lambda: codec.decompress(compressed), 2 * args.repeat,
-                                                 best)
+            # every level measured: the must-show pairs a level's ratio with its own decode speed
+            row["paired_decode"] = [paired_decode(ds, workdir, lambda: codec.decompress(compressed), 2 * args.repeat,
+                                                  lv["level"]) for lv in row["levels"]]
         results.append(row)
         del blob
         gc.collect()
@@ -190,10 +190,10 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             "dataset": r["dataset"], "value": lv["ratio"] / z["ratio"],
                             "met": lv["ratio"] >= z["ratio"], "noisy": False,
                             "detail": f"{lv['ratio']:.4f} vs ZipNN {z['ratio']:.4f}"})
-        if r.get("paired_decode"):
-            p = r["paired_decode"]
-            out.append({"area": "codecs", "target": "decode >= ZipNN (2 threads, alternated)", "goal": ">= 1x",
-                        "dataset": r["dataset"], "value": p["speedup"], "met": p["speedup"] >= 1, "noisy": True,
+        for p in r.get("paired_decode") or []:
+            out.append({"area": "codecs", "target": f"decode >= ZipNN (level {p['level']}, 2 threads, alternated)",
+                        "goal": ">= 1x", "dataset": r["dataset"], "value": p["speedup"], "met": p["speedup"] >= 1,
+                        "noisy": True,
                         "detail": f"level {p['level']}: {p['ours_median_s'] * 1e3:.1f} ms vs ZipNN {p['zipnn_median_s'] * 1e3:.1f} ms"})
         if r["dataset"].startswith("synthetic") and DEFAULT_LEVEL in by_level:
             lv = by_level[DEFAULT_LEVEL]
@@ -229,11 +229,10 @@ def report(doc: dict[str, Any]) -> str:
                          f"{lv['encode_gbps_per_core']:.2f} / {lv['decode_gbps_per_core']:.2f}"])
     lines.append(markdown_table(["data set", "codec", "ratio", "file ratio", "encode GB/s", "decode GB/s",
                                  "decode+verify GB/s", "GB per CPU-s enc / dec"], rows))
-    paired = [[r["dataset"], r["paired_decode"]["level"], f"{r['paired_decode']['ours_median_s'] * 1e3:.1f}",
-               f"{r['paired_decode']['zipnn_median_s'] * 1e3:.1f}", f"{r['paired_decode']['speedup']:.2f}"]
-              for r in doc["results"] if r.get("paired_decode")]
+    paired = [[r["dataset"], p["level"], f"{p['ours_median_s'] * 1e3:.1f}", f"{p['zipnn_median_s'] * 1e3:.1f}",
+               f"{p['speedup']:.2f}"] for r in doc["results"] for p in r.get("paired_decode") or []]
     if paired:
-        lines += ["", "Decode (no verify) of the smallest file measured and ZipNN's decode, alternated (ms, median):",
+        lines += ["", "Decode (no verify) of each level's file and ZipNN's decode, alternated (ms, median):",
                   "", markdown_table(["data set", "level", "mettaformat", "ZipNN", "ZipNN ÷ mettaformat"], paired)]
     lines += ["", "Targets:", ""]
     lines.append(markdown_table(["target", "data set", "value", "met"],
