@@ -17,7 +17,7 @@ MFMT_END_MAGIC: Final = b"MFTEND\r\n"
 #: ``checkpoint_format_version`` continues Metta's legacy numbering: 1 (PolicyRecord pickle),
 #: 2 (the ``checkpoint_format_version: 2`` dict), 3 (this container).
 MFMT_VERSION_MAJOR: Final = 3
-MFMT_VERSION_MINOR: Final = 3
+MFMT_VERSION_MINOR: Final = 4
 #: Major versions this reader opens. A newer minor of a supported major opens with a warning.
 READER_SUPPORTED_MAJORS: Final = (3,)
 

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from mettaformat._pool import shared_pool
-from mettaformat.container.delta import MAX_CHAIN_DEPTH, base_candidates
+from mettaformat.container.delta import MAX_CHAIN_DEPTH, DeltaTensor, base_candidates
 from mettaformat.container.delta_filter import apply_residual_in_place
+from mettaformat.container.delta_planes import as_tensor, plane_plan, start_rebuild
 from mettaformat.container.verify import is_verified, mark_verified
 from mettaformat.dtypes import dtype_from_tag, itemsize, tag_from_dtype
 from mettaformat.errors import BaseCheckpointError, IntegrityError, MettaFormatError, naming_file
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from mettaformat.container.header import SectionEntry, TensorEntry
     from mettaformat.container.reader import LazyCheckpoint
 
-__all__ = ["base_tensors", "chain", "chain_depth", "delta_names", "open_base", "rebuild", "saved_tensors"]
+__all__ = ["base_tensors", "chain", "chain_depth", "delta_names", "needs_rebuild_check", "open_base", "saved_tensors"]
 
 _opening = threading.local()
 
@@ -100,28 +101,35 @@ def chain_depth(ckpt: LazyCheckpoint) -> int:
     return len(chain(ckpt)) - 1
 
 
+@contextmanager
+def reading_base(base: LazyCheckpoint, what: str) -> Iterator[None]:
+    """Errors of the base while reading ``what`` become a BaseCheckpointError naming the base (the delta's
+    entry point names the delta file as well)."""
+    try:
+        with naming_file(base.path, container=True):
+            yield
+    except BaseCheckpointError:
+        raise
+    except MettaFormatError as e:
+        raise BaseCheckpointError(f"base {base.path}: {what} cannot be read: {e}", base=str(base.path)) from e
+
+
 def base_tensors(ckpt: LazyCheckpoint, section: str, names: list[str]) -> dict[str, torch.Tensor]:
     """The tensors ``names`` of ``section`` of the base of ``ckpt`` as saved (rebuilt through its own chain),
     in memory of their own, decoded at once on all cores; only the tensors the residuals need are read."""
     base = ckpt.base
     assert base is not None
-    try:
-        with naming_file(base.path, container=True):
-            _prefetch(base)
-            base._verify_structure_once()
-            s = base.header.section(section)
-            entries = {name: s.index.get(name) if s is not None else None for name in names}
-            missing = [name for name, e in entries.items() if e is None]
-            if s is None or missing:
-                raise BaseCheckpointError(f"base {base.path} has no tensor {missing[0]!r} in section {section!r}",
-                                          base=str(base.path))
-            unique = list({id(e): e for e in entries.values() if e is not None}.values())
-            decoded = saved_tensors(base, s, unique)
-    except BaseCheckpointError:
-        raise
-    except MettaFormatError as e:
-        raise BaseCheckpointError(f"base {base.path}: section {section!r} cannot be read: {e}",
-                                  base=str(base.path)) from e
+    with reading_base(base, f"section {section!r}"):
+        _prefetch(base)
+        base._verify_structure_once()
+        s = base.header.section(section)
+        entries = {name: s.index.get(name) if s is not None else None for name in names}
+        missing = [name for name, e in entries.items() if e is None]
+        if s is None or missing:
+            raise BaseCheckpointError(f"base {base.path} has no tensor {missing[0]!r} in section {section!r}",
+                                      base=str(base.path))
+        unique = list({id(e): e for e in entries.values() if e is not None}.values())
+        decoded = saved_tensors(base, s, unique)
     return {name: decoded[e.name] for name, e in entries.items() if e is not None}
 
 
@@ -152,16 +160,35 @@ def saved_tensors(ckpt: LazyCheckpoint, s: SectionEntry, entries: list[TensorEnt
                   ) -> dict[str, torch.Tensor]:
     """The data entries of ``s`` (all, or ``entries``) as saved, each in memory of its own (by data entry name).
 
-    For a delta file the residuals and the base tensors they need decode at the same time on all
-    cores; each residual is then rebuilt in place, block by block, and hashed while in the cache."""
+    For a delta file, residuals whose base tensor is a zstd plane group cut like them rebuild chunk by
+    chunk from the base's high planes (``delta_planes.py``); the other residuals and the base tensors
+    they need decode at the same time on all cores, and each is then rebuilt in place, block by block,
+    and hashed while in the cache."""
     chosen = list(s.tensors) if entries is None else entries
     deltas = delta_names(ckpt, s.name)
-    needed = [e for e in chosen if e.name in deltas]
+    plans = [p for e in chosen if e.name in deltas if (p := plane_plan(ckpt, s, e, deltas[e.name])) is not None]
+    if plans:
+        assert ckpt.base is not None
+        with reading_base(ckpt.base, "its structure"):
+            ckpt.base._verify_structure_once()
+    by_plan = {p.entry.name for p in plans}
+    rest = [e for e in chosen if e.name not in by_plan]
+    needed = [e for e in rest if e.name in deltas]
+    started = start_rebuild(ckpt, s, plans)
     bases = _in_thread(lambda: base_tensors(ckpt, s.name, [e.name for e in needed])) if needed else None
     try:
-        out = _decode(ckpt, s, chosen)
+        out = _decode(ckpt, s, rest)
     finally:
         base_of = bases() if bases is not None else {}
+        for _, _, futures, _ in started:
+            for future in futures:
+                future.exception()  # every chunk job finished before an error moves on
+    for plan, data, futures, hasher in started:
+        for future in futures:
+            future.result()
+        if hasher is not None:
+            _check_rebuilt(ckpt, s, plan.entry, hasher.intdigest())
+        out[plan.entry.name] = as_tensor(plan, data)
     if needed:
         rebuilt = shared_pool().map(lambda e: _rebuild_in_place(ckpt, s, e, out[e.name], base_of[e.name]), needed)
         out.update(zip((e.name for e in needed), rebuilt, strict=True))
@@ -179,17 +206,18 @@ def _decode(ckpt: LazyCheckpoint, s: SectionEntry, entries: list[TensorEntry]) -
     return ckpt._read_copy(s, tuple(entries)) if ckpt._readers[s.name].zero_copy else ckpt._decode_all(s, entries)
 
 
-def rebuild(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry, stored: torch.Tensor) -> torch.Tensor:
-    """The tensor ``entry`` of a delta file from its decoded residual ``stored`` (kept) and the base's
-    tensor, checked against the checksum of the result when the checkpoint verifies."""
-    base = ckpt.base
-    assert base is not None
-    try:
-        b = base._read_logical(entry.name, s.name)
-    except MettaFormatError as e:
-        raise BaseCheckpointError(f"base {base.path}: tensor {entry.name!r} cannot be read: {e}",
-                                  base=str(base.path)) from e
-    return _rebuild_in_place(ckpt, s, entry, stored.reshape(-1).view(torch.uint8).clone(), b)
+def needs_rebuild_check(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry) -> bool:
+    """Verifying, and this very file's tensor was not rebuilt and checked before in this process."""
+    key = (f"{s.name}\x00rebuilt", entry.name)
+    return ckpt.verify and (not is_verified(ckpt._identity, key) or ckpt._src.identity() != ckpt._identity)
+
+
+def _check_rebuilt(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry, got: int) -> None:
+    assert ckpt.header.delta is not None and ckpt.base is not None
+    if got != ckpt.header.delta.tensors[s.name][entry.name].checksum:
+        raise IntegrityError(f"tensor {entry.name!r} rebuilt from base {ckpt.base.path} does not match its "
+                             f"checksum", region=f"section {s.name!r}")
+    mark_verified(ckpt._identity, [(f"{s.name}\x00rebuilt", entry.name)])
 
 
 def _rebuild_in_place(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry, stored: torch.Tensor,
@@ -197,24 +225,21 @@ def _rebuild_in_place(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry,
     """``stored`` (a residual in memory of its own) turned into the tensor ``entry``; the rebuilt bytes are
     hashed unless this very file's tensor was rebuilt and checked before in this process."""
     assert ckpt.header.delta is not None and ckpt.base is not None
-    dtype, digest = ckpt.header.delta.tensors[s.name][entry.name]
-    if tag_from_dtype(b.dtype) != dtype or tuple(b.shape) != entry.shape:
+    how: DeltaTensor = ckpt.header.delta.tensors[s.name][entry.name]
+    if tag_from_dtype(b.dtype) != how.dtype or tuple(b.shape) != entry.shape:
         raise BaseCheckpointError(
             f"base {ckpt.base.path}: tensor {entry.name!r} is {tag_from_dtype(b.dtype)} {list(b.shape)}, the delta "
-            f"needs {dtype} {list(entry.shape)}", base=str(ckpt.base.path))
+            f"needs {how.dtype} {list(entry.shape)}", base=str(ckpt.base.path))
     data = stored.reshape(-1).view(torch.uint8)
-    key = (f"{s.name}\x00rebuilt", entry.name)
-    check = ckpt.verify and (not is_verified(ckpt._identity, key) or ckpt._src.identity() != ckpt._identity)
-    got = apply_residual_in_place(data, b, itemsize(dtype), digest=check)
+    check = needs_rebuild_check(ckpt, s, entry)
+    got = apply_residual_in_place(data, b, itemsize(how.dtype), how.high, digest=check)
     if check:
-        if got != digest:
-            raise IntegrityError(f"tensor {entry.name!r} rebuilt from base {ckpt.base.path} does not match its "
-                                 f"checksum", region=f"section {s.name!r}")
-        mark_verified(ckpt._identity, [key])
-    return data.view(dtype_from_tag(dtype)).reshape(entry.shape)
+        assert got is not None
+        _check_rebuilt(ckpt, s, entry, got)
+    return data.view(dtype_from_tag(how.dtype)).reshape(entry.shape)
 
 
-def delta_names(ckpt: Any, section: str) -> dict[str, tuple[str, int]]:
+def delta_names(ckpt: Any, section: str) -> dict[str, DeltaTensor]:
     """The tensors of ``section`` stored as residuals (empty for a standalone file)."""
     delta = ckpt.header.delta
     return delta.tensors.get(section, {}) if delta is not None else {}

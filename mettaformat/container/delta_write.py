@@ -1,10 +1,13 @@
 """The writer's side of delta checkpoints: which tensors to store as differences from the base.
 
 The writer decides per tensor by measuring: a tensor whose name, dtype and shape match a base
-tensor is compressed both ways on a sample (evenly spaced blocks of a large tensor) with the coders
-of the section's codec, and stored as a residual only when that is at least 10% smaller; the
-residual of the whole tensor is computed only then. New, reshaped or retyped tensors, and tensors
-that changed so much that their residual saves little, stay standalone.
+tensor is compressed alone and as residuals of every count of high bytes on a sample (evenly
+spaced blocks of a large tensor), plane by plane with the coders of the section's codec. The low
+planes of every residual are the tensor's own, so each plane is coded once. It is stored as the
+residual that measures smallest (the fewest high bytes within 1% of it: each costs a base plane
+at load) when that is at least 3% smaller than alone; the residual of the whole tensor is computed
+only then. New, reshaped or retyped tensors, and tensors that changed so much that their residual
+saves little, stay standalone.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ import torch
 from mettaformat._pool import shared_pool
 from mettaformat._torch import contiguous_cpu, storage_key, tensor_bytes
 from mettaformat.container.codecs.planes import ENTROPY, FLOAT_TAGS, coders_for, encode_plane, split_planes
-from mettaformat.container.delta import MAX_CHAIN_DEPTH, BaseRef, DeltaInfo, stored_tag
+from mettaformat.container.delta import (
+    FILTER,
+    FILTER_WHOLE,
+    MAX_CHAIN_DEPTH,
+    BaseRef,
+    DeltaInfo,
+    DeltaTensor,
+    stored_tag,
+)
 from mettaformat.container.delta_filter import residual
 from mettaformat.container.layout import checksum
 from mettaformat.dtypes import dtype_from_tag, itemsize, tag_from_dtype
@@ -28,13 +39,18 @@ from mettaformat.errors import MettaFormatError, WriteError
 
 __all__ = ["delta_sections"]
 
+#: The filter written: ``FILTER``; the conformance vectors of 3.3 are made with ``FILTER_WHOLE`` (every
+#: byte differenced), which readers keep reading.
+WRITE_FILTER: str = FILTER
 #: The writer measures both ways on evenly spaced blocks of a tensor (all of a small one): compressing
 #: whole tensors twice made a delta save 5-16x slower than a standalone one.
 _SAMPLE_BLOCK: Final = 16 << 10
 _SAMPLE_BLOCKS: Final = 8
-#: The residual must save this much: each tensor stored as one costs a decode of the base tensor and a
-#: rebuild pass at load (about twice a standalone tensor's load), so a few percent is not worth it.
-_MIN_GAIN: Final = 1.10
+#: The residual must save this much: each tensor stored as one costs a decode of the base's high planes
+#: and a rebuild pass at load.
+_MIN_GAIN: Final = 1.03
+#: Fewer high bytes are preferred unless more save this much (each is a base plane decoded at load).
+_HIGH_GAIN: Final = 1.01
 
 
 def _sample(data: np.ndarray, width: int) -> np.ndarray:
@@ -47,23 +63,34 @@ def _sample(data: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([data[i * stride : i * stride + block] for i in range(_SAMPLE_BLOCKS)])
 
 
-def encoded_size(data: np.ndarray, width: int, float_bits: bool, level: int | str | None) -> int:
-    """Bytes the plane codec spends on ``data`` (uint8, whole elements): what the writer compares."""
-    coders = coders_for(level) if level is not None else (ENTROPY,)
+def _plane_sizes(data: np.ndarray, width: int, float_bits: bool, coders: tuple[tuple[int, ...], ...],
+                 planes: range) -> list[int]:
+    """Bytes the plane codec spends on each of ``planes`` of ``data`` (uint8, whole elements)."""
     if width == 1:
-        return len(encode_plane(data, coders))
-    planes = split_planes(torch.from_numpy(data), width, float_bits)
-    return sum(len(encode_plane(np.ascontiguousarray(planes[i]), coders)) for i in range(width))
+        return [len(encode_plane(data, coders))]
+    split = split_planes(torch.from_numpy(data), width, float_bits)
+    return [len(encode_plane(np.ascontiguousarray(split[i]), coders)) for i in planes]
 
 
-def better_as_delta(target: torch.Tensor, base: torch.Tensor, dtype: str, level: int | str | None) -> bool:
-    """Whether ``target`` measures smaller stored as its residual against ``base`` (same dtype and shape,
-    contiguous) than alone, on a sample of both."""
+def choose_high(target: torch.Tensor, base: torch.Tensor, dtype: str, level: int | str | None) -> int | None:
+    """How many high bytes of ``target`` to store as differences from ``base`` (same dtype and shape,
+    contiguous), measured on a sample of both; None when storing it alone measures better."""
     width = itemsize(dtype)
+    coders = coders_for(level) if level is not None else (ENTROPY,)
     t = _sample(target.reshape(-1).view(torch.uint8).numpy(), width)
     b = _sample(base.reshape(-1).view(torch.uint8).numpy(), width)
-    stored = residual(torch.from_numpy(t), torch.from_numpy(b), width).numpy()
-    return encoded_size(stored, width, False, level) * _MIN_GAIN < encoded_size(t, width, dtype in FLOAT_TAGS, level)
+    own = _plane_sizes(t, width, False, coders, range(width - 1)) if width > 1 else []
+    alone = own[: width - 2] + _plane_sizes(t, width, True, coders, range(width - 2, width)) \
+        if dtype in FLOAT_TAGS else own + _plane_sizes(t, width, False, coders, range(width - 1, width))
+    sizes = {}
+    for high in range(1, width + 1):
+        stored = residual(t, b, width, high).numpy()
+        sizes[high] = sum(own[: width - high]) + sum(_plane_sizes(stored, width, False, coders,
+                                                                  range(width - high, width)))
+    best = min(sizes.values())
+    if best * _MIN_GAIN >= sum(alone):
+        return None
+    return min(high for high, size in sizes.items() if size <= best * _HIGH_GAIN)
 
 
 def base_uri(base_path: Path, target: str | os.PathLike[str] | None) -> str:
@@ -79,9 +106,8 @@ def base_uri(base_path: Path, target: str | os.PathLike[str] | None) -> str:
 
 
 def _decide(t: torch.Tensor, b: torch.Tensor | None, name: str, level: int | str | None
-            ) -> tuple[torch.Tensor, str, int] | None:
-    """(residual, dtype, checksum of ``t``'s bytes) when ``t`` is smaller stored against the base tensor ``b``,
-    else None."""
+            ) -> tuple[torch.Tensor, DeltaTensor] | None:
+    """(residual, how it is stored) when ``t`` is smaller stored against the base tensor ``b``, else None."""
     try:
         dtype = tag_from_dtype(t.dtype)
     except MettaFormatError:
@@ -91,11 +117,14 @@ def _decide(t: torch.Tensor, b: torch.Tensor | None, name: str, level: int | str
         return None
     target = contiguous_cpu(t, name)
     b = b.contiguous()
-    if not better_as_delta(target, b, dtype, level):
+    high = choose_high(target, b, dtype, level)
+    if high is None:
         return None
+    if WRITE_FILTER == FILTER_WHOLE:
+        high = itemsize(dtype)
     digest = checksum(tensor_bytes(target.reshape(-1).view(torch.uint8)))
-    res = residual(target, b, itemsize(dtype))
-    return res.view(dtype_from_tag(width_tag)).reshape(t.shape), dtype, digest
+    res = residual(target, b, itemsize(dtype), high)
+    return res.view(dtype_from_tag(width_tag)).reshape(t.shape), DeltaTensor(dtype, digest, high)
 
 
 def _base_tensors(base: Any, section: str, names: list[str], candidates: Mapping[str, torch.Tensor]
@@ -140,7 +169,7 @@ def delta_sections(
         raise WriteError(f"{base.path} is already {chain_depth(base)} bases deep; a delta on it would exceed "
                          f"{MAX_CHAIN_DEPTH} (save a full checkpoint)")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    table: dict[str, dict[str, tuple[str, int]]] = {}
+    table: dict[str, dict[str, DeltaTensor]] = {}
     for section, tensors in sections.items():
         base_names = set(base.keys(section)) if section in base.sections else set()
         # Tied names share one decision (one storage, one residual), taken on a name the base has.
@@ -161,8 +190,8 @@ def delta_sections(
             if decision is None:
                 stored[name] = t
                 continue
-            stored[name], dtype, digest = decision
-            table.setdefault(section, {})[name] = (dtype, digest)
+            stored[name], how = decision
+            table.setdefault(section, {})[name] = how
         out[section] = stored
     ref = BaseRef(base_uri(Path(base.path), target), base.file_size, base.preamble.header_checksum)
-    return out, DeltaInfo(ref, table)
+    return out, DeltaInfo(ref, table, WRITE_FILTER)

@@ -361,7 +361,8 @@ def _parse_delta(f: _Fields, sections: tuple[SectionEntry, ...], required: bool)
     by_section = {s.name: s for s in sections}
     for section, names in info.tensors.items():
         s = by_section.get(section)
-        for name, (dtype, _) in names.items():
+        for name, t in names.items():
+            dtype = t.dtype
             entry = s.index.get(name) if s is not None else None
             if entry is None:
                 raise f.err(f"delta.tensors.{section}.{name}", "names no tensor of the index")

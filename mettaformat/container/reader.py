@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mettaformat._torch import buffer_tensor, fresh_bytes, tensor_bytes
-from mettaformat.container.chain import delta_names, open_base, rebuild
+from mettaformat.container.chain import delta_names, open_base, saved_tensors
 from mettaformat.container.codecs import SectionReader, get_codec
 from mettaformat.container.device_load import load_to_device, off_host, transport_for
 from mettaformat.container.header import SectionEntry, TensorEntry
@@ -185,8 +185,9 @@ class LazyCheckpoint(ContainerFile):
             return self._read(*self._entry(name, section))
 
     def _read(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
-        stored = self._read_stored(s, entry)
-        return rebuild(self, s, entry, stored) if entry.name in delta_names(self, s.name) else stored
+        if entry.name in delta_names(self, s.name):
+            return saved_tensors(self, s, [entry])[entry.name]
+        return self._read_stored(s, entry)
 
     def _read_stored(self, s: SectionEntry, entry: TensorEntry) -> torch.Tensor:
         source = self._mapped()

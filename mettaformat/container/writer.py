@@ -232,7 +232,7 @@ def _write(
         delta = DeltaInfo(delta.base, {
             section: kept for section, names in delta.tensors.items()
             if (kept := {n: v for n, v in names.items() if n not in plans[section].aliases})
-        })
+        }, delta.filter)
 
     def section(name: str, plan: StreamPlan, offset: int, length: int, frames: bytes,
                 checksums: Mapping[str, int]) -> SectionEntry:

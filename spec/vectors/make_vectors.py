@@ -771,13 +771,46 @@ def v_delta_base() -> bytes:
     return save_bytes(_delta_pair()[0], compression="zstd")
 
 
-def v_delta() -> bytes:
-    """3.3: tensors stored as zigzag differences from ``valid_delta_base.mfmt`` (the base lies beside it)."""
+def _delta_on_base(step: dict[str, torch.Tensor]) -> bytes:
+    """``step`` saved as a delta of ``valid_delta_base.mfmt`` (the base lies beside it)."""
     with tempfile.TemporaryDirectory() as d:
         base = Path(d) / "valid_delta_base.mfmt"
         base.write_bytes(v_delta_base())
-        mettaformat.save_file(_delta_pair()[1], Path(d) / "delta.mfmt", base=base, metadata={"step": 1})
+        mettaformat.save_file(step, Path(d) / "delta.mfmt", base=base, metadata={"step": 1})
         return (Path(d) / "delta.mfmt").read_bytes()
+
+
+def v_delta() -> bytes:
+    """3.3: tensors stored as zigzag differences of whole elements from ``valid_delta_base.mfmt``."""
+    from mettaformat.container import delta_write
+
+    written, delta_write.WRITE_FILTER = delta_write.WRITE_FILTER, "zigzag-sub"
+    try:
+        return _delta_on_base(_delta_pair()[1])
+    finally:
+        delta_write.WRITE_FILTER = written
+
+
+def _delta_high_step() -> dict[str, torch.Tensor]:
+    """Steps small enough that the low bytes of the weights are better stored as they are: F32 ``w`` (3 planes
+    of 4 KiB) and BF16 ``h`` take their high bytes from the base, I32 ``steps`` moved by one."""
+    base = _delta_pair()[0]
+    g = torch.Generator().manual_seed(34)
+    return {"w": base["w"] + 1e-5 * torch.randn(48, 64, generator=g),
+            "h": (base["h"].float() * (1 + 1e-2 * torch.randn(40, 64, generator=g))).bfloat16(),
+            "steps": base["steps"] + 1, "r": torch.ones(6, 4)}
+
+
+def v_delta_high() -> bytes:
+    """3.4: ``zigzag-sub-high`` residuals of ``valid_delta_base.mfmt`` (the base lies beside it)."""
+    return _delta_on_base(_delta_high_step())
+
+
+def i_delta_high_range() -> bytes:
+    """A residual claiming 5 high bytes of a 4-byte element."""
+    header, index, sections = split(v_delta_high(), columnar=True)
+    header["delta"]["tensors"]["model"]["w"][2] = 5
+    return assemble(header, sections, index=index, minor=4)
 
 
 def _delta_edit(edit: Callable[[dict[str, Any]], None]) -> bytes:
@@ -838,6 +871,7 @@ VALID: dict[str, Callable[[], bytes]] = {
     "valid_object_defaults": v_object_defaults,
     "valid_delta_base": v_delta_base,
     "valid_delta": v_delta,
+    "valid_delta_high": v_delta_high,
 }
 
 #: name -> (builder, expected error class, expected region)
@@ -895,11 +929,13 @@ INVALID: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "invalid_tree_bytes_name": (i_tree_bytes_name, "HeaderError", "header"),
     "invalid_delta_wrong_base": (i_delta_wrong_base, "BaseCheckpointError", "base identity"),
     "invalid_delta_missing_base": (i_delta_missing_base, "BaseCheckpointError", "base"),
+    "invalid_delta_high_range": (i_delta_high_range, "HeaderError", "header"),
 }
 
 #: Vectors that name a base: the other vectors that must lie beside them when they are read.
 NEEDS: dict[str, tuple[str, ...]] = {name: ("valid_delta_base",) for name in
-                                     ("valid_delta", "invalid_delta_wrong_base", "invalid_delta_missing_base")}
+                                     ("valid_delta", "invalid_delta_wrong_base", "invalid_delta_missing_base",
+                                      "valid_delta_high", "invalid_delta_high_range")}
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -1,0 +1,144 @@
+"""The ``zigzag-sub-high`` filter (3.4): only the high bytes differenced, rebuilt from the base's high planes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import mettaformat
+from mettaformat.codecs import ZstdCodec
+from mettaformat.container import chain, delta_planes
+from mettaformat.container.delta import FILTER, FILTER_WHOLE
+from mettaformat.container.delta_filter import apply_residual, residual
+from mettaformat.errors import BaseCheckpointError, HeaderError
+from tests.test_delta import _same, _step
+from tests.test_vectors import _load_generator
+
+GEN = _load_generator()
+
+
+def _zigzag_whole(target: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """The 3.3 ``zigzag-sub`` formula of spec/codecs/delta.md, written out for uint32."""
+    d = (target.astype(np.int64) - base.astype(np.int64)) % (1 << 32)
+    signed = np.where(d >= 1 << 31, d - (1 << 32), d)
+    return np.where(signed >= 0, 2 * signed, -2 * signed - 1).astype(np.uint32)
+
+
+def test_all_high_bytes_is_the_whole_element_filter_of_3_3() -> None:
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 256, (4 * 5000,), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (4 * 5000,), dtype=torch.uint8, generator=g)
+    want = _zigzag_whole(t.numpy().view(np.uint32), b.numpy().view(np.uint32))
+    assert np.array_equal(residual(t, b, 4).numpy().view(np.uint32), want)
+    assert np.array_equal(residual(t, b, 4, 4).numpy().view(np.uint32), want)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+def test_every_high_count_inverts_and_keeps_the_low_bytes(width: int) -> None:
+    g = torch.Generator().manual_seed(width)
+    t = torch.randint(0, 256, (width * 3001,), dtype=torch.uint8, generator=g)
+    for b in (torch.randint(0, 256, t.shape, dtype=torch.uint8, generator=g), torch.zeros_like(t),
+              torch.full_like(t, 255)):
+        for high in range(1, width + 1):
+            stored = residual(t, b, width, high)
+            low = width - high  # the stored low bytes are the target's own
+            assert torch.equal(stored.reshape(-1, width)[:, :low], t.reshape(-1, width)[:, :low])
+            assert torch.equal(apply_residual(stored, b, width, high), t)
+
+
+def _training_pair(n: int = 300_000) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(n, generator=g) * 0.05, "h": (torch.randn(n // 4, generator=g) * 0.05).bfloat16(),
+            "small": torch.randn(100, generator=g), "ids": torch.arange(5000, dtype=torch.int64)}
+    nxt = _step(base, 6, 1e-5)
+    nxt["ids"] = base["ids"] + 1
+    return base, nxt
+
+
+def _plans(path: Path) -> set[str]:
+    """The residuals of ``path`` rebuilt from the base's high planes."""
+    with mettaformat.open(path) as c:
+        s = c.header.section("model")
+        names = chain.delta_names(c, "model")
+        return {e.name for e in s.tensors if e.name in names and delta_planes.plane_plan(c, s, e, names[e.name])}
+
+
+def test_writer_measures_high_bytes_and_the_plane_path_matches_the_general_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, nxt = _training_pair()
+    mettaformat.save_file(base, tmp_path / "b.mfmt", compression="zstd")
+    mettaformat.save_file(nxt, tmp_path / "d.mfmt", base=tmp_path / "b.mfmt")
+    with mettaformat.open(tmp_path / "d.mfmt") as c:
+        assert c.header.delta is not None and c.header.delta.filter == FILTER
+        highs = {name: t.high for name, t in c.header.delta.tensors["model"].items()}
+    assert 1 <= highs["w"] < 4  # a small step leaves the low mantissa bytes random: no base needed there
+    assert _plans(tmp_path / "d.mfmt") >= {"w", "h"}  # rebuilt from the base's high planes
+    fast = mettaformat.load_file(tmp_path / "d.mfmt")
+    one = mettaformat.open(tmp_path / "d.mfmt").get_tensor("w")
+    monkeypatch.setattr(chain, "plane_plan", lambda *a: None)  # the general path: whole base tensors
+    general = mettaformat.load_file(tmp_path / "d.mfmt")
+    for name, t in nxt.items():
+        assert _same(fast[name], t) and _same(general[name], t), name
+    assert _same(one, nxt["w"])
+
+
+def test_raw_bases_chains_and_other_frame_sizes_take_the_general_path(tmp_path: Path) -> None:
+    base, nxt = _training_pair(100_000)
+    third = _step(nxt, 7, 1e-5)
+    mettaformat.save_file(base, tmp_path / "raw.mfmt")  # uncompressed: the base tensors are mapped, not decoded
+    mettaformat.save_file(nxt, tmp_path / "on_raw.mfmt", base=tmp_path / "raw.mfmt")
+    mettaformat.save_file(third, tmp_path / "chain.mfmt", base=tmp_path / "on_raw.mfmt")
+    mettaformat.save_file(base, tmp_path / "zstd.mfmt", compression="zstd")  # residual chunks cut elsewhere:
+    mettaformat.save_file(nxt, tmp_path / "on_cut.mfmt", base=tmp_path / "zstd.mfmt",
+                          compression=ZstdCodec(frame_size=1 << 16))
+    for path, want in (("on_raw", nxt), ("chain", third), ("on_cut", nxt)):
+        assert "w" not in _plans(tmp_path / f"{path}.mfmt")
+        got = mettaformat.load_file(tmp_path / f"{path}.mfmt")
+        assert all(_same(got[k], v) for k, v in want.items()), path
+
+
+def _edit_delta(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite the header of ``path`` after ``edit(header)`` (checksums recomputed: a well-formed file)."""
+    header, index, sections = GEN.split(path.read_bytes(), columnar=True)
+    edit(header)
+    path.write_bytes(GEN.assemble(header, sections, index=index, minor=4))
+
+
+@pytest.mark.parametrize("value", [0, 5, "2", None])
+def test_high_outside_the_element_is_refused(tmp_path: Path, value: object) -> None:
+    base, nxt = _training_pair(20_000)
+    mettaformat.save_file(base, tmp_path / "b.mfmt", compression="zstd")
+    mettaformat.save_file(nxt, tmp_path / "d.mfmt", base=tmp_path / "b.mfmt")
+    _edit_delta(tmp_path / "d.mfmt", lambda h: h["delta"]["tensors"]["model"]["w"].__setitem__(2, value))
+    with pytest.raises(HeaderError, match=r"d\.mfmt.*high") as e:
+        mettaformat.load_file(tmp_path / "d.mfmt")
+    assert "delta.tensors.model.w" in str(e.value)
+
+
+def test_entries_must_match_the_filter(tmp_path: Path) -> None:
+    base, nxt = _training_pair(20_000)
+    mettaformat.save_file(base, tmp_path / "b.mfmt", compression="zstd")
+    mettaformat.save_file(nxt, tmp_path / "d.mfmt", base=tmp_path / "b.mfmt")
+    _edit_delta(tmp_path / "d.mfmt", lambda h: h["delta"].__setitem__("filter", FILTER_WHOLE))  # 3 fields, 3.3 name
+    with pytest.raises(HeaderError, match=r"expected \[dtype, checksum\]"):
+        mettaformat.load_file(tmp_path / "d.mfmt")
+
+
+def test_base_of_another_width_is_refused_naming_both_files(tmp_path: Path) -> None:
+    base, nxt = _training_pair(20_000)
+    other = dict(base, w=base["w"].double())  # the same name with 8-byte elements: another plane count
+    mettaformat.save_file(base, tmp_path / "b.mfmt", compression="zstd")
+    mettaformat.save_file(nxt, tmp_path / "d.mfmt", base=tmp_path / "b.mfmt")
+    mettaformat.save_file(other, tmp_path / "other.mfmt", compression="zstd")
+    size = (tmp_path / "other.mfmt").stat().st_size  # the identity is checked first: make it match
+    with mettaformat.open(tmp_path / "other.mfmt") as c:
+        digest = c.preamble.header_checksum
+    _edit_delta(tmp_path / "d.mfmt", lambda h: h["delta"]["base"].update(
+        uri="other.mfmt", file_length=size, header_checksum=digest.to_bytes(8, "little")))
+    with pytest.raises(BaseCheckpointError, match=r"d\.mfmt.*other\.mfmt.*F64.*F32"):
+        mettaformat.load_file(tmp_path / "d.mfmt")
