@@ -58,7 +58,7 @@ def main() -> None:
     for vector in sorted(VECTORS.glob("*.mfmt")):
         data = vector.read_bytes()
         add("container", data)
-        if vector.name.startswith(("valid_delta.", "invalid_delta_")):
+        if vector.name.startswith(("valid_delta.", "valid_delta_high.", "invalid_delta_")):
             add("delta", data)
         if vector.name.startswith("valid_"):
             (header_length,) = struct.unpack_from("<Q", data, 16)

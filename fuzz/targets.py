@@ -183,9 +183,11 @@ _delta_dir: tempfile.TemporaryDirectory[str] | None = None
 
 
 def delta(data: bytes) -> None:
-    """A delta checkpoint read in full beside a fixed valid base (the header's ``delta`` map, the base's
-    identity, the rebuild of each tensor), then the filter with an oracle: byte 0 picks the element
-    width, the rest splits into a target and a base; zigzag-sub and its inverse give the target back."""
+    """A delta checkpoint read in full beside a fixed valid base (the header's ``delta`` map and its ``high``
+    counts, the base's identity, the rebuild of each tensor); where it reads, the rebuild from the base's high
+    planes must give the same bytes as the general path (whole base tensors). Then the filter with an oracle:
+    byte 0 picks the element width and how many high bytes are differenced, the rest splits into a target and
+    a base; the filter and its inverse give the target back, with the target's own low bytes stored as they are."""
     global _delta_dir
     import shutil
     from pathlib import Path
@@ -198,14 +200,45 @@ def delta(data: bytes) -> None:
         shutil.copy(vectors / "valid_delta_base.mfmt", _delta_dir.name)
     path = Path(_delta_dir.name) / "delta.mfmt"
     path.write_bytes(data)
-    container_at(path)
+    fast = _load_all(path)
+    if fast is not None:
+        general = _load_all(path, planes=False)
+        assert general is not None and all(
+            fast[k].dtype == v.dtype and torch.equal(fast[k].reshape(-1).view(torch.uint8),
+                                                     v.reshape(-1).view(torch.uint8)) for k, v in general.items()
+        ), "the rebuild from the base's high planes differs from the general path"
     if not data:
         return
     width = 1 << (data[0] % 4)
+    high = 1 + (data[0] >> 2) % width
     n = (len(data) - 1) // (2 * width) * width
     target = torch.frombuffer(bytearray(data[1 : 1 + n]), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
     base = torch.frombuffer(bytearray(data[1 + n : 1 + 2 * n]), dtype=torch.uint8) if n else target.clone()
-    assert torch.equal(apply_residual(residual(target, base, width), base, width), target), "zigzag-sub is lossy"
+    stored = residual(target, base, width, high)
+    low = width - high
+    assert torch.equal(stored.reshape(-1, width)[:, :low], target.reshape(-1, width)[:, :low]), "low bytes changed"
+    assert torch.equal(apply_residual(stored, base, width, high), target), "zigzag-sub-high is lossy"
+
+
+def _load_all(path: object, *, planes: bool = True) -> dict[str, torch.Tensor] | None:
+    """Every tensor of every section of the container at ``path`` (keyed ``section/name``), or None when it
+    is refused with a MettaFormatError; ``planes=False`` rebuilds residuals from whole base tensors."""
+    import mettaformat
+    from mettaformat.container import chain
+
+    plan = chain.plane_plan
+    if not planes:
+        chain.plane_plan = lambda *args: None  # type: ignore[assignment]
+    try:
+        with mettaformat.open(path) as ckpt:  # type: ignore[arg-type]
+            ckpt.metadata  # noqa: B018
+            for name in ckpt.tree_names:
+                ckpt.tree(name)
+            return {f"{s}/{k}": v for s in ckpt.sections for k, v in ckpt.load_section(s).items()}
+    except MettaFormatError:
+        return None
+    finally:
+        chain.plane_plan = plan
 
 
 def container_at(path: object) -> None:
