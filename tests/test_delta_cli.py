@@ -54,7 +54,7 @@ def test_inspect_and_validate_show_the_chain(pair: tuple[Path, Path, dict[str, t
     base, delta, _ = pair
     assert main(["inspect", str(delta), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["delta"] == {"base": "base.mfmt", "chain": [str(base)], "tensors": 1}
+    assert info["delta"] == {"base": "base.mfmt", "chain": [str(base)], "filter": "zigzag-sub-high", "tensors": 1}
     assert {t["name"]: (t["dtype"], t["delta"]) for t in info["tensors"] if t["section"] == "model"} == {
         "w": ("F32", True), "tied": ("F32", True)}
     assert main(["inspect", str(delta)]) == 0

@@ -144,6 +144,7 @@ def _delta_info(ckpt: Any) -> dict[str, Any] | None:
     return {
         "base": delta.base.uri,
         "chain": [str(p) for p in declared_chain(ckpt.path)],
+        "filter": delta.filter,
         "tensors": sum(len(names) for names in delta.tensors.values()),
     }
 
