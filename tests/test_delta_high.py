@@ -15,7 +15,7 @@ from mettaformat.codecs import ZstdCodec
 from mettaformat.container import chain, delta_planes
 from mettaformat.container.delta import FILTER, FILTER_WHOLE
 from mettaformat.container.delta_filter import apply_residual, residual
-from mettaformat.errors import BaseCheckpointError, HeaderError
+from mettaformat.errors import BaseCheckpointError, HeaderError, IntegrityError
 from tests.test_delta import _same, _step
 from tests.test_vectors import _load_generator
 
@@ -141,4 +141,27 @@ def test_base_of_another_width_is_refused_naming_both_files(tmp_path: Path) -> N
     _edit_delta(tmp_path / "d.mfmt", lambda h: h["delta"]["base"].update(
         uri="other.mfmt", file_length=size, header_checksum=digest.to_bytes(8, "little")))
     with pytest.raises(BaseCheckpointError, match=r"d\.mfmt.*other\.mfmt.*F64.*F32"):
+        mettaformat.load_file(tmp_path / "d.mfmt")
+
+
+def test_a_raw_base_is_read_where_it_is_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mettaformat.container import section_load
+
+    base, nxt = _training_pair(50_000)
+    mettaformat.save_file(base, tmp_path / "raw.mfmt")
+    mettaformat.save_file(nxt, tmp_path / "d.mfmt", base=tmp_path / "raw.mfmt")
+    copied: list[str] = []
+    real = section_load.read_copy
+    monkeypatch.setattr(section_load, "read_copy", lambda ckpt, *a: copied.append(str(ckpt.path)) or real(ckpt, *a))
+    got = mettaformat.load_file(tmp_path / "d.mfmt")
+    assert all(_same(got[k], v) for k, v in nxt.items())
+    assert str(tmp_path / "raw.mfmt") not in copied  # no copy, no decode of the base
+    damaged = bytearray((tmp_path / "raw.mfmt").read_bytes())
+    with mettaformat.open(tmp_path / "raw.mfmt") as c:
+        s = c.header.section("model")
+        e = s.index.get("w")
+        top = s.offset + s.stream_header_length + e.begin + 3  # the top byte of w's first element
+    damaged[top] ^= 0x40
+    (tmp_path / "raw.mfmt").write_bytes(bytes(damaged))
+    with pytest.raises(IntegrityError, match=r"d\.mfmt.*'w' rebuilt from base .*raw\.mfmt"):
         mettaformat.load_file(tmp_path / "d.mfmt")

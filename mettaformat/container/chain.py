@@ -116,7 +116,9 @@ def reading_base(base: LazyCheckpoint, what: str) -> Iterator[None]:
 
 def base_tensors(ckpt: LazyCheckpoint, section: str, names: list[str]) -> dict[str, torch.Tensor]:
     """The tensors ``names`` of ``section`` of the base of ``ckpt`` as saved (rebuilt through its own chain),
-    in memory of their own, decoded at once on all cores; only the tensors the residuals need are read."""
+    decoded at once on all cores; only the tensors the residuals need are read. A raw base's tensors are
+    views of its mapping, neither copied nor hashed: the rebuilt bytes' checksum vouches for the base
+    bytes a residual uses, and a rebuild reads only their high bytes."""
     base = ckpt.base
     assert base is not None
     with reading_base(base, f"section {section!r}"):
@@ -129,7 +131,13 @@ def base_tensors(ckpt: LazyCheckpoint, section: str, names: list[str]) -> dict[s
             raise BaseCheckpointError(f"base {base.path} has no tensor {missing[0]!r} in section {section!r}",
                                       base=str(base.path))
         unique = list({id(e): e for e in entries.values() if e is not None}.values())
-        decoded = saved_tensors(base, s, unique)
+        decoded: dict[str, torch.Tensor] = {}
+        if base._readers[s.name].zero_copy and base._src.mappable and not base.copy:
+            owner = (base._mapped(), base._src.owner())[1]
+            residuals = delta_names(base, s.name)
+            decoded = {e.name: base._mapped_tensor(s, e, owner) for e in unique if e.name not in residuals}
+        rest = [e for e in unique if e.name not in decoded]
+        decoded.update(saved_tensors(base, s, rest) if rest else {})
     return {name: decoded[e.name] for name, e in entries.items() if e is not None}
 
 
