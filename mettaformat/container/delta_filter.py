@@ -42,22 +42,35 @@ def _masks(width: int, high: int) -> tuple[int, np.generic, np.generic]:
 def residual(target: torch.Tensor | np.ndarray, base: torch.Tensor | np.ndarray, width: int,
              high: int | None = None) -> torch.Tensor:
     """The stored form of ``target`` against ``base`` (contiguous CPU bytes of whole elements): the zigzag
-    difference of the top ``high`` bytes (all by default) above ``target``'s own low bytes, as uint8."""
+    difference of the top ``high`` bytes (all by default) above ``target``'s own low bytes, as uint8.
+    Computed block by block in the CPU cache (whole-tensor temporaries made a delta save 3x slower)."""
     n = target.size if isinstance(target, np.ndarray) else target.numel()
     if n == 0:
         return torch.empty(0, dtype=torch.uint8)
     shift, low_mask, _ = _masks(width, width if high is None else high)
+    sign_bit = 8 * width - shift - 1
     t, b = _uint(target, width), _uint(base, width)
-    d = np.subtract(t >> shift, b >> shift) if shift else np.subtract(t, b)  # wraps modulo 2^bits
-    sign = np.right_shift(d, 8 * (width - shift // 8) - 1)
-    np.bitwise_and(sign, 1, out=sign)
-    np.negative(sign, out=sign)  # all ones where the difference is negative
-    np.left_shift(d, 1, out=d)
-    np.bitwise_xor(d, sign, out=d)
-    if shift:  # the difference's top bytes over the target's own low bytes
-        np.left_shift(d, shift, out=d)
-        np.bitwise_or(d, t & low_mask, out=d)
-    return torch.from_numpy(d).view(torch.uint8)
+    out = np.empty_like(t)
+    step = len(_scratch(width, 0))
+    for i in range(0, len(t), step):
+        tt, bb, d = t[i : i + step], b[i : i + step], out[i : i + step]
+        sign, low = _scratch(width, 0)[: len(tt)], _scratch(width, 1)[: len(tt)]
+        if shift:
+            np.right_shift(tt, shift, out=d)
+            np.right_shift(bb, shift, out=sign)
+            np.subtract(d, sign, out=d)  # wraps modulo 2^bits; only the low 8 high bits are kept below
+        else:
+            np.subtract(tt, bb, out=d)
+        np.right_shift(d, sign_bit, out=sign)
+        np.bitwise_and(sign, 1, out=sign)
+        np.negative(sign, out=sign)  # all ones where the difference is negative
+        np.left_shift(d, 1, out=d)
+        np.bitwise_xor(d, sign, out=d)
+        if shift:  # the difference's top bytes over the target's own low bytes
+            np.left_shift(d, shift, out=d)
+            np.bitwise_and(tt, low_mask, out=low)
+            np.bitwise_or(d, low, out=d)
+    return torch.from_numpy(out).view(torch.uint8)
 
 
 def _scratch(width: int, slot: int) -> np.ndarray:
