@@ -165,3 +165,27 @@ def test_a_raw_base_is_read_where_it_is_mapped(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "raw.mfmt").write_bytes(bytes(damaged))
     with pytest.raises(IntegrityError, match=r"d\.mfmt.*'w' rebuilt from base .*raw\.mfmt"):
         mettaformat.load_file(tmp_path / "d.mfmt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32,
+                                   torch.int16, torch.int64])
+def test_every_high_count_rebuilds_from_the_planes_as_from_whole_tensors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    from mettaformat.container import delta_write
+
+    g = torch.Generator().manual_seed(11)
+    raw = torch.randint(0, 256, (20_000 * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8,
+                        generator=g)
+    base = {"t": raw.view(dtype)}
+    nxt = {"t": torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g).view(dtype)}  # every byte moves
+    mettaformat.save_file(base, tmp_path / "b.mfmt", compression="zstd")
+    width = raw.numel() // 20_000
+    for high in range(1, width + 1):
+        monkeypatch.setattr(delta_write, "choose_high", lambda *a, high=high: high)  # as if measured
+        mettaformat.save_file(nxt, tmp_path / "d.mfmt", base=tmp_path / "b.mfmt")
+        assert _plans(tmp_path / "d.mfmt") == {"t"}
+        with monkeypatch.context() as m:
+            m.setattr(chain, "plane_plan", lambda *a: None)
+            general = mettaformat.load_file(tmp_path / "d.mfmt")["t"]
+        assert _same(mettaformat.load_file(tmp_path / "d.mfmt")["t"], nxt["t"]), high
+        assert _same(general, nxt["t"]), high

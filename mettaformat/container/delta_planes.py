@@ -145,9 +145,8 @@ def _interleave(planes: list[list[np.ndarray]], out: torch.Tensor, width: int, f
     """``planes`` (pieces of each) as ``width``-byte words in ``out``; one plane is copied."""
     if width > 1:
         join_planes(planes, out, width, float_bits)
-        return
-    np.concatenate(planes[0], out=out.numpy()) if len(planes[0]) > 1 else out.numpy().__setitem__(slice(None),
-                                                                                                 planes[0][0])
+    else:
+        np.concatenate(planes[0], out=out.numpy())
 
 
 def start_rebuild(ckpt: LazyCheckpoint, s: SectionEntry, plans: list[PlanePlan]
