@@ -79,7 +79,9 @@ def test_writer_measures_high_bytes_and_the_plane_path_matches_the_general_one(
     assert 1 <= highs["w"] < 4  # a small step leaves the low mantissa bytes random: no base needed there
     assert _plans(tmp_path / "d.mfmt") >= {"w", "h"}  # rebuilt from the base's high planes
     fast = mettaformat.load_file(tmp_path / "d.mfmt")
-    one = mettaformat.open(tmp_path / "d.mfmt").get_tensor("w")
+    with mettaformat.open(tmp_path / "d.mfmt") as c:
+        one = c.get_tensor("w")
+        assert c.get_slice("w").get_dtype() == "F32" and _same(c.get_slice("w")[:10], nxt["w"][:10])
     monkeypatch.setattr(chain, "plane_plan", lambda *a: None)  # the general path: whole base tensors
     general = mettaformat.load_file(tmp_path / "d.mfmt")
     for name, t in nxt.items():

@@ -26,7 +26,10 @@ class TensorSlice:
         return list(self._entry.shape)
 
     def get_dtype(self) -> str:
-        return self._entry.dtype
+        from mettaformat.container.chain import delta_names  # a residual is stored as an unsigned dtype
+
+        stored = delta_names(self._ckpt, self._section.name).get(self._entry.name)
+        return stored.dtype if stored is not None else self._entry.dtype
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         ckpt = self._ckpt
