@@ -116,7 +116,7 @@ def test_damaged_base_gives_a_full_save_with_a_warning(tmp_path: Path) -> None:
 def _chain_of_three(tmp_path: Path) -> dict[int, dict[str, torch.Tensor]]:
     """model_0000 (full) <- model_0001 <- model_0002, each a delta of the one before."""
     g = torch.Generator().manual_seed(7)
-    states = {0: {"w": torch.randn(64, 64, generator=g), "b": torch.randn(64, generator=g)}}
+    states = {0: {"w": torch.randn(64, 64, generator=g), "b": torch.randn(1024, generator=g)}}
     for e in (1, 2):
         states[e] = {k: v + 1e-5 * torch.randn(v.shape, generator=g) for k, v in states[e - 1].items()}
     for e, state in states.items():
