@@ -88,7 +88,7 @@ def _kill_inside_a_save(proc: multiprocessing.process.BaseProcess, folder: Path)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see that a process has stopped")
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_WR1_sigkill_at_random_points_leaves_old_or_new_file(tmp_path: Path, ctx: multiprocessing.context.BaseContext,
                                                             compression: str) -> None:
     path = tmp_path / "policy.mfmt"

@@ -92,7 +92,7 @@ def test_raw_units_are_aligned_and_cover_the_range() -> None:
 
 
 def test_packed_units_group_whole_tensors_up_to_a_chunk() -> None:
-    with LazyCheckpoint(_save(Path(os.environ.get("TMPDIR", "/tmp")), "none")) as f:
+    with LazyCheckpoint(_save(Path(os.environ.get("TMPDIR", "/tmp")), "raw")) as f:
         entries = sorted(f.header.section("model").tensors, key=lambda e: e.begin)  # type: ignore[union-attr]
     units = packed_units(entries, entries[0].begin, 4096)
     assert [e for u in units for e in u.entries] == entries
@@ -101,7 +101,7 @@ def test_packed_units_group_whole_tensors_up_to_a_chunk() -> None:
         assert u.length == u.entries[-1].end - u.entries[0].begin
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 @pytest.mark.parametrize("verify_", [True, False])
 def test_pipelined_load_equals_the_cpu_load(tmp_path: Path, compression: str, verify_: bool) -> None:
     path = _save(tmp_path, compression)
@@ -124,7 +124,7 @@ def test_pipelined_load_equals_the_cpu_load(tmp_path: Path, compression: str, ve
     assert len(storages) <= 1 + sum(1 for e in s.tensors if e.nbytes and e.begin % out[e.name].element_size())
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_a_wrong_checksum_stops_the_load_before_that_tensor_is_copied(tmp_path: Path, compression: str) -> None:
     path = _save(tmp_path, compression)
     parts = craft.parse(path.read_bytes())
@@ -160,7 +160,7 @@ def through_pipeline(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return made
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_load_file_and_lazy_reads_go_through_the_pipeline(
     tmp_path: Path, compression: str, through_pipeline: list[Any]
 ) -> None:
@@ -180,7 +180,7 @@ def test_load_file_and_lazy_reads_go_through_the_pipeline(
 def test_gds_reads_straight_into_device_memory_when_nothing_needs_verifying(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _save(tmp_path, "none")
+    path = _save(tmp_path, "raw")
     reads: list[tuple[int, int]] = []
 
     class FakeCuFile:
@@ -243,7 +243,7 @@ def test_agents_load_through_the_pipeline(tmp_path: Path, through_pipeline: list
     assert [id(p) for p in target.parameters()] == [id(p) for p in fresh.param_groups[0]["params"]]
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_only_empty_tensors(tmp_path: Path, compression: str, through_pipeline: list[Any]) -> None:
     path = _save(tmp_path, compression, {"a": torch.empty(0), "b": torch.empty(3, 0, dtype=torch.int64)})
     loaded = mettaformat.load_file(path, device="cpu")

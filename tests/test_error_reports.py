@@ -18,7 +18,7 @@ from mettaformat.validate import validate
 from tests import craft
 
 
-def _container(path: Path, compression: str = "none") -> Path:
+def _container(path: Path, compression: str = "raw") -> Path:
     mettaformat.save_file({f"l{i}": torch.randn(64) for i in range(6)}, path, compression=compression)  # type: ignore[arg-type]
     return path
 
@@ -110,7 +110,7 @@ def test_the_file_is_named_once_even_through_nested_entry_points(tmp_path: Path)
     assert str(info.value).count("mettaformat repair") == 1
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 @pytest.mark.parametrize("where", ["model", "tree"])
 def test_validate_counts_every_tensor_and_reports_each_damage_once(
     tmp_path: Path, compression: str, where: str
@@ -126,7 +126,7 @@ def test_validate_counts_every_tensor_and_reports_each_damage_once(
     i = 0 if where == "model" else 1
     section = parts.section(i)
     name = section["tensors"][-1]["name"]
-    if compression == "none":
+    if compression == "raw":
         start, _ = parts.tensor_span(name, i)
     else:
         start = section["stream"]["header_length"] + 60  # inside the last tensor's frame

@@ -21,7 +21,7 @@ def build(attrs: dict, metadata: dict, config: dict) -> nn.Module:  # type: igno
 mettaformat.register_model_type("gpu-mlp", build, replace=True)
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_cuda_tensors_save_and_load_to_cuda(tmp_path: Path, compression: str) -> None:
     tensors = {"w": torch.randn(64, 64, device="cuda"), "h": torch.randn(8, device="cuda").half(),
                "t": torch.randn(32, 16, device="cuda").t()}
@@ -77,7 +77,7 @@ def _every_dtype() -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
 def test_pipelined_load_to_each_gpu(tmp_path: Path, compression: str, device: str) -> None:
     if device == "cuda:1" and torch.cuda.device_count() < 2:

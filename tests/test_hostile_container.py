@@ -85,7 +85,7 @@ def base(compression: str) -> bytes:
 
 
 def raw() -> craft.Parts:
-    return craft.parse(base("none"))
+    return craft.parse(base("raw"))
 
 
 def zst() -> craft.Parts:
@@ -185,7 +185,7 @@ def nested(depth: int, inner: bytes = b"\xc0", opener: bytes = b"\x91") -> bytes
 # -- A. container framing --------------------------------------------------------------------------
 @builder
 def case_A1() -> list[Case]:
-    good = base("none")
+    good = base("raw")
     return [
         Case("FR1", "empty file", b"", LayoutError, "too small", "preamble"),
         Case("FR1", "one byte", b"\x89", LayoutError, "too small", "preamble"),
@@ -199,7 +199,7 @@ def test_FR1_empty_and_too_small_files(tmp_path: Path) -> None:
     run(case_A1(), tmp_path)
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_FR2_truncation_at_every_offset(tmp_path: Path, compression: str) -> None:
     data = base(compression)
     path = tmp_path / "cut.mfmt"
@@ -215,7 +215,7 @@ def test_FR2_truncation_at_every_offset(tmp_path: Path, compression: str) -> Non
 
 @builder
 def case_A3() -> list[Case]:
-    good = base("none")
+    good = base("raw")
     flipped = b"\x88" + good[1:]
     lf = good[:4] + b"\n" + good[6:]  # CR LF -> LF (newline translation)
     zip_like = b"PK\x03\x04" + good[4:]
@@ -382,7 +382,7 @@ def _sparse(path: Path, size: int, chunks: list[tuple[int, bytes]]) -> None:
 
 def test_FR7_lengths_within_the_file_but_above_the_caps(tmp_path: Path) -> None:
     """Sparse files, so that the declared length really fits inside the file."""
-    good = base("none")
+    good = base("raw")
     parts = craft.parse(good)
     # header length above MAX_HEADER_SIZE, file bigger than that
     path = tmp_path / "big-header.mfmt"
@@ -417,7 +417,7 @@ def test_FR7_stream_header_cap(tmp_path: Path) -> None:
 
 @builder
 def case_A8() -> list[Case]:
-    good = base("none")
+    good = base("raw")
     eocd = b"PK\x05\x06" + b"\x00" * 18
     header_end = 32 + struct.unpack_from("<Q", good, 16)[0]
     in_padding = bytearray(good)
@@ -511,7 +511,7 @@ def test_FR10_file_replaced_after_open_keeps_reading_the_old_one(tmp_path: Path)
 
 @builder
 def case_A11() -> list[Case]:
-    good = base("none")
+    good = base("raw")
     # A header length whose bytes are pickle STACK_GLOBAL, STOP.
     pickle_length = good[:16] + b"\x93." + b"\x00" * 6 + good[24:]
     # Our magic, then a pickle that would run a command if anything unpickled it.
@@ -647,7 +647,7 @@ def test_TT5_bad_dimensions(tmp_path: Path) -> None:
     run(case_B5(), tmp_path)
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_TT6_zero_size_and_scalar_tensors_are_accepted(tmp_path: Path, compression: str) -> None:
     tensors = {
         "scalar": torch.tensor(3.5),
@@ -814,7 +814,7 @@ def test_TT12_misaligned_data(tmp_path: Path) -> None:
     run(case_B12(), tmp_path)
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_TT13_nan_and_inf_are_data(tmp_path: Path, compression: str) -> None:
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45])
     tensors = {"f32": special, "f16": special.half(), "bf16": special.bfloat16(), "f64": special.double()}
@@ -1351,7 +1351,7 @@ def _flip(data: bytes, offset: int, bit: int = 0x40) -> bytes:
 @builder
 def case_E1() -> list[Case]:
     cases = []
-    for compression, parts in (("none", raw()), ("zstd", zst())):
+    for compression, parts in (("raw", raw()), ("zstd", zst())):
         good = base(compression)
         hl = struct.unpack_from("<Q", good, 16)[0]
         index_offset = len(good) - 32 - struct.unpack_from("<Q", good, len(good) - 32)[0]
@@ -1372,7 +1372,7 @@ def case_E1() -> list[Case]:
             Case("IN1", f"{compression}: padding", _flip(good, 32 + hl + 1), IntegrityError, "non-zero bytes",
                  "padding"),
         ]
-        if compression == "none":
+        if compression == "raw":
             cases.append(Case("IN1", "stream header", _flip(good, s["offset"] + 20), IntegrityError,
                               "safetensors header checksum mismatch", "section 'model'"))
             for name in _tensors():
@@ -1398,7 +1398,7 @@ def test_IN1_every_preamble_byte(tmp_path: Path) -> None:
     A flip in the minor version or in the optional (high 16) flag bits is accepted by design:
     neither changes how this reader reads the file (a newer minor only warns).
     """
-    good = base("none")
+    good = base("raw")
     path = tmp_path / "p.mfmt"
     for offset in range(32):
         path.write_bytes(_flip(good, offset))
@@ -1538,7 +1538,7 @@ def test_FS2_partially_written_temp_file_is_rejected(tmp_path: Path) -> None:
         full_load(path)
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("compression", ["raw", "zstd"])
 def test_FS4_file_rewritten_in_place_between_index_and_data_read(tmp_path: Path, compression: str) -> None:
     path = tmp_path / "h4.mfmt"
     path.write_bytes(base(compression))
@@ -1547,7 +1547,7 @@ def test_FS4_file_rewritten_in_place_between_index_and_data_read(tmp_path: Path,
     with mettaformat.open(path) as ckpt:  # the index is read now
         assert torch.equal(ckpt.get_tensor("x"), _tensors()["x"])  # and the mapping exists
         with open(path, "r+b") as f:  # same size, other content
-            if compression == "none":
+            if compression == "raw":
                 start, _ = parts.tensor_span("a")
                 f.seek(s["offset"] + start)
                 f.write(torch.zeros(64).numpy().tobytes())

@@ -14,7 +14,7 @@ from mettaformat.constants import PREAMBLE_SIZE, TRAILER_TAIL_SIZE
 from mettaformat.container.extract import extract_safetensors
 from mettaformat.errors import IntegrityError, LayoutError, MettaFormatError
 
-CODECS = ["none", "zstd"]
+CODECS = ["raw", "zstd"]
 
 
 def small_file(tmp_path: Path, compression: str) -> bytes:
@@ -183,7 +183,7 @@ def test_extracted_section_is_a_safetensors_file_equal_to_the_input(tmp_path: Pa
     assert loaded.keys() == tiny_state_dict.keys()
     for name, t in tiny_state_dict.items():
         assert torch.equal(loaded[name], t)
-    if compression == "none":  # the raw section is byte-for-byte the safetensors stream
+    if compression == "raw":  # the raw section is byte-for-byte the safetensors stream
         with mettaformat.open(path) as ckpt:
             s = ckpt.header.sections[0]
         assert path.read_bytes()[s.offset:s.end] == out.read_bytes()

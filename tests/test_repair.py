@@ -14,7 +14,7 @@ from mettaformat.errors import WriteError
 from mettaformat.repair import repair
 from mettaformat.validate import validate
 
-CODECS = ["none", "zstd"]
+CODECS = ["raw", "zstd"]
 
 
 def make(tmp_path: Path, compression: str) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -102,6 +102,6 @@ def test_repair_truncated_file_keeps_complete_leading_tensors(tmp_path: Path, co
 
 
 def test_repair_never_overwrites_its_input(tmp_path: Path) -> None:
-    path, _ = make(tmp_path, "none")
+    path, _ = make(tmp_path, "raw")
     with pytest.raises(WriteError):
         repair(path, path)

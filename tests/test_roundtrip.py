@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import mettaformat
 from mettaformat.dtypes import DTYPE_TAGS, dtype_from_tag
 
-CODECS = ["none", "zstd"]
+CODECS = ["raw", "zstd"]
 
 
 def sample(tag: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
