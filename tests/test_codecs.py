@@ -381,7 +381,7 @@ def test_stored_frames_read_in_place_agree_with_zstd() -> None:
     assert np.array_equal(out.numpy(), want.reshape(-1))
 
 
-def test_a_stored_frame_is_checked_like_any_other() -> None:
+def test_a_stored_frame_read_alone_is_checked_like_any_other() -> None:
     from mettaformat.container.codecs.zstd_frames import stored_frame
 
     good = stored_frame(bytes(range(256)) * 1024)
@@ -390,11 +390,45 @@ def test_a_stored_frame_is_checked_like_any_other() -> None:
     bad_sum = bytearray(good)
     bad_sum[-1] ^= 0xFF  # the content checksum itself
     for frame in (bytes(flipped), bytes(bad_sum)):
-        reader, source, entry = _section_of([frame, good], 256 * 1024, "I16", FILTER_PLANES)
-        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+        reader, source, _ = _section_of([frame, good], 256 * 1024, "I16", FILTER_PLANES)
         with pytest.raises(CodecError, match="checksum mismatch"):
-            for task in reader.decode_tasks(source, entry, out):
-                task()
+            reader._plane(source, 1, np.empty(256 * 1024, dtype=np.uint8))
+    short = bytearray(good)
+    short[13:16] = ((100 << 3) | 1).to_bytes(3, "little")  # one last block of 100 bytes: too few
+    reader, source, entry = _section_of([bytes(short[: 16 + 100]) + good[-4:], good], 256 * 1024, "I16", FILTER_PLANES)
+    with pytest.raises(CodecError, match="decoded to 100 bytes"):
+        for task in reader.decode_tasks(source, entry, torch.empty(entry.nbytes, dtype=torch.uint8)):
+            task()
+
+
+def _flip_in_stored_frame(path: Path, where: int) -> None:
+    """Flip one bit at ``where`` (a payload offset, or -1 for the content checksum) of the first stored frame."""
+    from mettaformat.container.reader import LazyCheckpoint
+
+    with LazyCheckpoint(path, verify=False) as ckpt:
+        frames = ckpt.section_reader("model").frames
+    data = bytearray(path.read_bytes())
+    offset, length, _, _ = next(f for f in frames if data[f[0] + 4] == 0xE4)  # a stored frame's descriptor
+    data[offset + length - 1 if where < 0 else offset + 16 + where] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_whole_tensor_relies_on_its_checksum_for_stored_frames(tmp_path: Path) -> None:
+    """A stored frame's bytes are checked once: by the tensor checksum when verifying, not at all when not."""
+    from mettaformat.errors import IntegrityError
+
+    t = torch.randn(100_000)  # random low mantissa bytes: stored frames
+    for where in (5, -1):
+        path = tmp_path / f"w{where}.mfmt"
+        mettaformat.save_file({"t": t}, path, compression="zstd")
+        _flip_in_stored_frame(path, where)
+        if where < 0:  # the content checksum is not consulted; the bytes are intact
+            assert torch.equal(mettaformat.load_file(path)["t"], t)
+            continue
+        with pytest.raises(IntegrityError, match="checksum mismatch in tensor 't'"):
+            mettaformat.load_file(path)
+        loaded = mettaformat.load_file(path, verify=False)["t"]  # the caller asked for no checksums
+        assert (loaded != t).sum() == 1
 
 
 def test_large_decode_destinations_are_ordinary_tensors() -> None:

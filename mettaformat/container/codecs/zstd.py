@@ -222,8 +222,6 @@ class _ZstdSection:
         length, stored = walk_frame(frame, rlen, region)
         if length != clen:
             raise CodecError("data after the end of the zstd frame", region=region, offset=offset)
-        if stored is not None:
-            check_stored(frame, stored, rlen, region)
         return frame, stored
 
     def _decode(self, source: memoryview, i: int, out: torch.Tensor | np.ndarray) -> None:
@@ -246,11 +244,14 @@ class _ZstdSection:
                 f"frame decoded to {got}{'+' if extra else ''} bytes, expected {rlen}", region=region, offset=offset
             )
 
-    def _plane(self, source: memoryview, i: int, row: np.ndarray) -> list[np.ndarray]:
+    def _plane(self, source: memoryview, i: int, row: np.ndarray, *, content_checksum: bool = True) -> list[np.ndarray]:
         """The content of frame ``i`` as pieces: a stored frame's raw blocks where they lie in
-        ``source`` (checked, not copied), any other frame decompressed into ``row``."""
+        ``source`` (not copied; their length always checked, their content checksum unless
+        ``content_checksum`` is false), any other frame decompressed into ``row`` (zstd checks it)."""
         frame, stored = self._frame(source, i)
         if stored is not None:
+            region = f"section {self.section.name!r} frame {i}"
+            check_stored(frame, stored, self.frames[i][2], region, content_checksum=content_checksum)
             return [np.frombuffer(piece, dtype=np.uint8) for piece in stored]
         self._decompress(frame, i, row)
         return [row]
@@ -266,7 +267,10 @@ class _ZstdSection:
             unshuffle(torch.from_numpy(shuffled.reshape(-1)), out, width)
             return
         buffer = scratch(count * rlen).reshape(count, rlen)
-        planes = [self._plane(source, first + k, buffer[k]) for k in range(count)]
+        # A whole tensor is decoded here, so the tensor checksum covers a stored frame's bytes whenever
+        # the caller verifies; with verification off, its content checksum would be the only check left
+        # (spec/codecs/zstd.md, Checksums).
+        planes = [self._plane(source, first + k, buffer[k], content_checksum=False) for k in range(count)]
         join_planes(planes, out, width, flt == FILTER_FLOAT_PLANES)
 
     def stream_header(self, source: memoryview) -> bytes:
