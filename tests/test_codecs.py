@@ -443,3 +443,38 @@ def test_large_decode_destinations_are_ordinary_tensors() -> None:
     t = torch.randn(HUGE_PAGE_MIN // 4 + 5)  # decoded into such a buffer
     loaded = mettaformat.load(mettaformat.save({"t": t}, compression="zstd"))["t"]
     assert torch.equal(loaded, t) and torch.equal(loaded.clone().share_memory_(), t)
+
+
+def test_small_tensors_decode_in_batches_and_each_waits_for_its_own() -> None:
+    """Jobs are grouped into pool jobs of about BATCH_BYTES; a tensor's range names every batch that holds its jobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mettaformat.container.section_load import BATCH_BYTES, _Batches
+
+    ran: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        batches = _Batches(pool)
+        small = batches.add([lambda: ran.append(0)], 1000)
+        empty = batches.add([], 0)
+        large = batches.add([lambda k=k: ran.append(k) for k in (1, 2, 3)], 3 * BATCH_BYTES)
+        tail = batches.add([lambda: ran.append(4)], 1000)
+        batches.flush()
+        assert (small, empty, large, tail) == ((0, 0), (0, 0), (0, 2), (3, 3))
+        for future in batches.submitted:
+            future.result()
+    assert ran == [0, 1, 2, 3, 4] and len(batches.submitted) == 4
+
+
+def test_a_failing_job_among_batched_ones_fails_the_load(tmp_path: Path) -> None:
+    tensors = {f"t{i}": torch.full((64,), float(i)) for i in range(40)}
+    path = tmp_path / "many.mfmt"
+    mettaformat.save_file(tensors, path, compression="zstd")
+    from mettaformat.container.reader import LazyCheckpoint
+
+    with LazyCheckpoint(path, verify=False) as ckpt:
+        offset = ckpt.section_reader("model").frames[30][0]
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF  # the magic of the frame holding t29
+    path.write_bytes(bytes(data))
+    with pytest.raises(CodecError, match="frame 30"):
+        mettaformat.load_file(path, verify=False)
