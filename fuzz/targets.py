@@ -85,7 +85,7 @@ def zstd_frame(data: bytes) -> None:
     import numpy as np
     import zstandard
 
-    from mettaformat.container.codecs.zstd import _ZstdSection
+    from mettaformat.container.codecs.zstd import ZstdSection
     from mettaformat.container.codecs.zstd_frames import walk_frame
     from mettaformat.container.header import SectionEntry, TensorEntry
     from mettaformat.dtypes import itemsize
@@ -108,7 +108,7 @@ def zstd_frame(data: bytes) -> None:
                                         stream_header_checksum=0, tensors=(entry,), aliases={}, order=("t",),
                                         frames=table)
     try:
-        reader = _ZstdSection(section)
+        reader = ZstdSection(section)
         source = memoryview(bytes(64) + frame * copies)
         out = torch.empty(nbytes, dtype=torch.uint8)
         for task in reader.decode_tasks(source, entry, out):

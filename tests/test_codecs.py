@@ -346,7 +346,7 @@ def test_join_refuses_pieces_that_do_not_fill_the_plane() -> None:
 
 def _section_of(frames: list[bytes], raw: int, dtype: str, flt: int) -> tuple[Any, memoryview, TensorEntry]:
     """A one-tensor zstd section reader over ``frames`` (a plane group), as the fuzz target builds it."""
-    from mettaformat.container.codecs.zstd import _ZstdSection
+    from mettaformat.container.codecs.zstd import ZstdSection
 
     head = craft.zstd_frame(bytes(64))
     nbytes = raw * len(frames)
@@ -356,7 +356,7 @@ def _section_of(frames: list[bytes], raw: int, dtype: str, flt: int) -> tuple[An
         name="s", offset=0, length=len(head) + sum(map(len, frames)), codec="zstd", configuration={},
         stream_length=64 + nbytes, stream_header_length=64, stream_header_checksum=0, tensors=(entry,), aliases={},
         order=("t",), frames=table)
-    return _ZstdSection(section), memoryview(head + b"".join(frames)), entry
+    return ZstdSection(section), memoryview(head + b"".join(frames)), entry
 
 
 def test_stored_frames_read_in_place_agree_with_zstd() -> None:
@@ -392,7 +392,7 @@ def test_a_stored_frame_read_alone_is_checked_like_any_other() -> None:
     for frame in (bytes(flipped), bytes(bad_sum)):
         reader, source, _ = _section_of([frame, good], 256 * 1024, "I16", FILTER_PLANES)
         with pytest.raises(CodecError, match="checksum mismatch"):
-            reader._plane(source, 1, np.empty(256 * 1024, dtype=np.uint8))
+            reader.plane(source, 1, np.empty(256 * 1024, dtype=np.uint8))
     short = bytearray(good)
     short[13:16] = ((100 << 3) | 1).to_bytes(3, "little")  # one last block of 100 bytes: too few
     reader, source, entry = _section_of([bytes(short[: 16 + 100]) + good[-4:], good], 256 * 1024, "I16", FILTER_PLANES)

@@ -24,12 +24,14 @@ import torch
 from mettaformat._pool import shared_pool
 from mettaformat._torch import tensor_bytes
 from mettaformat.container.codecs.planes import FLOAT_TAGS, join_planes, scratch, split_planes
+from mettaformat.container.codecs.zstd import ZstdSection
 from mettaformat.container.delta import DeltaTensor
 from mettaformat.container.delta_filter import apply_residual_in_place
 from mettaformat.container.verify import OrderedHasher
 from mettaformat.dtypes import dtype_from_tag, itemsize
 
 if TYPE_CHECKING:
+    from mettaformat.container.codecs.base import SectionReader
     from mettaformat.container.header import SectionEntry, TensorEntry
     from mettaformat.container.reader import LazyCheckpoint
 
@@ -63,10 +65,9 @@ class PlanePlan:
     chunks: list[tuple[int, int, int]]
 
 
-def _plane_groups(reader: Any, name: str, width: int) -> list[tuple[int, int]] | None:
+def _plane_groups(reader: SectionReader, name: str, width: int) -> list[tuple[int, int]] | None:
     """(first frame, elements) of each chunk of tensor ``name`` when every chunk is a plane group, else None."""
-    chunks = getattr(reader, "tensor_chunks", {}).get(name)
-    if chunks is None or not hasattr(reader, "_plane"):
+    if not isinstance(reader, ZstdSection) or (chunks := reader.tensor_chunks.get(name)) is None:
         return None
     out = []
     for first, count in chunks:
@@ -120,13 +121,14 @@ def _rebuild_chunk(ckpt: LazyCheckpoint, s: SectionEntry, plan: PlanePlan, chunk
     words = next(v for v in (1, 2, 4, 8) if v >= top)
     zero = [_zero_plane(n)]
     mine = ckpt._readers[s.name]
-    rows = scratch(width * n, _RESIDUAL_ROWS).reshape(width, n)
-    residual = [mine._plane(ckpt._mapped(), first + k, rows[k]) for k in range(width)]
     reader = base._readers[s.name]  # the base tensor lies in the section of the same name
+    assert isinstance(mine, ZstdSection) and isinstance(reader, ZstdSection)  # plane_plan checked both
+    rows = scratch(width * n, _RESIDUAL_ROWS).reshape(width, n)
+    residual = [mine.plane(ckpt._mapped(), first + k, rows[k]) for k in range(width)]
     base_rows = scratch(top * n, _BASE_ROWS).reshape(top, n)
     with reading_base(base, f"tensor {plan.base_entry.name!r}"):
         source = base._mapped()
-        base_planes = [reader._plane(source, base_first + k, base_rows[k - width + top])
+        base_planes = [reader.plane(source, base_first + k, base_rows[k - width + top])
                        for k in range(width - top, width)]
     z = out if words == width else torch.from_numpy(scratch(words * n, _HIGH_WORDS))
     b = torch.from_numpy(scratch(words * n, _BASE_WORDS))

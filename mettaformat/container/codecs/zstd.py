@@ -48,7 +48,7 @@ from mettaformat.container.stream import StreamPlan
 from mettaformat.dtypes import itemsize
 from mettaformat.errors import CodecError, LayoutError, WriteError
 
-__all__ = ["FILTER_NONE", "FILTER_PLANES", "FILTER_FLOAT_PLANES", "FILTER_SHUFFLE", "ZstdCodec"]
+__all__ = ["FILTER_NONE", "FILTER_PLANES", "FILTER_FLOAT_PLANES", "FILTER_SHUFFLE", "ZstdCodec", "ZstdSection"]
 
 FILTER_NONE: Final = 0
 FILTER_SHUFFLE: Final = 1
@@ -147,8 +147,8 @@ class ZstdCodec:
             configuration=self.configuration(),
         )
 
-    def open_section(self, section: SectionEntry) -> _ZstdSection:
-        return _ZstdSection(section)
+    def open_section(self, section: SectionEntry) -> ZstdSection:
+        return ZstdSection(section)
 
 
 def _encode_chunk(chunk: torch.Tensor, flt: int, width: int, coders: tuple[tuple[int, ...], ...]) -> list[bytes]:
@@ -158,7 +158,9 @@ def _encode_chunk(chunk: torch.Tensor, flt: int, width: int, coders: tuple[tuple
     return [encode_plane(planes[i], coders) for i in range(width)]
 
 
-class _ZstdSection:
+class ZstdSection:
+    """Reads one zstd section: its frame table checked once, each tensor's chunks, each plane's frame."""
+
     zero_copy = False
 
     def __init__(self, section: SectionEntry) -> None:
@@ -244,7 +246,7 @@ class _ZstdSection:
                 f"frame decoded to {got}{'+' if extra else ''} bytes, expected {rlen}", region=region, offset=offset
             )
 
-    def _plane(self, source: memoryview, i: int, row: np.ndarray, *, content_checksum: bool = True) -> list[np.ndarray]:
+    def plane(self, source: memoryview, i: int, row: np.ndarray, *, content_checksum: bool = True) -> list[np.ndarray]:
         """The content of frame ``i`` as pieces: a stored frame's raw blocks where they lie in
         ``source`` (not copied; their length always checked, their content checksum unless
         ``content_checksum`` is false), any other frame decompressed into ``row`` (zstd checks it)."""
@@ -270,7 +272,7 @@ class _ZstdSection:
         # A whole tensor is decoded here, so the tensor checksum covers a stored frame's bytes whenever
         # the caller verifies; with verification off, its content checksum would be the only check left
         # (spec/codecs/zstd.md, Checksums).
-        planes = [self._plane(source, first + k, buffer[k], content_checksum=False) for k in range(count)]
+        planes = [self.plane(source, first + k, buffer[k], content_checksum=False) for k in range(count)]
         join_planes(planes, out, width, flt == FILTER_FLOAT_PLANES)
 
     def stream_header(self, source: memoryview) -> bytes:
