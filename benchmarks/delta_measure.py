@@ -78,10 +78,10 @@ def load_stages(delta_path: Path, full_path: Path, repeat: int = 3) -> dict[str,
         mine, theirs, alone = c._readers["model"], c.base._readers["model"], full._readers["model"]  # type: ignore[union-attr]
         for _ in range(repeat):
             spent: Counter[str] = Counter()
-            patches = [(mine, "_plane", "delta: residual planes decode"), (theirs, "_plane", "delta: base high planes decode"),
+            patches = [(mine, "plane", "delta: residual planes decode"), (theirs, "plane", "delta: base high planes decode"),
                        (delta_planes, "join_planes", "delta: interleave"), (delta_planes, "split_planes", "delta: interleave"),
                        (delta_planes, "apply_residual_in_place", "delta: filter inverse"),
-                       (alone, "_plane", "alone: planes decode"), (zstd, "join_planes", "alone: join")]
+                       (alone, "plane", "alone: planes decode"), (zstd, "join_planes", "alone: join")]
             saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
             for obj, attr, label in patches:
                 setattr(obj, attr, _timed(getattr(obj, attr), spent, label))
