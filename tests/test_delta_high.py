@@ -191,3 +191,28 @@ def test_every_high_count_rebuilds_from_the_planes_as_from_whole_tensors(
             general = mettaformat.load_file(tmp_path / "d.mfmt")["t"]
         assert _same(mettaformat.load_file(tmp_path / "d.mfmt")["t"], nxt["t"]), high
         assert _same(general, nxt["t"]), high
+
+
+def test_a_rebuilt_tensor_relies_on_its_checksum_for_stored_planes(tmp_path: Path) -> None:
+    """As in a standalone load: a stored plane's bytes are covered by the rebuilt tensor's checksum."""
+    from tests.test_codecs import _flip_in_stored_frame
+
+    g = torch.Generator().manual_seed(5)
+    before = torch.randn(100_000, generator=g)
+    after = before + 1e-4 * torch.randn(100_000, generator=g)
+    base = tmp_path / "base.mfmt"
+    mettaformat.save_file({"t": before}, base, compression="zstd")
+    for where in (5, -1):
+        path = tmp_path / f"delta{where}.mfmt"
+        mettaformat.save_file({"t": after}, path, base=base)
+        with mettaformat.open(path) as c:  # the residual is rebuilt from planes, the path under test
+            s = c.header.section("model")
+            assert s is not None and (entry := s.index.get("t")) is not None
+            assert delta_planes.plane_plan(c, s, entry, chain.delta_names(c, "model")["t"]) is not None
+        _flip_in_stored_frame(path, where)
+        if where < 0:  # the frame's own checksum is not consulted; the bytes are intact
+            assert torch.equal(mettaformat.load_file(path)["t"], after)
+            continue
+        with pytest.raises(IntegrityError, match="does not match its checksum"):
+            mettaformat.load_file(path)
+        assert (mettaformat.load_file(path, verify=False)["t"] != after).sum() == 1

@@ -24,7 +24,7 @@ import torch
 from mettaformat._pool import shared_pool
 from mettaformat._torch import tensor_bytes
 from mettaformat.container.codecs.planes import FLOAT_TAGS, join_planes, scratch, split_planes
-from mettaformat.container.codecs.zstd import ZstdSection
+from mettaformat.container.codecs.zstd import FILTER_FLOAT_PLANES, FILTER_PLANES, ZstdSection
 from mettaformat.container.delta import DeltaTensor
 from mettaformat.container.delta_filter import apply_residual_in_place
 from mettaformat.container.verify import OrderedHasher
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PlanePlan", "as_tensor", "plane_plan", "start_rebuild"]
 
-_PLANE_FILTERS: Final = (2, 3)  # the zstd codec's float-planes and planes filters
+_PLANE_FILTERS: Final = (FILTER_FLOAT_PLANES, FILTER_PLANES)
 #: scratch slots of ``planes.scratch`` (0-3 are the split's and the join's)
 _RESIDUAL_ROWS, _BASE_ROWS, _HIGH_WORDS, _BASE_WORDS = 10, 11, 12, 13
 _zeros_lock = threading.Lock()
@@ -124,11 +124,13 @@ def _rebuild_chunk(ckpt: LazyCheckpoint, s: SectionEntry, plan: PlanePlan, chunk
     reader = base._readers[s.name]  # the base tensor lies in the section of the same name
     assert isinstance(mine, ZstdSection) and isinstance(reader, ZstdSection)  # plane_plan checked both
     rows = scratch(width * n, _RESIDUAL_ROWS).reshape(width, n)
-    residual = [mine.plane(ckpt._mapped(), first + k, rows[k]) for k in range(width)]
+    # The whole tensor is rebuilt and, when verifying, checked against its checksum, which covers the
+    # stored planes' bytes too: their own content checksums are skipped as in a standalone load.
+    residual = [mine.plane(ckpt._mapped(), first + k, rows[k], content_checksum=False) for k in range(width)]
     base_rows = scratch(top * n, _BASE_ROWS).reshape(top, n)
     with reading_base(base, f"tensor {plan.base_entry.name!r}"):
         source = base._mapped()
-        base_planes = [reader.plane(source, base_first + k, base_rows[k - width + top])
+        base_planes = [reader.plane(source, base_first + k, base_rows[k - width + top], content_checksum=False)
                        for k in range(width - top, width)]
     z = out if words == width else torch.from_numpy(scratch(words * n, _HIGH_WORDS))
     b = torch.from_numpy(scratch(words * n, _BASE_WORDS))
