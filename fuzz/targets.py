@@ -83,6 +83,7 @@ def zstd_frame(data: bytes) -> None:
     2 and 3: a plane group of four copies of the frame, float32 or int32), bytes 1-4 give the raw
     size the index would declare, the rest is the frame."""
     import numpy as np
+    import xxhash
     import zstandard
 
     from mettaformat.container.codecs.zstd import ZstdSection
@@ -109,12 +110,25 @@ def zstd_frame(data: bytes) -> None:
                                         frames=table)
     try:
         reader = ZstdSection(section)
-        source = memoryview(bytes(64) + frame * copies)
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        for task in reader.decode_tasks(source, entry, out):
-            task()
     except MettaFormatError:
         return
+    source = memoryview(bytes(64) + frame * copies)
+    # Oracle 1: the compiled chunk decoder and the Python form of its rules accept the same frames,
+    # decode them to the same bytes, and refuse the others with the same error. The one licence: two
+    # zstd builds (libzstd, the zstandard package's) may judge a corrupt frame that the framing rules
+    # accept differently; then the one that decoded it must give content that the frame's checksum holds.
+    outcomes = [_decode_tensor(reader, source, entry, compiled) for compiled in _decoders()]
+    if any(o != outcomes[0] for o in outcomes):
+        refused = next(o for o in outcomes if isinstance(o, str))
+        decoded = next(o for o in outcomes if isinstance(o, bytes))
+        assert refused.startswith("CodecError: zstd: "), f"compiled and Python decoders disagree: {outcomes}"
+        walk_frame(memoryview(frame), raw, "fuzz")  # the framing rules accept it (else this raises)
+        content = decoded if copies == 1 else decoded[::4]
+        assert xxhash.xxh64_intdigest(content) & 0xFFFFFFFF == int.from_bytes(frame[-4:], "little"), outcomes
+        return
+    if isinstance(outcomes[0], str):
+        return
+    out = torch.frombuffer(bytearray(outcomes[0]), dtype=torch.uint8)
     # Oracle: what was accepted is what zstd itself decodes, interleaved byte by byte (stored frames
     # are read in place without zstd, and planes are joined a word at a time). A plane group's stored
     # frames may fail only zstd's content checksum, which a whole-tensor decode leaves to the tensor checksum.
@@ -137,6 +151,31 @@ def zstd_frame(data: bytes) -> None:
     else:
         want = planes
     assert np.array_equal(out.numpy(), want), "decoded bytes differ from zstd's"
+
+
+def _decoders() -> tuple[bool, ...]:
+    from mettaformat.container.codecs import zstd_frames
+
+    return (True, False) if zstd_frames.chunk_decoder() is not None else (False,)
+
+
+def _decode_tensor(reader: object, source: memoryview, entry: object, compiled: bool) -> bytes | str:
+    """The tensor's bytes as the reader decodes them, with or without the compiled chunk decoder, or
+    the error it raised."""
+    from mettaformat.container.codecs import zstd_frames
+
+    kernel = zstd_frames._kernel
+    if not compiled:
+        zstd_frames._kernel = None
+    try:
+        out = torch.empty(entry.nbytes, dtype=torch.uint8)  # type: ignore[attr-defined]
+        for task in reader.decode_tasks(source, entry, out):  # type: ignore[attr-defined]
+            task()
+        return bytes(out.numpy())
+    except MettaFormatError as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        zstd_frames._kernel = kernel
 
 
 def reference_planes(data: object, width: int, float_bits: bool) -> object:

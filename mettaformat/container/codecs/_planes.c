@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_WIDTH 8
+#include "_planes.h"
 
 /* Elements are stored little-endian whatever the host's order. */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
@@ -116,6 +116,12 @@ static void split8(const uint8_t *restrict src, uint8_t *const *p, size_t n, int
     }
 }
 
+void planes_join_words(uint8_t *out, const uint8_t *const *p, size_t n, int width, int float_bits) {
+    if (width == 2) join2(out, p[0], p[1], n, float_bits);
+    else if (width == 4) join4(out, p, n, float_bits);
+    else join8(out, p, n, float_bits);
+}
+
 /* Buffers of the call: the interleaved one and one per plane, all checked for length. */
 typedef struct {
     Py_buffer words;
@@ -178,9 +184,7 @@ static PyObject *planes_join(PyObject *Py_UNUSED(self), PyObject *args) {
     uint8_t *dst = (uint8_t *)b.words.buf;
     size_t n = (size_t)b.n;
     Py_BEGIN_ALLOW_THREADS
-    if (b.width == 2) join2(dst, p[0], p[1], n, float_bits);
-    else if (b.width == 4) join4(dst, p, n, float_bits);
-    else join8(dst, p, n, float_bits);
+    planes_join_words(dst, p, n, (int)b.width, float_bits);
     Py_END_ALLOW_THREADS
     release(&b, b.width);
     Py_RETURN_NONE;
@@ -210,11 +214,12 @@ static PyMethodDef methods[] = {
      "join(out, planes, float_bits): interleave the width (2, 4, 8) equal planes into the writable buffer out."},
     {"split", planes_split, METH_VARARGS,
      "split(words, planes, float_bits): byte planes of words into the width (2, 4, 8) writable planes."},
+    CHUNK_METHODS
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_planes", "Byte-plane split and join kernels (see planes.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_planes", "Byte-plane split and join kernels (see planes.py) and the zstd chunk decoder (see zstd_frames.py).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -24,7 +24,7 @@ import zstandard
 
 from mettaformat._pool import usable_cores
 from mettaformat._torch import contiguous_cpu, tensor_bytes, writable_bytes
-from mettaformat.constants import MAX_FRAME_RAW_SIZE, ZSTD_DEFAULT_FRAME_SIZE, ZSTD_DEFAULT_LEVEL
+from mettaformat.constants import MAX_FRAME_RAW_SIZE, MAX_ZSTD_WINDOW, ZSTD_DEFAULT_FRAME_SIZE, ZSTD_DEFAULT_LEVEL
 from mettaformat.container.codecs.base import WrittenStream, pwrite_all
 from mettaformat.container.codecs.planes import (
     FLOAT_TAGS,
@@ -38,6 +38,8 @@ from mettaformat.container.codecs.shuffle import unshuffle
 from mettaformat.container.codecs.zstd_frames import (
     MIN_FRAME,
     check_stored,
+    chunk_decoder,
+    decode_chunk,
     decompressor,
     min_frame_length,
     walk_frame,
@@ -186,6 +188,8 @@ class ZstdSection:
                 raise LayoutError(f"frame {i}: {clen} compressed bytes cannot hold {rlen} raw bytes", region=region)
             self.frames.append((position, clen, rlen, flt))
             position += clen
+        #: the same rows as one array, for the compiled chunk decoder
+        self.table = np.array(self.frames, dtype=np.uint64).reshape(-1, 4)
         if position != section.end:
             raise LayoutError(
                 f"frames cover {position - section.offset} bytes of a {section.length}-byte section", region=region
@@ -259,6 +263,26 @@ class ZstdSection:
         return [row]
 
     def _decode_chunk(self, source: memoryview, first: int, count: int, out: torch.Tensor, width: int) -> None:
+        flt, rlen = self.frames[first][3], self.frames[first][2]
+        context = chunk_decoder() if flt != FILTER_SHUFFLE else None
+        if context is not None:
+            planes = flt in _PLANE_FILTERS
+            refused = decode_chunk(context, source, self.table, first, count, out.numpy(),
+                                   scratch(count * rlen) if planes else None, flt == FILTER_FLOAT_PLANES,
+                                   MAX_ZSTD_WINDOW)
+            if refused is None:
+                return
+            # The Python form of the rules names what is wrong. It may accept what libzstd refused:
+            # zstd builds differ on some corrupt frames (their content checksum still holds them).
+            self._decode_chunk_python(source, first, count, out, width)
+            k, reason, by_zstd = refused
+            raise CodecError(f"zstd: {reason}" if by_zstd else f"frame refused by the compiled walk: {reason}",
+                             region=f"section {self.section.name!r} frame {first + k}")
+        self._decode_chunk_python(source, first, count, out, width)
+
+    def _decode_chunk_python(
+        self, source: memoryview, first: int, count: int, out: torch.Tensor, width: int
+    ) -> None:
         flt, rlen = self.frames[first][3], self.frames[first][2]
         if flt == FILTER_NONE:
             self._decode(source, first, out)

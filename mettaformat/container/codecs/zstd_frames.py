@@ -7,13 +7,18 @@ size, the absence of a dictionary, a content checksum, and the exact frame lengt
 A byte plane that does not compress (the low mantissa bytes of trained weights) is written as a
 frame of raw blocks built here, which costs a copy and an xxh64 instead of a compression attempt;
 any zstd decoder reads it like any other frame.
+
+Where the extension is built and libzstd loads, a whole chunk (its frames walked by the same
+rules, decompressed, its planes joined) is one compiled call without the GIL (``_chunk.c``,
+:func:`chunk_decoder`); the functions here are the rule it follows and the path everywhere else.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
-from typing import Final
+from types import ModuleType
+from typing import Any, Final
 
 import xxhash
 import zstandard
@@ -24,6 +29,7 @@ from mettaformat.errors import CodecError
 __all__ = [
     "MIN_FRAME",
     "check_stored",
+    "chunk_decoder",
     "compressor",
     "decompressor",
     "frame_length",
@@ -39,6 +45,32 @@ _BLOCK_MAX: Final = 128 << 10
 #: Frame header of a stored frame: single segment, 8-byte content size, content checksum.
 _STORED_DESCRIPTOR: Final = (3 << 6) | (1 << 5) | (1 << 2)
 _local = threading.local()
+
+_kernel: ModuleType | None
+try:  # the compiled chunk decoder (_chunk.c, built by setup.py)
+    from mettaformat.container.codecs import _planes as _kernel
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _kernel = None
+
+
+def chunk_decoder() -> Any | None:
+    """This thread's context for the compiled chunk decoder, or None where it is not available
+    (no extension, or no libzstd 1.4+ to load); call it as
+    ``decode_chunk(context, source, table, first, count, out, scratch, float_bits, MAX_ZSTD_WINDOW)``."""
+    if _kernel is None:
+        return None
+    context = getattr(_local, "chunk", False)
+    if context is False:
+        context = _local.chunk = _kernel.decoder() if _kernel.zstd_version() else None
+    return context
+
+
+def decode_chunk(*args: Any) -> tuple[int, str, bool] | None:
+    """The compiled decoder's call (see :func:`chunk_decoder`): None, or the first refused frame of
+    the chunk, why, and whether libzstd (rather than a rule of :func:`walk_frame`) refused it."""
+    assert _kernel is not None
+    result: tuple[int, str, bool] | None = _kernel.decode_chunk(*args)
+    return result
 
 
 def decompressor() -> zstandard.ZstdDecompressor:
