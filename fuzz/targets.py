@@ -113,22 +113,30 @@ def zstd_frame(data: bytes) -> None:
     except MettaFormatError:
         return
     source = memoryview(bytes(64) + frame * copies)
-    # Oracle 1: the compiled chunk decoder and the Python form of its rules accept the same frames,
-    # decode them to the same bytes, and refuse the others with the same error. The one licence: two
+    # Oracle 1: the compiled chunk decoder and the Python form of its rules agree: what both decode, they
+    # decode to the same bytes; a frame refused by the framing rules, both refuse. The one licence: two
     # zstd builds (libzstd, the zstandard package's) may judge a corrupt frame that the framing rules
-    # accept differently; then the one that decoded it must give content that the frame's checksum holds.
-    outcomes = [_decode_tensor(reader, source, entry, compiled) for compiled in _decoders()]
-    if any(o != outcomes[0] for o in outcomes):
-        refused = next(o for o in outcomes if isinstance(o, str))
-        decoded = next(o for o in outcomes if isinstance(o, bytes))
-        assert refused.startswith("CodecError: zstd: "), f"compiled and Python decoders disagree: {outcomes}"
+    # accept differently; the one that decodes it gives content that the frame's checksum holds. The
+    # reader takes the compiled result, and the Python path's where the compiled decoder refused.
+    python = _decode_tensor(reader, source, entry, compiled=False)
+    compiled = _compiled_verdict(reader, source, entry)
+    if isinstance(compiled, bytes) and isinstance(python, bytes):
+        assert python == compiled, "compiled and Python decoders decode to different bytes"
+    elif isinstance(compiled, bytes) or (compiled[1] and isinstance(python, bytes)):
+        decoded = compiled if isinstance(compiled, bytes) else python
+        assert isinstance(decoded, bytes)
+        if isinstance(python, str):  # Python's zstd refused it, not a framing rule
+            assert python.startswith("CodecError: zstd: "), python
         walk_frame(memoryview(frame), raw, "fuzz")  # the framing rules accept it (else this raises)
         content = decoded if copies == 1 else decoded[::4]
-        assert xxhash.xxh64_intdigest(content) & 0xFFFFFFFF == int.from_bytes(frame[-4:], "little"), outcomes
+        assert xxhash.xxh64_intdigest(content) & 0xFFFFFFFF == int.from_bytes(frame[-4:], "little"), compiled
+    else:
+        assert isinstance(python, str), f"compiled decoder refused ({compiled}) what Python decoded"
+    reader_result = _decode_tensor(reader, source, entry, compiled=True)
+    assert reader_result == (compiled if isinstance(compiled, bytes) else python), "the reader's choice differs"
+    if not isinstance(python, bytes):
         return
-    if isinstance(outcomes[0], str):
-        return
-    out = torch.frombuffer(bytearray(outcomes[0]), dtype=torch.uint8)
+    out = torch.frombuffer(bytearray(python), dtype=torch.uint8)
     # Oracle: what was accepted is what zstd itself decodes, interleaved byte by byte (stored frames
     # are read in place without zstd, and planes are joined a word at a time). A plane group's stored
     # frames may fail only zstd's content checksum, which a whole-tensor decode leaves to the tensor checksum.
@@ -157,6 +165,30 @@ def _decoders() -> tuple[bool, ...]:
     from mettaformat.container.codecs import zstd_frames
 
     return (True, False) if zstd_frames.chunk_decoder() is not None else (False,)
+
+
+def _compiled_verdict(reader: object, source: memoryview, entry: object) -> bytes | tuple[str, bool]:
+    """The tensor as the compiled chunk decoder alone decodes it, or why it refused a frame (and
+    whether libzstd did); where it is not available, what the Python path gives."""
+    from mettaformat.constants import MAX_ZSTD_WINDOW
+    from mettaformat.container.codecs import zstd_frames
+    from mettaformat.container.codecs.zstd import FILTER_FLOAT_PLANES, FILTER_SHUFFLE
+
+    context = zstd_frames.chunk_decoder()
+    out = torch.empty(entry.nbytes, dtype=torch.uint8)  # type: ignore[attr-defined]
+    position = 0
+    for first, count in reader.tensor_chunks[entry.name]:  # type: ignore[attr-defined]
+        _, _, rlen, flt = reader.frames[first]  # type: ignore[attr-defined]
+        if context is None or flt == FILTER_SHUFFLE:
+            return _decode_tensor(reader, source, entry, compiled=False)
+        size = rlen * count
+        refused = zstd_frames.decode_chunk(context, source, reader.table, first, count,  # type: ignore[attr-defined]
+                                           out.numpy()[position : position + size], bytearray(size),
+                                           flt == FILTER_FLOAT_PLANES, MAX_ZSTD_WINDOW)
+        if refused is not None:
+            return refused[1], refused[2]
+        position += size
+    return bytes(out.numpy())
 
 
 def _decode_tensor(reader: object, source: memoryview, entry: object, compiled: bool) -> bytes | str:

@@ -259,31 +259,21 @@ class ZstdSection:
             region = f"section {self.section.name!r} frame {i}"
             check_stored(frame, stored, self.frames[i][2], region, content_checksum=content_checksum)
             return [np.frombuffer(piece, dtype=np.uint8) for piece in stored]
-        self._decompress(frame, i, row)
+        context = chunk_decoder()
+        if context is None or decode_chunk(context, source, self.table, i, 1, row, None, False, MAX_ZSTD_WINDOW):
+            self._decompress(frame, i, row)  # decodes what the compiled decoder refused, or names the error
         return [row]
 
     def _decode_chunk(self, source: memoryview, first: int, count: int, out: torch.Tensor, width: int) -> None:
         flt, rlen = self.frames[first][3], self.frames[first][2]
-        context = chunk_decoder() if flt != FILTER_SHUFFLE else None
-        if context is not None:
-            planes = flt in _PLANE_FILTERS
-            refused = decode_chunk(context, source, self.table, first, count, out.numpy(),
-                                   scratch(count * rlen) if planes else None, flt == FILTER_FLOAT_PLANES,
-                                   MAX_ZSTD_WINDOW)
-            if refused is None:
-                return
-            # The Python form of the rules names what is wrong. It may accept what libzstd refused:
-            # zstd builds differ on some corrupt frames (their content checksum still holds them).
-            self._decode_chunk_python(source, first, count, out, width)
-            k, reason, by_zstd = refused
-            raise CodecError(f"zstd: {reason}" if by_zstd else f"frame refused by the compiled walk: {reason}",
-                             region=f"section {self.section.name!r} frame {first + k}")
-        self._decode_chunk_python(source, first, count, out, width)
-
-    def _decode_chunk_python(
-        self, source: memoryview, first: int, count: int, out: torch.Tensor, width: int
-    ) -> None:
-        flt, rlen = self.frames[first][3], self.frames[first][2]
+        context = chunk_decoder()
+        if context is not None and flt != FILTER_SHUFFLE and decode_chunk(
+            context, source, self.table, first, count, out.numpy(), scratch(count * rlen) if count > 1 else None,
+            flt == FILTER_FLOAT_PLANES, MAX_ZSTD_WINDOW,
+        ) is None:
+            return
+        # What the compiled decoder refused, the Python form of its rules decides (and names the error):
+        # zstd builds differ on some corrupt frames, which decode with their content checksum intact.
         if flt == FILTER_NONE:
             self._decode(source, first, out)
             return
