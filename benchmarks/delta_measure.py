@@ -24,7 +24,6 @@ import xxhash
 
 import mettaformat
 from mettaformat.container import chain, delta_planes
-from mettaformat.container.codecs import zstd
 from mettaformat.container.codecs.planes import ENTROPY, FLOAT_TAGS, encode_plane, split_planes
 from mettaformat.dtypes import itemsize, tag_from_dtype
 
@@ -81,7 +80,7 @@ def load_stages(delta_path: Path, full_path: Path, repeat: int = 3) -> dict[str,
             patches = [(mine, "plane", "delta: residual planes decode"), (theirs, "plane", "delta: base high planes decode"),
                        (delta_planes, "join_planes", "delta: interleave"), (delta_planes, "split_planes", "delta: interleave"),
                        (delta_planes, "apply_residual_in_place", "delta: filter inverse"),
-                       (alone, "plane", "alone: planes decode"), (zstd, "join_planes", "alone: join")]
+                       (alone, "_decode_chunk", "alone: chunk decode (planes and join)")]
             saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
             for obj, attr, label in patches:
                 setattr(obj, attr, _timed(getattr(obj, attr), spent, label))

@@ -182,7 +182,7 @@ def _compiled_verdict(reader: object, source: memoryview, entry: object) -> byte
         if context is None or flt == FILTER_SHUFFLE:
             return _decode_tensor(reader, source, entry, compiled=False)
         size = rlen * count
-        refused = zstd_frames.decode_chunk(context, source, reader.table, first, count,  # type: ignore[attr-defined]
+        refused = zstd_frames.decode_chunk(context, source, 0, reader.table, first, count,  # type: ignore[attr-defined]
                                            out.numpy()[position : position + size], bytearray(size),
                                            flt == FILTER_FLOAT_PLANES, MAX_ZSTD_WINDOW)
         if refused is not None:

@@ -118,20 +118,28 @@ def test_compiled_decoder_refuses_calls_that_do_not_fit() -> None:
     context = zstd_frames.chunk_decoder()
     if context is None:
         pytest.skip(NO_COMPILED)
-    content = bytes(64)
+    content = bytes(range(64))
     reader, source, _ = _chunk([_stored(content, [])] * 4, 64, FILTER_PLANES, "I32")
     out, scratch = np.zeros(256, np.uint8), np.zeros(256, np.uint8)
     with pytest.raises(ValueError, match="1, 2, 4 or 8 frames"):
-        zstd_frames.decode_chunk(context, source, reader.table, 1, 3, out, scratch, False, 1 << 20)
+        zstd_frames.decode_chunk(context, source, 0, reader.table, 1, 3, out, scratch, False, 1 << 20)
     with pytest.raises(ValueError, match="outside the table"):
-        zstd_frames.decode_chunk(context, source, reader.table, 2, 4, out, scratch, False, 1 << 20)
+        zstd_frames.decode_chunk(context, source, 0, reader.table, 2, 4, out, scratch, False, 1 << 20)
     with pytest.raises(ValueError, match="does not fit"):
-        zstd_frames.decode_chunk(context, source, reader.table, 1, 4, out[:255], scratch, False, 1 << 20)
+        zstd_frames.decode_chunk(context, source, 0, reader.table, 1, 4, out[:255], scratch, False, 1 << 20)
     with pytest.raises(ValueError, match="does not fit"):
-        zstd_frames.decode_chunk(context, source, reader.table, 1, 4, out, scratch[:255], False, 1 << 20)
+        zstd_frames.decode_chunk(context, source, 0, reader.table, 1, 4, out, scratch[:255], False, 1 << 20)
     with pytest.raises((TypeError, BufferError)):  # a read-only destination
-        zstd_frames.decode_chunk(context, source, reader.table, 1, 4, bytes(256), scratch, False, 1 << 20)
-    assert zstd_frames.decode_chunk(context, source, reader.table, 1, 4, out, scratch, False, 1 << 20) is None
+        zstd_frames.decode_chunk(context, source, 0, reader.table, 1, 4, bytes(256), scratch, False, 1 << 20)
+    assert zstd_frames.decode_chunk(context, source, 0, reader.table, 1, 4, out, scratch, False, 1 << 20) is None
     # a table row pointing past the source is refused, not read
-    assert zstd_frames.decode_chunk(context, source[:100], reader.table, 1, 4, out, scratch, False, 1 << 20) == (
-        0, "frame past the file's end", False)
+    assert zstd_frames.decode_chunk(context, source[:100], 0, reader.table, 1, 4, out, scratch, False, 1 << 20) == (
+        0, "frame outside the bytes given", False)
+    # the bytes of the chunk alone, given with their offset in the file (what a remote read passes)
+    start, end = reader.frames[1][0], reader.frames[4][0] + reader.frames[4][1]
+    out[:] = 0
+    assert zstd_frames.decode_chunk(context, source[start:end], start, reader.table, 1, 4, out, scratch, False,
+                                    1 << 20) is None
+    assert bytes(out) == bytes(b for b in content for _ in range(4))  # four equal planes: each byte four times
+    assert zstd_frames.decode_chunk(context, source[start:end], start + 1, reader.table, 1, 4, out, scratch, False,
+                                    1 << 20) == (0, "frame outside the bytes given", False)

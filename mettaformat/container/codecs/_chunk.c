@@ -136,8 +136,9 @@ static void next_piece(Plane *p) {
 
 typedef struct {
     void *dctx;
-    const uint8_t *source;
+    const uint8_t *source; /* the file's bytes from offset base on */
     size_t source_len;
+    uint64_t base;
     const uint64_t *rows; /* (offset, compressed length, raw length, filter) per frame of the chunk */
     Py_ssize_t count;
     uint8_t *out, *scratch;
@@ -170,8 +171,9 @@ static int run(Chunk *c) {
     size_t raw = (size_t)c->rows[2];
     for (Py_ssize_t k = 0; k < c->count; k++) {
         const uint64_t *row = c->rows + 4 * k;
-        if (row[0] > c->source_len || row[1] > c->source_len - row[0]) return fail(c, k, "frame past the file's end");
-        const uint8_t *frame = c->source + row[0];
+        if (row[0] < c->base || row[0] - c->base > c->source_len || row[1] > c->source_len - (row[0] - c->base))
+            return fail(c, k, "frame outside the bytes given");
+        const uint8_t *frame = c->source + (row[0] - c->base);
         int stored;
         uint64_t raw_total;
         size_t blocks_at;
@@ -211,9 +213,9 @@ PyObject *chunk_decode(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *capsule, *source_obj, *table_obj, *out_obj, *scratch_obj;
     Py_ssize_t first, count;
     int float_bits;
-    unsigned long long max_window;
-    if (!PyArg_ParseTuple(args, "OOOnnOOpK:decode_chunk", &capsule, &source_obj, &table_obj, &first, &count, &out_obj,
-                          &scratch_obj, &float_bits, &max_window))
+    unsigned long long base, max_window;
+    if (!PyArg_ParseTuple(args, "OOKOnnOOpK:decode_chunk", &capsule, &source_obj, &base, &table_obj, &first, &count,
+                          &out_obj, &scratch_obj, &float_bits, &max_window))
         return NULL;
     Chunk c = {0};
     c.dctx = PyCapsule_GetPointer(capsule, "mettaformat.zstd_dctx");
@@ -250,6 +252,7 @@ PyObject *chunk_decode(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     c.source = source.buf;
     c.source_len = (size_t)source.len;
+    c.base = base;
     c.count = count;
     c.out = out.buf;
     c.out_len = (size_t)out.len;

@@ -21,7 +21,7 @@ PyObject *chunk_decode(PyObject *self, PyObject *args);
      "zstd_version(): the version number of the libzstd the chunk decoder uses, 0 where none loads."},        \
     {"decoder", chunk_decoder, METH_NOARGS, "decoder(): a zstd decompression context for one thread."},        \
     {"decode_chunk", chunk_decode, METH_VARARGS,                                                               \
-     "decode_chunk(decoder, source, table, first, count, out, scratch, float_bits, max_window): None, or "     \
+     "decode_chunk(decoder, source, base, table, first, count, out, scratch, float_bits, max_window): None, or "     \
      "(k, reason, by_zstd) for the first of its frames refused."},
 
 #endif

@@ -260,18 +260,22 @@ class ZstdSection:
             check_stored(frame, stored, self.frames[i][2], region, content_checksum=content_checksum)
             return [np.frombuffer(piece, dtype=np.uint8) for piece in stored]
         context = chunk_decoder()
-        if context is None or decode_chunk(context, source, self.table, i, 1, row, None, False, MAX_ZSTD_WINDOW):
+        if context is None or decode_chunk(context, frame, self.frames[i][0], self.table, i, 1, row, None, False,
+                                           MAX_ZSTD_WINDOW):
             self._decompress(frame, i, row)  # decodes what the compiled decoder refused, or names the error
         return [row]
 
     def _decode_chunk(self, source: memoryview, first: int, count: int, out: torch.Tensor, width: int) -> None:
         flt, rlen = self.frames[first][3], self.frames[first][2]
         context = chunk_decoder()
-        if context is not None and flt != FILTER_SHUFFLE and decode_chunk(
-            context, source, self.table, first, count, out.numpy(), scratch(count * rlen) if count > 1 else None,
-            flt == FILTER_FLOAT_PLANES, MAX_ZSTD_WINDOW,
-        ) is None:
-            return
+        if context is not None and flt != FILTER_SHUFFLE:
+            # a mapped file is passed whole; from a remote one, the chunk's bytes (its frames are contiguous)
+            base = 0 if isinstance(source, memoryview) else self.frames[first][0]
+            chunk = source if not base else source[base : self._frame_end(first + count - 1)]
+            if decode_chunk(context, chunk, base, self.table, first, count, out.numpy(),
+                            scratch(count * rlen) if count > 1 else None, flt == FILTER_FLOAT_PLANES,
+                            MAX_ZSTD_WINDOW) is None:
+                return
         # What the compiled decoder refused, the Python form of its rules decides (and names the error):
         # zstd builds differ on some corrupt frames, which decode with their content checksum intact.
         if flt == FILTER_NONE:
@@ -310,6 +314,10 @@ class ZstdSection:
         if end == first:
             return (0, 0)
         return self.frames[first][0], self.stored_end(entry)
+
+    def _frame_end(self, i: int) -> int:
+        offset, clen, _, _ = self.frames[i]
+        return offset + clen
 
     def stored_end(self, entry: TensorEntry) -> int:
         first, end = self.tensor_frames[entry.name]

@@ -55,8 +55,9 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 
 def chunk_decoder() -> Any | None:
     """This thread's context for the compiled chunk decoder, or None where it is not available
-    (no extension, or no libzstd 1.4+ to load); call it as
-    ``decode_chunk(context, source, table, first, count, out, scratch, float_bits, MAX_ZSTD_WINDOW)``."""
+    (no extension, or no libzstd 1.4+ to load); call it as ``decode_chunk(context, source, base, table,
+    first, count, out, scratch, float_bits, MAX_ZSTD_WINDOW)``, ``source`` holding the file from offset
+    ``base`` on."""
     if _kernel is None:
         return None
     context = getattr(_local, "chunk", False)
