@@ -10,7 +10,7 @@ and synthetic normal fp32 (256 MiB, 64 MiB with ``--quick``).
 
 For each data set and level: the ratio (safetensors bytes ÷ the zstd section, i.e. the compressed
 safetensors stream, which is what ZipNN's output is too; the whole file's ratio beside it), encode
-GB/s (``save_file``), decode GB/s (``load_file(verify=False)``; with ``verify=True`` beside it), all
+GB/s (``save_file`` into a new file; replacing an existing file beside it), decode GB/s (``load_file(verify=False)``; with ``verify=True`` beside it), all
 on the process's cores (2 here). ZipNN 0.5.4 (method HUFFMAN, 2 threads, in memory; each encode
 gets a fresh copy because it overwrites its input) and plain zstd level 3 of the safetensors bytes
 are measured in the same run. Ratios are exact; throughputs move with machine load, so the
@@ -79,12 +79,21 @@ def _safetensors_bytes(sd: dict[str, torch.Tensor]) -> bytes:
 
 def measure_level(ds: Dataset, level: Any, blob_len: int, workdir: Path, repeat: int) -> dict[str, Any]:
     path = workdir / f"bench-codecs-{os.getpid()}.mfmt"
+    fresh = workdir / f"bench-codecs-{os.getpid()}-new.mfmt"
     slow = level == "max" or (isinstance(level, int) and level >= 10)
-    encode = timeit(lambda: mettaformat.save_file(ds.tensors, path, compression="zstd", level=level),
-                    1 if slow else repeat, 0 if slow else 1)
-    cpu0 = time.process_time()
+    # Encode saves into a new name each time (the previous file removed outside the clock), as a run's
+    # checkpoints are named: renaming over an existing file makes ext4 write the new file's data back
+    # first (its guard against empty files after a crash), which is the file system's cost, shown beside.
+    encode = timeit(lambda: mettaformat.save_file(ds.tensors, fresh, compression="zstd", level=level),
+                    1 if slow else repeat, 0 if slow else 1, setup=lambda: fresh.unlink(missing_ok=True))
+    fresh.unlink(missing_ok=True)
     mettaformat.save_file(ds.tensors, path, compression="zstd", level=level)
+    replace = timeit(lambda: mettaformat.save_file(ds.tensors, path, compression="zstd", level=level),
+                     1 if slow else repeat, 0)
+    cpu0 = time.process_time()
+    mettaformat.save_file(ds.tensors, fresh, compression="zstd", level=level)
     encode_cpu = time.process_time() - cpu0
+    fresh.unlink()
     with mettaformat.open(path) as ckpt:
         section = ckpt.header.section("model")
         assert section is not None
@@ -102,8 +111,9 @@ def measure_level(ds: Dataset, level: Any, blob_len: int, workdir: Path, repeat:
     path.unlink()
     return {"level": level, "ratio": blob_len / section_bytes, "file_ratio": blob_len / file_bytes,
             "section_bytes": section_bytes, "file_bytes": file_bytes, "bit_exact": exact,
-            "encode": encode, "decode": decode, "decode_verified": verified,
+            "encode": encode, "decode": decode, "decode_verified": verified, "replace": replace,
             "encode_gbps": blob_len / encode.median / 1e9, "decode_gbps": blob_len / decode.median / 1e9,
+            "replace_gbps": blob_len / replace.median / 1e9,
             "decode_verified_gbps": blob_len / verified.median / 1e9,
             # CPU seconds of one save / load: what the cores would sustain if this process had them alone
             "encode_cpu_s": encode_cpu, "decode_cpu_s": decode_cpu,
@@ -207,7 +217,8 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             lv = by_level[DEFAULT_LEVEL]
             out.append({"area": "codecs", "target": "default-level encode >= 0.4 GB/s (wall)", "goal": ">= 0.4 GB/s",
                         "dataset": r["dataset"], "value": lv["encode_gbps"], "met": lv["encode_gbps"] >= 0.4,
-                        "noisy": True, "detail": "wall time; moves with machine load"})
+                        "noisy": True, "detail": f"wall time, into a new file; replacing an existing one: "
+                                                  f"{lv['replace_gbps']:.2f} GB/s"})
             cores = usable_cores()
             estimate = lv["encode_gbps_per_core"] * cores
             out.append({"area": "codecs", "target": f"default-level encode >= 0.4 GB/s (CPU-time x {cores} cores)",
@@ -233,10 +244,11 @@ def report(doc: dict[str, Any]) -> str:
                      f"{p['decode_gbps']:.2f}", "—", "—"])
         for lv in r["levels"]:
             rows.append([r["dataset"], f"mettaformat zstd {lv['level']}", f"{lv['ratio']:.4f}", f"{lv['file_ratio']:.4f}",
-                         f"{lv['encode_gbps']:.2f}", f"{lv['decode_gbps']:.2f}", f"{lv['decode_verified_gbps']:.2f}",
+                         f"{lv['encode_gbps']:.2f} ({lv['replace_gbps']:.2f})", f"{lv['decode_gbps']:.2f}",
+                         f"{lv['decode_verified_gbps']:.2f}",
                          f"{lv['encode_gbps_per_core']:.2f} / {lv['decode_gbps_per_core']:.2f}"])
-    lines.append(markdown_table(["data set", "codec", "ratio", "file ratio", "encode GB/s", "decode GB/s",
-                                 "decode+verify GB/s", "GB per CPU-s enc / dec"], rows))
+    lines.append(markdown_table(["data set", "codec", "ratio", "file ratio", "encode GB/s (replacing a file)",
+                                 "decode GB/s", "decode+verify GB/s", "GB per CPU-s enc / dec"], rows))
     paired = [[r["dataset"], p["level"], f"{p['ours_median_s'] * 1e3:.1f}", f"{p['zipnn_median_s'] * 1e3:.1f}",
                f"{p['speedup']:.2f}"] for r in doc["results"] for p in r.get("paired_decode") or []]
     if paired:

@@ -56,6 +56,10 @@ ENTROPY: Final = (zstandard.STRATEGY_FAST, 17, 6, 6, 1, 7, 0)
 OPTIMAL: Final = (zstandard.STRATEGY_BTULTRA2, 17, 14, 14, 3, 7, 16)
 #: Planes below this many bytes skip the histogram estimate (it would cost more than it saves).
 _ESTIMATE_MIN: Final = 4096
+#: Every how many bytes the estimate samples: numpy's histogram widens each sampled byte to 64 bits,
+#: and every 8th cost 14 ms of a 64 MiB save's CPU; 32K samples per 1 MiB plane still estimate the
+#: entropy to within 0.006 bits, against a decision threshold 0.04 bits below random.
+_SAMPLE_STEP: Final = 32
 #: Larger scratch requests (frames bigger than the default) get a fresh array that is not kept.
 _SCRATCH_KEEP: Final = 16 << 20
 _STORE_BELOW_GAIN: Final = 1.005
@@ -232,10 +236,10 @@ def _join_float_pair(lo: np.ndarray, hi: np.ndarray, pair: np.ndarray, spare: np
 
 
 def _may_compress(plane: np.ndarray) -> bool:
-    """Whether the order-0 entropy of a sample (every 8th byte) promises a 0.5% gain."""
+    """Whether the order-0 entropy of a sample (every 32nd byte) promises a 0.5% gain."""
     if len(plane) < _ESTIMATE_MIN:
         return True
-    counts = np.bincount(plane[::8], minlength=256)
+    counts = np.bincount(plane[::_SAMPLE_STEP], minlength=256)
     p = counts[counts > 0] / counts.sum()
     bits = float(-(p * np.log2(p)).sum())
     return bits < 8 / _STORE_BELOW_GAIN
