@@ -79,6 +79,12 @@ def main() -> None:
     for first in range(0, 48, 5):  # every width, with and without the float move, at several offsets
         floats = torch.randn(37, generator=generator).to(torch.float64).view(torch.uint8)
         add("planes", bytes([first, (7 * first + 3) % 256]) + bytes(floats.numpy()[: 8 * (first % 37 + 1)]))
+    for first in range(0, 72, 7):  # every width, float move and high, a trained-like pair a step apart
+        weights = torch.randn(61, generator=generator) * 0.02
+        after = weights + 1e-4 * torch.randn(61, generator=generator)
+        pair = torch.cat([after, weights]).to(torch.float64 if first % 3 == 2 else torch.float32)
+        words = pair.view(torch.uint8).numpy() if first % 3 else pair.to(torch.bfloat16).view(torch.uint8).numpy()
+        add("rebuild", bytes([first, (5 * first + 1) % 256]) + bytes(words))
     torch.manual_seed(0)
     linear = nn.Linear(3, 2)
     shapes: list[object] = [

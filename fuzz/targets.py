@@ -257,6 +257,33 @@ def planes(data: bytes) -> None:
         assert np.array_equal(out, elements), f"join (kernel={kernel is not None}) differs from the rule"
 
 
+def rebuild(data: bytes) -> None:
+    """The delta rebuild from byte planes, with an oracle: it gives back the tensor whose residual against
+    the base it was given. Byte 0 picks the width (2, 4, 8), the float move
+    (bit 2) and ``high`` (bits 3-5, taken modulo the width); byte 1 where every plane is cut into two
+    pieces; the rest is the target's elements, then the base's."""
+    import numpy as np
+
+    from mettaformat.container import delta_planes
+    from mettaformat.container.delta_filter import residual
+
+    if len(data) < 2:
+        return
+    width, float_bits = (2, 4, 8)[data[0] % 3], bool(data[0] & 4)
+    high = (data[0] >> 3) % width + 1
+    n = (len(data) - 2) // (2 * width)
+    raw = np.frombuffer(data, dtype=np.uint8)[2 : 2 + 2 * n * width]
+    target, base = raw[: n * width], raw[n * width :]
+    stored = residual(target, base, width, high).numpy()
+    top = max(high, 2) if float_bits else high
+    cut = data[1] % (n + 1)
+    planes = [[p[:cut], p[cut:]] for p in reference_planes(stored, width, False)]
+    base_planes = [[p[:cut], p[cut:]] for p in reference_planes(base, width, float_bits)[width - top :]]
+    out = torch.zeros(n * width, dtype=torch.uint8)
+    delta_planes.rebuild_planes(planes, base_planes, out, high, float_bits)
+    assert np.array_equal(out.numpy(), target), "the rebuild differs from the target"
+
+
 _delta_dir: tempfile.TemporaryDirectory[str] | None = None
 
 
@@ -411,4 +438,5 @@ def torch_zip(data: bytes) -> None:
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "container": container, "header": header, "stream_json": stream_json, "zstd_frame": zstd_frame,
     "unpickler": unpickler, "torch_zip": torch_zip, "delta": delta, "planes": planes,
+    "rebuild": rebuild,
 }

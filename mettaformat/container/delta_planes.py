@@ -3,12 +3,12 @@
 A residual of the ``zigzag-sub-high`` filter needs only the top ``high`` bytes of each base element,
 and a ``zstd`` base keeps each byte plane in a frame of its own. When the residual and the base
 tensor are both stored as plane groups cut at the same elements (what this writer does with one
-frame size), each chunk is rebuilt on its own: its residual frames decode into the destination,
-only the base frames of the high planes decode (the near-random low mantissa planes of the base are
-never read), those planes are interleaved over zero low planes, and the residual is turned into
-the tensor in place, block by block, then hashed with the chunks before it. The base tensor is
-never decoded whole. Any other layout (a raw base, a base that is itself a delta, other chunking)
-takes the general path of ``chain.py``, which reads the base tensor whole.
+frame size), each chunk is rebuilt on its own: its residual frames decode, only the base frames of
+the high planes decode (the near-random low mantissa planes of the base are never read), and the
+tensor's elements are built from those planes (:func:`rebuild_planes`), then hashed with the chunks
+before it. The base tensor is never decoded whole. Any other layout (a raw base, a base that is
+itself a delta, other chunking) takes the general path of ``chain.py``, which reads the base tensor
+whole.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from mettaformat.container.header import SectionEntry, TensorEntry
     from mettaformat.container.reader import LazyCheckpoint
 
-__all__ = ["PlanePlan", "as_tensor", "plane_plan", "start_rebuild"]
+__all__ = ["PlanePlan", "as_tensor", "plane_plan", "rebuild_planes", "start_rebuild"]
 
 _PLANE_FILTERS: Final = (FILTER_FLOAT_PLANES, FILTER_PLANES)
 #: scratch slots of ``planes.scratch`` (0-3 are the split's and the join's)
@@ -102,14 +102,7 @@ def plane_plan(ckpt: LazyCheckpoint, s: SectionEntry, entry: TensorEntry, how: D
 
 def _rebuild_chunk(ckpt: LazyCheckpoint, s: SectionEntry, plan: PlanePlan, chunk: int, out: torch.Tensor) -> None:
     """Rebuild chunk ``chunk`` of the tensor of ``plan`` into ``out`` (its bytes) from the residual's planes and
-    the base's high planes.
-
-    The high bytes are rebuilt as words of the smallest width ``v`` (1, 2, 4 or 8 bytes) that holds them
-    (and, for a float base, both planes the sign is split over): the residual's high planes and the
-    base's are each interleaved over zero planes into ``v``-byte words, turned into the tensor's high
-    bytes by the filter's inverse, split back into planes and interleaved with the residual's low
-    planes (which are the tensor's own bytes). With ``v`` the element width the words are the result.
-    """
+    the base's high planes (:func:`rebuild_planes`)."""
     from mettaformat.container.chain import reading_base
 
     assert ckpt.base is not None
@@ -118,8 +111,6 @@ def _rebuild_chunk(ckpt: LazyCheckpoint, s: SectionEntry, plan: PlanePlan, chunk
     width, high = itemsize(plan.how.dtype), plan.how.high
     float_bits = plan.how.dtype in FLOAT_TAGS
     top = max(high, 2) if float_bits else high  # base planes read: the float-planes filter moves the sign down
-    words = next(v for v in (1, 2, 4, 8) if v >= top)
-    zero = [_zero_plane(n)]
     mine = ckpt._readers[s.name]
     reader = base._readers[s.name]  # the base tensor lies in the section of the same name
     assert isinstance(mine, ZstdSection) and isinstance(reader, ZstdSection)  # plane_plan checked both
@@ -132,6 +123,25 @@ def _rebuild_chunk(ckpt: LazyCheckpoint, s: SectionEntry, plan: PlanePlan, chunk
         source = base._mapped()
         base_planes = [reader.plane(source, base_first + k, base_rows[k - width + top], content_checksum=False)
                        for k in range(width - top, width)]
+    rebuild_planes(residual, base_planes, out, high, float_bits)
+
+
+def rebuild_planes(residual: list[list[np.ndarray]], base_planes: list[list[np.ndarray]], out: torch.Tensor,
+                   high: int, float_bits: bool) -> None:
+    """``out`` (the chunk's bytes) from the residual's planes and the base's top planes (``max(high, 2)``
+    of them for floats, whose sign the float-planes filter moves down, else ``high``), each as pieces.
+
+    The high bytes are rebuilt as words of the smallest width ``v`` (1, 2, 4 or 8 bytes) that holds the
+    base's planes: the residual's high planes and the base's are each interleaved over zero planes into
+    ``v``-byte words, turned into the tensor's high bytes by the filter's inverse, split back into planes
+    and interleaved with the residual's low planes (which are the tensor's own bytes). With ``v`` the
+    element width the words are the result.
+    """
+    width = len(residual)
+    n = out.numel() // width
+    top = len(base_planes)
+    words = next(v for v in (1, 2, 4, 8) if v >= top)
+    zero = [_zero_plane(n)]
     z = out if words == width else torch.from_numpy(scratch(words * n, _HIGH_WORDS))
     b = torch.from_numpy(scratch(words * n, _BASE_WORDS))
     # words as wide as the element hold the residual's own low bytes too; narrower ones zero below the high bytes

@@ -27,7 +27,7 @@ functions below apply the same rule, and the tests hold both to a byte-by-byte r
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Final, Literal
 
@@ -44,7 +44,9 @@ try:  # the compiled split and join (_planes.c, built by setup.py); numpy does t
 except ImportError:  # pragma: no cover - a build without a C compiler
     _kernel = None
 
-__all__ = ["FLOAT_TAGS", "Level", "coders_for", "encode_plane", "join_planes", "scratch", "split_planes"]
+__all__ = [
+    "FLOAT_TAGS", "Level", "coders_for", "common_spans", "encode_plane", "join_planes", "scratch", "split_planes",
+]
 
 Level = Literal["fast", "max"]
 #: Float dtypes whose sign bit leaves the top plane (the ``float-planes`` filter).
@@ -152,14 +154,21 @@ def join_planes(planes: Sequence[Sequence[np.ndarray]], out: torch.Tensor, width
     """
     words = out.numpy()
     n = len(words) // width
-    cursors = [_Pieces(pieces, n) for pieces in planes]
     if _kernel is None:
-        _join_numpy(cursors, words.view(_WORD[width]), width, float_bits)
+        _join_numpy([_Pieces(pieces, n) for pieces in planes], words.view(_WORD[width]), width, float_bits)
         return
+    for start, end, views in common_spans(planes, n):
+        _kernel.join(words[start * width : end * width], views, float_bits)
+
+
+def common_spans(planes: Sequence[Sequence[np.ndarray]], n: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """``(start, end, one view per plane)`` covering elements ``0..n``, cut wherever a piece of any plane
+    ends, so that every view is contiguous."""
+    cursors = [_Pieces(pieces, n) for pieces in planes]
     start = 0
     while start < n:
         end = min(c.piece_end(start) for c in cursors)
-        _kernel.join(words[start * width : end * width], [c.take(start, end) for c in cursors], float_bits)
+        yield start, end, [c.take(start, end) for c in cursors]
         start = end
 
 
