@@ -78,8 +78,7 @@ def load_stages(delta_path: Path, full_path: Path, repeat: int = 3) -> dict[str,
         for _ in range(repeat):
             spent: Counter[str] = Counter()
             patches = [(mine, "plane", "delta: residual planes decode"), (theirs, "plane", "delta: base high planes decode"),
-                       (delta_planes, "join_planes", "delta: interleave"), (delta_planes, "split_planes", "delta: interleave"),
-                       (delta_planes, "apply_residual_in_place", "delta: filter inverse"),
+                       (delta_planes, "rebuild_planes", "delta: rebuild from the planes (inverse, interleave)"),
                        (alone, "_decode_chunk", "alone: chunk decode (planes and join)")]
             saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
             for obj, attr, label in patches:
