@@ -465,6 +465,30 @@ def test_small_tensors_decode_in_batches_and_each_waits_for_its_own() -> None:
     assert ran == [0, 1, 2, 3, 4] and len(batches.submitted) == 4
 
 
+def test_small_sections_decode_in_the_calling_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below PARALLEL_MIN_BYTES a load decodes where it was called (a pool wake-up costs more); above, on the pool."""
+    import threading
+
+    from mettaformat.container.codecs.zstd import ZstdSection
+    from mettaformat.container.section_load import PARALLEL_MIN_BYTES
+
+    threads: set[int] = set()
+    decode = ZstdSection._decode_chunk
+
+    def recording(self: ZstdSection, *args: Any) -> None:
+        threads.add(threading.get_ident())
+        decode(self, *args)
+
+    monkeypatch.setattr(ZstdSection, "_decode_chunk", recording)
+    for n, in_caller in ((PARALLEL_MIN_BYTES // 8, True), (PARALLEL_MIN_BYTES * 2, False)):  # n bytes in all
+        tensors = {f"t{i}": torch.randn(n // 16) for i in range(4)}
+        mettaformat.save_file(tensors, tmp_path / "x.mfmt", compression="zstd")
+        threads.clear()
+        loaded = mettaformat.load_file(tmp_path / "x.mfmt")
+        assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+        assert (threads == {threading.get_ident()}) == in_caller, threads
+
+
 def test_a_failing_job_among_batched_ones_fails_the_load(tmp_path: Path) -> None:
     tensors = {f"t{i}": torch.full((64,), float(i)) for i in range(40)}
     path = tmp_path / "many.mfmt"
