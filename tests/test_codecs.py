@@ -469,8 +469,8 @@ def test_small_sections_decode_in_the_calling_thread(tmp_path: Path, monkeypatch
     """Below PARALLEL_MIN_BYTES a load decodes where it was called (a pool wake-up costs more); above, on the pool."""
     import threading
 
+    from mettaformat._pool import PARALLEL_MIN_BYTES
     from mettaformat.container.codecs.zstd import ZstdSection
-    from mettaformat.container.section_load import PARALLEL_MIN_BYTES
 
     threads: set[int] = set()
     decode = ZstdSection._decode_chunk
@@ -487,6 +487,23 @@ def test_small_sections_decode_in_the_calling_thread(tmp_path: Path, monkeypatch
         loaded = mettaformat.load_file(tmp_path / "x.mfmt")
         assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
         assert (threads == {threading.get_ident()}) == in_caller, threads
+    # a small delta checkpoint's rebuild too
+    from mettaformat.container import delta_planes
+
+    rebuild = delta_planes._rebuild_chunk
+
+    def recording_rebuild(*args: Any) -> None:
+        threads.add(threading.get_ident())
+        rebuild(*args)
+
+    monkeypatch.setattr(delta_planes, "_rebuild_chunk", recording_rebuild)
+    before = {"w": torch.randn(4096) * 0.02}
+    after = {"w": before["w"] + 1e-4 * torch.randn(4096)}
+    mettaformat.save_file(before, tmp_path / "base.mfmt", compression="zstd")
+    mettaformat.save_file(after, tmp_path / "delta.mfmt", base=tmp_path / "base.mfmt")
+    threads.clear()
+    assert torch.equal(mettaformat.load_file(tmp_path / "delta.mfmt")["w"], after["w"])
+    assert threads == {threading.get_ident()}
 
 
 def test_a_failing_job_among_batched_ones_fails_the_load(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from mettaformat._pool import shared_pool
+from mettaformat._pool import pool_for
 from mettaformat.container.delta import MAX_CHAIN_DEPTH, DeltaTensor, base_candidates
 from mettaformat.container.delta_filter import apply_residual_in_place
 from mettaformat.container.delta_planes import as_tensor, plane_plan, start_rebuild
@@ -198,7 +198,8 @@ def saved_tensors(ckpt: LazyCheckpoint, s: SectionEntry, entries: list[TensorEnt
             _check_rebuilt(ckpt, s, plan.entry, hasher.intdigest())
         out[plan.entry.name] = as_tensor(plan, data)
     if needed:
-        rebuilt = shared_pool().map(lambda e: _rebuild_in_place(ckpt, s, e, out[e.name], base_of[e.name]), needed)
+        pool = pool_for(sum(e.nbytes for e in needed))
+        rebuilt = pool.map(lambda e: _rebuild_in_place(ckpt, s, e, out[e.name], base_of[e.name]), needed)
         out.update(zip((e.name for e in needed), rebuilt, strict=True))
     return out
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from mettaformat._pool import shared_pool
+from mettaformat._pool import pool_for
 from mettaformat._torch import tensor_bytes
 from mettaformat.container.codecs.planes import FLOAT_TAGS, join_planes, scratch, split_planes
 from mettaformat.container.codecs.zstd import FILTER_FLOAT_PLANES, FILTER_PLANES, ZstdSection
@@ -169,7 +169,7 @@ def start_rebuild(ckpt: LazyCheckpoint, s: SectionEntry, plans: list[PlanePlan]
     what gives the digest of the rebuilt bytes once they ran, or None when not verifying)."""
     from mettaformat.container.chain import needs_rebuild_check
 
-    pool = shared_pool()
+    pool = pool_for(sum(plan.entry.nbytes for plan in plans))
     started = []
     for plan in plans:
         width = itemsize(plan.how.dtype)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Final
 
 import torch
 
-from mettaformat._pool import shared_pool
+from mettaformat._pool import pool_for, shared_pool
 from mettaformat._torch import fresh_bytes, writable_bytes
 from mettaformat.constants import PREAMBLE_SIZE
 from mettaformat.container.chain import delta_names, saved_tensors
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from mettaformat.container.reader import LazyCheckpoint
 
 __all__ = ["decode_all", "load_section", "read_copy", "run_tasks", "unmapped_ranges"]
-
-_T = TypeVar("_T")
 
 
 def load_section(
@@ -111,7 +109,7 @@ def decode_all(
     reader = ckpt._readers[s.name]
     out: dict[str, torch.Tensor] = {}
     chosen = s.tensors if entries is None else entries
-    batches = _Batches(shared_pool() if sum(e.nbytes for e in chosen) >= PARALLEL_MIN_BYTES else _IN_CALLER)
+    batches = _Batches(pool_for(sum(e.nbytes for e in chosen)))
     jobs = []
     for entry in chosen:
         buffer = fresh_bytes(entry.nbytes)
@@ -133,27 +131,6 @@ def decode_all(
         raise
     return out
 
-
-#: Sections that decode to less than this decode in the calling thread: handing work to the pool
-#: costs a thread's wake-up, which on a virtual machine whose other core sleeps took 10-50 ms in one
-#: load of ten (a 2.3 MB policy: median 4.1-4.5 ms with the pool, 3.1-3.9 ms without; 90th
-#: percentile 18 ms against 4-8 ms), more than decoding a few MB takes on one core.
-PARALLEL_MIN_BYTES: Final = 4 << 20
-
-
-class _InCaller(Executor):
-    """Runs each job at once in the submitting thread (the pool's interface, none of its wake-ups)."""
-
-    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        future: Future[_T] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as e:  # delivered by result(), as the pool delivers it
-            future.set_exception(e)
-        return future
-
-
-_IN_CALLER: Final = _InCaller()
 
 #: Decoded bytes per pool job: the jobs of small tensors run together, because handing each to a worker
 #: (a wake-up and a turn of the GIL) cost as much as decoding a 64 KiB tensor; a 2.3 MB policy loaded

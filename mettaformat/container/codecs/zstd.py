@@ -321,8 +321,7 @@ class ZstdSection:
 
     def stored_end(self, entry: TensorEntry) -> int:
         first, end = self.tensor_frames[entry.name]
-        offset, clen, _, _ = self.frames[end - 1] if end > first else self.frames[0]
-        return offset + clen
+        return self._frame_end(end - 1 if end > first else 0)
 
     def decode_tasks(self, source: memoryview, entry: TensorEntry, out: torch.Tensor) -> list[Callable[[], None]]:
         width = itemsize(entry.dtype)
