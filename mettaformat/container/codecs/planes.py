@@ -44,9 +44,7 @@ try:  # the compiled split and join (_planes.c, built by setup.py); numpy does t
 except ImportError:  # pragma: no cover - a build without a C compiler
     _kernel = None
 
-__all__ = [
-    "FLOAT_TAGS", "Level", "coders_for", "common_spans", "encode_plane", "join_planes", "scratch", "split_planes",
-]
+__all__ = ["FLOAT_TAGS", "Level", "coders_for", "encode_plane", "join_planes", "scratch", "split_planes"]
 
 Level = Literal["fast", "max"]
 #: Float dtypes whose sign bit leaves the top plane (the ``float-planes`` filter).
@@ -157,11 +155,11 @@ def join_planes(planes: Sequence[Sequence[np.ndarray]], out: torch.Tensor, width
     if _kernel is None:
         _join_numpy([_Pieces(pieces, n) for pieces in planes], words.view(_WORD[width]), width, float_bits)
         return
-    for start, end, views in common_spans(planes, n):
+    for start, end, views in _common_spans(planes, n):
         _kernel.join(words[start * width : end * width], views, float_bits)
 
 
-def common_spans(planes: Sequence[Sequence[np.ndarray]], n: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+def _common_spans(planes: Sequence[Sequence[np.ndarray]], n: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
     """``(start, end, one view per plane)`` covering elements ``0..n``, cut wherever a piece of any plane
     ends, so that every view is contiguous."""
     cursors = [_Pieces(pieces, n) for pieces in planes]
